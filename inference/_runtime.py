@@ -1,0 +1,41 @@
+"""Small runtime helpers shared by every inference entry point: devices and
+parameter-store isolation."""
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator, Union
+
+import pyro
+import torch
+
+__all__ = ["resolve_device", "isolated_param_store"]
+
+
+def resolve_device(device: Union[str, torch.device, None] = "auto") -> torch.device:
+    """Map ``"auto" | "cpu" | "cuda" | "cuda:N" | torch.device | None`` to a torch.device.
+
+    ``"auto"`` (or None) picks CUDA when available, else CPU. Asking for CUDA on a machine
+    without it raises a ValueError rather than failing later inside a kernel.
+    """
+    if device is None or (isinstance(device, str) and device == "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(
+            f"device={str(device)!r} was requested but CUDA is not available on this machine; "
+            f"use device='cpu' or device='auto'"
+        )
+    return dev
+
+
+@contextlib.contextmanager
+def isolated_param_store(state=None) -> Iterator[dict]:
+    """Run a block with its own Pyro parameter store.
+
+    ``pyro.module``/``PyroModule`` look parameters up by name in the global store, so two
+    models with the same parameter names would silently share (or overwrite) tensors.
+    Every fit and evaluation runs inside this context; the global store is restored after.
+    Yields the scoped store's state dict (it keeps any ``pyro.param`` created inside).
+    """
+    with pyro.get_param_store().scope(state) as scoped_state:
+        yield scoped_state

@@ -1,0 +1,148 @@
+"""Input validation shared by every model family, the fitting loop and the data loaders.
+
+Every check raises :class:`ValueError` naming what is wrong and where (row, column),
+*before* any work is done, so a long fit never dies halfway on bad data.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+import torch
+
+__all__ = ["check_data", "check_mask", "check_binary"]
+
+
+def _first_bad(bad: np.ndarray, limit: int = 5) -> str:
+    rows, cols = np.nonzero(bad)
+    where = ", ".join(f"(row {r}, column {c})" for r, c in zip(rows[:limit], cols[:limit]))
+    more = f" and {len(rows) - limit} more" if len(rows) > limit else ""
+    return where + more
+
+
+def check_data(
+    x,
+    data_dim: Optional[int] = None,
+    *,
+    name: str = "data",
+    min_rows: int = 1,
+    mask=None,
+    dtype: Optional[torch.dtype] = None,
+) -> torch.Tensor:
+    """Validate a data matrix and return it as a floating point tensor.
+
+    Parameters
+    ----------
+    x : array-like or torch.Tensor, shape (n, p)
+        Numeric data. Booleans and integers are rejected unless they are 0/1 (binary data,
+        converted to float); anything non-numeric is rejected.
+    data_dim : int, optional
+        Expected number of columns ``p``.
+    name : str
+        What to call the array in messages.
+    min_rows : int
+        Minimum number of rows.
+    mask : array-like of bool, optional
+        Observed-entry mask; entries where ``mask`` is False may hold NaN (they are
+        replaced by 0 in the returned tensor and never enter a likelihood).
+    dtype : torch.dtype, optional
+        Floating dtype of the result; defaults to ``x``'s own floating dtype or
+        ``torch.get_default_dtype()``.
+
+    Raises
+    ------
+    ValueError
+        Non-numeric values, wrong number of dimensions or columns, too few rows,
+        NaN or infinite values (with their rows and columns).
+    """
+    if isinstance(x, torch.Tensor):
+        arr = x.detach().cpu().numpy()
+        src_dtype = x.dtype if x.is_floating_point() else None
+    else:
+        try:
+            arr = np.asarray(x)
+        except Exception as exc:  # ragged lists and the like
+            raise ValueError(f"{name} could not be read as a numeric array: {exc}") from None
+        src_dtype = None
+    if arr.dtype == object or not (np.issubdtype(arr.dtype, np.number) or arr.dtype == bool):
+        raise ValueError(
+            f"{name} must be numeric, got dtype {arr.dtype}; convert it (e.g. "
+            f"pandas.get_dummies for categorical columns) before fitting"
+        )
+    if np.iscomplexobj(arr):
+        raise ValueError(f"{name} must be real-valued, got complex dtype {arr.dtype}")
+    if arr.ndim != 2:
+        raise ValueError(f"{name} must be a 2-D array (rows x features), got shape {arr.shape}")
+    n, p = arr.shape
+    if data_dim is not None and p != data_dim:
+        raise ValueError(f"{name} has {p} columns but the model expects data_dim={data_dim}")
+    if n < min_rows:
+        raise ValueError(f"{name} has {n} row(s); at least {min_rows} are needed")
+    if not np.issubdtype(arr.dtype, np.floating):
+        vals = np.unique(arr)
+        if not np.all(np.isin(vals, [0, 1])):
+            raise ValueError(
+                f"{name} has integer dtype {arr.dtype} with values other than 0/1 "
+                f"(e.g. {vals[~np.isin(vals, [0, 1])][:3].tolist()}); pass floating point data, "
+                f"or 0/1 data for binary models"
+            )
+    arr = arr.astype(np.float64, copy=False)
+    mask_arr = None
+    if mask is not None:
+        mask_arr = check_mask(mask, arr.shape, name=name)
+    finite = np.isfinite(arr)
+    bad = ~finite if mask_arr is None else (~finite & mask_arr)
+    if bad.any():
+        kind = "NaN" if np.isnan(arr[bad]).any() else "infinite"
+        raise ValueError(
+            f"{name} contains {int(bad.sum())} {kind}/non-finite value(s) at {_first_bad(bad)}"
+            + ("" if mask_arr is not None else "; pass mask= to mark missing entries instead")
+        )
+    if mask_arr is not None:
+        arr = np.where(mask_arr, arr, 0.0)
+    out_dtype = dtype or src_dtype or torch.get_default_dtype()
+    if isinstance(x, torch.Tensor) and mask_arr is None and x.dtype == out_dtype:
+        return x
+    out = torch.as_tensor(arr, dtype=out_dtype)
+    if isinstance(x, torch.Tensor):
+        out = out.to(x.device)
+    return out
+
+
+def check_mask(mask, shape, *, name: str = "data") -> np.ndarray:
+    """Validate an observed-entry mask (True = observed) against the data shape."""
+    m = mask.detach().cpu().numpy() if isinstance(mask, torch.Tensor) else np.asarray(mask)
+    if m.shape != tuple(shape):
+        raise ValueError(f"mask for {name} has shape {m.shape}, expected {tuple(shape)}")
+    if m.dtype != bool:
+        if not np.all(np.isin(np.unique(m), [0, 1])):
+            raise ValueError(f"mask for {name} must be boolean (True = observed)")
+        m = m.astype(bool)
+    empty = np.nonzero(~m.any(axis=1))[0]
+    if len(empty):
+        raise ValueError(
+            f"mask for {name} leaves {len(empty)} row(s) with no observed entry "
+            f"(first: row {empty[0]}); drop those rows"
+        )
+    return m
+
+
+def check_binary(x: torch.Tensor, *, name: str = "data", allow_fractional: bool = False,
+                 mask: Optional[torch.Tensor] = None) -> None:
+    """Raise ValueError unless ``x`` is in {0, 1} (or [0, 1] when ``allow_fractional``)."""
+    if allow_fractional:
+        bad = (x < 0) | (x > 1)
+        what = "outside [0, 1]"
+    else:
+        bad = (x != 0) & (x != 1)
+        what = "outside {0, 1}"
+    if mask is not None:
+        bad = bad & mask.bool()
+    if bool(bad.any()):
+        b = bad.detach().cpu().numpy()
+        raise ValueError(
+            f"{name} has {int(b.sum())} value(s) {what} for a Bernoulli observation model, at "
+            f"{_first_bad(b)} (e.g. {x[bad][:3].tolist()}); "
+            f"binarize the data, use a Gaussian/Student-t likelihood"
+            + ("" if allow_fractional else ", or pass allow_fractional=True for values in [0, 1]")
+        )
