@@ -8,7 +8,7 @@ from typing import Iterator, Union
 import pyro
 import torch
 
-__all__ = ["resolve_device", "isolated_param_store"]
+__all__ = ["resolve_device", "isolated_param_store", "resolve_pair"]
 
 
 def resolve_device(device: Union[str, torch.device, None] = "auto") -> torch.device:
@@ -39,3 +39,29 @@ def isolated_param_store(state=None) -> Iterator[dict]:
     """
     with pyro.get_param_store().scope(state) as scoped_state:
         yield scoped_state
+
+
+def resolve_pair(pair, guide=None):
+    """Normalize the ways a model/guide pair can be given.
+
+    Accepts an object with ``.model`` and ``.guide`` methods (the usual ``PyroModule``),
+    a ``(model_fn, guide_fn)`` tuple, or a model callable plus ``guide=``.
+
+    Returns
+    -------
+    (model_fn, guide_fn, module)
+        ``module`` is the ``torch.nn.Module`` that owns the parameters (moved by ``.to``),
+        or None for plain functions.
+    """
+    if guide is not None:
+        module = pair if isinstance(pair, torch.nn.Module) else None
+        model_fn = pair.model if hasattr(pair, "model") and callable(pair.model) else pair
+        return model_fn, guide, module
+    if isinstance(pair, tuple) and len(pair) == 2 and all(callable(f) for f in pair):
+        return pair[0], pair[1], None
+    if callable(getattr(pair, "model", None)) and callable(getattr(pair, "guide", None)):
+        return pair.model, pair.guide, pair if isinstance(pair, torch.nn.Module) else None
+    raise TypeError(
+        f"expected a model/guide pair: an object with .model(x, mask=None) and .guide(x, mask=None) "
+        f"methods, a (model, guide) tuple, or a model with guide=...; got {type(pair).__name__}"
+    )
