@@ -87,6 +87,9 @@ def check_data(
                 f"or 0/1 data for binary models"
             )
     arr = arr.astype(np.float64, copy=False)
+    if not arr.flags.writeable:
+        # e.g. np.asarray of a pandas DataFrame under copy-on-write; torch warns on read-only arrays
+        arr = arr.copy()
     mask_arr = None
     if mask is not None:
         mask_arr = check_mask(mask, arr.shape, name=name)
