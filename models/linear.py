@@ -61,6 +61,7 @@ from pyro.nn import PyroModule, PyroParam, pyro_method
 from tqdm.auto import tqdm
 
 from models import validation
+from models.base import unique_module_name
 
 __all__ = ["FactorAnalysis", "PPCA"]
 
@@ -114,7 +115,7 @@ class _LinearGaussianLVM(PyroModule):
     _default_em_init = "pca"
 
     def __init__(self, data_dim: int, latent_dim: int, guide_covariance: str = "full"):
-        super().__init__()
+        super().__init__(name=unique_module_name(type(self).__name__))
         name = type(self).__name__
         for arg, val in (("data_dim", data_dim), ("latent_dim", latent_dim)):
             if isinstance(val, bool) or not isinstance(val, (int, np.integer)) or val < 1:

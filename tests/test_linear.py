@@ -474,3 +474,21 @@ def test_fits_and_exact_quantities_on_cuda(cls):
     cpu = cls(6, 2).double()
     cpu.load_state_dict({k: v.cpu() for k, v in m.state_dict().items()})
     torch.testing.assert_close(cpu.log_marginal(small_data), m.log_marginal(x).cpu())
+
+
+def test_two_instances_do_not_share_parameters_outside_an_isolated_store():
+    """Running two same-class models in the global param store must not tie their tensors."""
+    from inference.objectives import log_weights
+
+    x = torch.randn(7, 5, dtype=torch.float64)
+    a = PPCA(5, 2).double()
+    b = PPCA(5, 2).double()
+    with torch.no_grad():
+        b.loading.add_(1.0)
+    log_weights(a.model, a.guide, x, 2)
+    log_weights(b.model, b.guide, x, 2)
+    assert a.loading.data_ptr() != b.loading.data_ptr()
+    assert not torch.allclose(a.loading, b.loading)
+    names = set(pyro.get_param_store().keys())
+    assert any(n.startswith(a._pyro_name + ".") for n in names)
+    assert any(n.startswith(b._pyro_name + ".") for n in names)
