@@ -1,0 +1,379 @@
+"""Priors :math:`p_\\lambda(z)` over the latent space :math:`\\mathbb{R}^d` of a deep latent
+variable model.
+
+* :class:`StandardNormalPrior` -- :math:`p(z) = \\mathcal{N}(z; 0, I_d)` (Kingma & Welling 2014;
+  Rezende et al. 2014).
+* :class:`MixturePrior` -- a learnable mixture of :math:`K` diagonal Gaussians,
+
+  .. math:: p_\\lambda(z) = \\sum_{k=1}^K \\pi_k\\, \\mathcal{N}\\big(z; m_k, \\operatorname{diag} s_k^2\\big),
+            \\qquad \\pi = \\operatorname{softmax}(\\alpha),\\; s_k = s_{\\min} + \\operatorname{softplus}(\\rho_k).
+
+* :class:`VampPrior` -- the "variational mixture of posteriors" prior of Tomczak & Welling
+  (2018): the aggregate posterior :math:`\\frac1N\\sum_n q_\\phi(z\\mid x_n)` is approximated by
+  the encoder evaluated at :math:`K` learnable pseudo-inputs :math:`u_k`,
+
+  .. math:: p_\\lambda(z) = \\sum_{k=1}^K w_k\\, q_\\phi(z \\mid u_k), \\qquad w_k = 1/K
+            \\text{ (or learnable)},
+
+  where :math:`q_\\phi` is the *same* encoder (same parameters) as the model's guide, so the
+  prior moves with the encoder and gradients reach both :math:`\\phi` and the :math:`u_k`.
+
+Every prior is a :class:`pyro.nn.PyroModule` with ``latent_dim``, :meth:`Prior.distribution`
+(a distribution with batch shape ``[]`` and event shape ``[d]``, to be used as
+``pyro.sample("z", prior.distribution())`` inside the data plate, which expands it),
+:meth:`Prior.log_prob` and :meth:`Prior.sample`. Constants are buffers, so ``.to(device)``
+moves everything.
+
+A prior's parameters are registered with Pyro when it is used inside a model method of an
+enclosing ``PyroModule`` (such as :class:`models.dlvm.DLVM`, whose ``model`` is a
+``pyro_method``). To use a learnable prior in a plain function model, register it with
+``pyro.module("prior", prior)`` first.
+
+References
+----------
+Kingma, D. P. & Welling, M. (2014). Auto-encoding variational Bayes. ICLR.
+Rezende, D. J., Mohamed, S. & Wierstra, D. (2014). Stochastic backpropagation and approximate
+inference in deep generative models. ICML.
+Tomczak, J. M. & Welling, M. (2018). VAE with a VampPrior. AISTATS.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional, Tuple, Union
+
+import pyro.distributions as dist
+import torch
+import torch.nn.functional as F
+from pyro.nn import PyroModule
+from torch import nn
+
+__all__ = ["Prior", "StandardNormalPrior", "MixturePrior", "VampPrior", "make_prior",
+           "PRIOR_NAMES"]
+
+#: Accepted names (and aliases) for :func:`make_prior`.
+PRIOR_NAMES = {
+    "normal": "normal", "standard_normal": "normal", "gaussian": "normal",
+    "mixture": "mixture", "mog": "mixture", "gmm": "mixture",
+    "vamp": "vamp", "vampprior": "vamp",
+}
+
+
+def _positive_int(value, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{what} must be a positive integer, got {value!r}")
+    return value
+
+
+def _positive_float(value, what: str) -> float:
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{what} must be a positive number, got {value!r}") from None
+    if not (value > 0 and math.isfinite(value)):
+        raise ValueError(f"{what} must be a positive finite number, got {value!r}")
+    return value
+
+
+def inverse_softplus(y: torch.Tensor) -> torch.Tensor:
+    """:math:`\\log(e^y - 1)`, the inverse of softplus, stable for large ``y``."""
+    return y + torch.log(-torch.expm1(-y))
+
+
+class Prior(PyroModule):
+    """Base class of latent priors :math:`p(z)` on :math:`\\mathbb{R}^d`.
+
+    Subclasses implement :meth:`distribution`.
+    """
+
+    def __init__(self, latent_dim: int):
+        super().__init__()
+        self.latent_dim = _positive_int(latent_dim, "latent_dim")
+
+    def distribution(self) -> dist.TorchDistribution:
+        """:math:`p(z)` as a Pyro distribution with batch shape ``[]``, event shape ``[d]``."""
+        raise NotImplementedError
+
+    def _check_z(self, z: torch.Tensor) -> torch.Tensor:
+        if not isinstance(z, torch.Tensor):
+            raise ValueError(f"z must be a torch.Tensor, got {type(z).__name__}")
+        if z.dim() < 1 or z.shape[-1] != self.latent_dim:
+            raise ValueError(
+                f"z has shape {tuple(z.shape)}; its last dimension must be latent_dim="
+                f"{self.latent_dim}"
+            )
+        return z
+
+    def log_prob(self, z: torch.Tensor) -> torch.Tensor:
+        """:math:`\\log p(z)` for ``z`` of shape ``[..., d]``; returns shape ``[...]``."""
+        return self.distribution().log_prob(self._check_z(z))
+
+    def sample(self, n: int) -> torch.Tensor:
+        """``n`` independent draws, shape ``[n, d]`` (no gradient)."""
+        n = _positive_int(n, "n")
+        with torch.no_grad():
+            return self.distribution().sample((n,))
+
+    def extra_repr(self) -> str:
+        return f"latent_dim={self.latent_dim}"
+
+
+class StandardNormalPrior(Prior):
+    """:math:`p(z) = \\mathcal{N}(z; 0, I_d)`; no learnable parameters."""
+
+    def __init__(self, latent_dim: int):
+        super().__init__(latent_dim)
+        self.register_buffer("loc", torch.zeros(self.latent_dim))
+        self.register_buffer("scale", torch.ones(self.latent_dim))
+
+    def distribution(self) -> dist.TorchDistribution:
+        return dist.Normal(self.loc, self.scale).to_event(1)
+
+
+class _GaussianMixtureMixin:
+    """Shared by the two mixture priors: the mixture as (weights, locs, scales)."""
+
+    def mixture_components(self) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Mixture weights ``[K]``, component means ``[K, d]`` and scales ``[K, d]``."""
+        raise NotImplementedError
+
+    def distribution(self) -> dist.TorchDistribution:
+        logits, loc, scale = self._mixture_logits_loc_scale()
+        return dist.MixtureSameFamily(
+            dist.Categorical(logits=logits), dist.Normal(loc, scale).to_event(1)
+        )
+
+
+class MixturePrior(_GaussianMixtureMixin, Prior):
+    """Learnable mixture of ``K`` diagonal Gaussians,
+    :math:`p(z) = \\sum_k \\pi_k \\mathcal{N}(z; m_k, \\operatorname{diag} s_k^2)`.
+
+    Parameters
+    ----------
+    latent_dim : int
+    num_components : int
+        ``K``.
+    init_scale : float
+        Initial component scale :math:`s_k` (all coordinates).
+    init_spread : float
+        Component means start at :math:`m_k \\sim \\mathcal{N}(0, \\text{init\\_spread}^2 I)`
+        (random, so that the components are not symmetric and can separate; seeded by the
+        global torch RNG).
+    min_scale : float
+        Floor :math:`s_{\\min}` of the component scales, :math:`s = s_{\\min} + \\operatorname{softplus}(\\rho)`:
+        a component collapsing onto a single posterior mean would otherwise make
+        :math:`\\log p(z)` grow without bound.
+
+    Learnable parameters: ``logits`` :math:`\\alpha` ``[K]`` (weights :math:`\\operatorname{softmax}(\\alpha)`),
+    ``means`` ``[K, d]``, ``raw_scales`` :math:`\\rho` ``[K, d]``.
+    """
+
+    def __init__(self, latent_dim: int, num_components: int = 10, init_scale: float = 1.0,
+                 init_spread: float = 1.0, min_scale: float = 1e-4):
+        super().__init__(latent_dim)
+        self.num_components = _positive_int(num_components, "num_components")
+        init_scale = _positive_float(init_scale, "init_scale")
+        init_spread = _positive_float(init_spread, "init_spread")
+        self.min_scale = float(min_scale)
+        if not (0 <= self.min_scale < init_scale):
+            raise ValueError(
+                f"min_scale must be in [0, init_scale={init_scale}), got {min_scale!r}"
+            )
+        K, d = self.num_components, self.latent_dim
+        self.logits = nn.Parameter(torch.zeros(K))
+        self.means = nn.Parameter(init_spread * torch.randn(K, d))
+        self.raw_scales = nn.Parameter(
+            inverse_softplus(torch.full((K, d), init_scale - self.min_scale))
+        )
+
+    @property
+    def weights(self) -> torch.Tensor:
+        """Mixture weights :math:`\\pi` (softmax of ``logits``), shape ``[K]``."""
+        return torch.softmax(self.logits, dim=-1)
+
+    @property
+    def scales(self) -> torch.Tensor:
+        """Component scales :math:`s_k`, shape ``[K, d]``."""
+        return self.min_scale + F.softplus(self.raw_scales)
+
+    def _mixture_logits_loc_scale(self):
+        return self.logits, self.means, self.scales
+
+    def mixture_components(self):
+        return self.weights, self.means, self.scales
+
+    def extra_repr(self) -> str:
+        return f"latent_dim={self.latent_dim}, num_components={self.num_components}"
+
+
+class VampPrior(_GaussianMixtureMixin, Prior):
+    """VampPrior (Tomczak & Welling 2018): :math:`p(z) = \\sum_k w_k\\, q_\\phi(z \\mid u_k)`.
+
+    Parameters
+    ----------
+    latent_dim, data_dim : int
+        Latent dimension ``d`` and data dimension ``p`` (width of a pseudo-input).
+    num_pseudo_inputs : int
+        ``K`` (the paper uses 500 for MNIST).
+    encoder_fn : callable, optional
+        ``encoder_fn(u) -> (loc, scale)`` with ``u`` of shape ``[K, p]`` and ``loc``, ``scale``
+        of shape ``[K, d]``: the guide's encoder :math:`q_\\phi(z\\mid x) = \\mathcal{N}(\\mu_\\phi(x),
+        \\operatorname{diag}\\sigma_\\phi(x)^2)`. It must be the model's *own* encoder (not a copy)
+        so that the prior shares :math:`\\phi`. :class:`models.dlvm.DLVM` attaches its encoder
+        automatically; otherwise call :meth:`attach_encoder`.
+    pseudo_input_init : {"normal", "uniform"} or tensor ``[K, p]``
+        Initial pseudo-inputs: i.i.d. standard normal (standardized continuous data),
+        i.i.d. uniform on [0, 1] (binary/[0, 1] data), or given values. Initialising from
+        training rows usually works better: call :meth:`init_from_data`.
+    learn_weights : bool
+        False (default, as in the paper): fixed uniform weights :math:`w_k = 1/K` (a buffer).
+        True: learnable logits.
+
+    Notes
+    -----
+    The pseudo-inputs are unconstrained real vectors. For binary data the paper clips them to
+    [0, 1] (hard tanh); here they are fed to the encoder as they are.
+    """
+
+    def __init__(self, latent_dim: int, data_dim: int, num_pseudo_inputs: int = 500,
+                 encoder_fn: Optional[Callable] = None,
+                 pseudo_input_init: Union[str, torch.Tensor] = "normal",
+                 learn_weights: bool = False):
+        super().__init__(latent_dim)
+        self.data_dim = _positive_int(data_dim, "data_dim")
+        self.num_pseudo_inputs = _positive_int(num_pseudo_inputs, "num_pseudo_inputs")
+        K, p = self.num_pseudo_inputs, self.data_dim
+        if isinstance(pseudo_input_init, torch.Tensor):
+            if tuple(pseudo_input_init.shape) != (K, p):
+                raise ValueError(
+                    f"pseudo_input_init has shape {tuple(pseudo_input_init.shape)}, expected "
+                    f"(num_pseudo_inputs, data_dim) = ({K}, {p})"
+                )
+            init = pseudo_input_init.detach().to(torch.get_default_dtype()).clone()
+        elif pseudo_input_init == "normal":
+            init = torch.randn(K, p)
+        elif pseudo_input_init == "uniform":
+            init = torch.rand(K, p)
+        else:
+            raise ValueError(
+                f"pseudo_input_init must be 'normal', 'uniform' or a tensor of shape ({K}, {p}), "
+                f"got {pseudo_input_init!r}"
+            )
+        if not torch.isfinite(init).all():
+            raise ValueError("pseudo_input_init contains NaN or infinite values")
+        self.pseudo_inputs = nn.Parameter(init)
+        self.learn_weights = bool(learn_weights)
+        if self.learn_weights:
+            self.logits = nn.Parameter(torch.zeros(K))
+        else:
+            self.register_buffer("logits", torch.zeros(K))
+        self._encoder_fn = None
+        if encoder_fn is not None:
+            self.attach_encoder(encoder_fn)
+
+    def attach_encoder(self, encoder_fn: Callable) -> "VampPrior":
+        """Use ``encoder_fn(u) -> (loc, scale)`` as :math:`q_\\phi(z\\mid u)` (shares its parameters)."""
+        if not callable(encoder_fn):
+            raise ValueError(f"encoder_fn must be callable, got {type(encoder_fn).__name__}")
+        # A plain attribute, not a registered submodule: the encoder belongs to (and is
+        # trained and moved with) the enclosing model; registering it here would list its
+        # parameters twice.
+        object.__setattr__(self, "_encoder_fn", encoder_fn)
+        return self
+
+    @property
+    def has_encoder(self) -> bool:
+        return self._encoder_fn is not None
+
+    @property
+    def weights(self) -> torch.Tensor:
+        """Mixture weights ``[K]`` (uniform unless ``learn_weights``)."""
+        return torch.softmax(self.logits, dim=-1)
+
+    def _mixture_logits_loc_scale(self):
+        if self._encoder_fn is None:
+            raise ValueError(
+                "this VampPrior has no encoder: use it inside models.dlvm.DLVM (which attaches "
+                "its encoder) or call prior.attach_encoder(encoder_fn) first"
+            )
+        loc, scale = self._encoder_fn(self.pseudo_inputs)
+        expected = (self.num_pseudo_inputs, self.latent_dim)
+        if tuple(loc.shape) != expected or tuple(scale.shape) != expected:
+            raise ValueError(
+                f"encoder_fn returned loc {tuple(loc.shape)} and scale {tuple(scale.shape)} for "
+                f"the pseudo-inputs; expected both {expected} (num_pseudo_inputs, latent_dim)"
+            )
+        return self.logits, loc, scale
+
+    def mixture_components(self):
+        _, loc, scale = self._mixture_logits_loc_scale()
+        return self.weights, loc, scale
+
+    @torch.no_grad()
+    def init_from_data(self, x: torch.Tensor, noise_scale: float = 0.01) -> "VampPrior":
+        """Set the pseudo-inputs to randomly chosen rows of ``x`` plus Gaussian noise.
+
+        :math:`u_k = x_{n_k} + \\epsilon_k`, :math:`\\epsilon_{kj} \\sim \\mathcal{N}(0, (c\\,
+        \\mathrm{sd}_j)^2)`, rows drawn without replacement when ``x`` has at least ``K`` rows
+        (with replacement otherwise), ``c = noise_scale``, :math:`\\mathrm{sd}_j` the column
+        standard deviation. Uses the global torch RNG.
+        """
+        from .validation import check_data
+
+        x = check_data(x, self.data_dim, name="x (for the pseudo-inputs)")
+        if not (noise_scale >= 0):
+            raise ValueError(f"noise_scale must be >= 0, got {noise_scale!r}")
+        u = self.pseudo_inputs
+        x = x.to(device=u.device, dtype=u.dtype)
+        n, K = x.shape[0], self.num_pseudo_inputs
+        if n >= K:
+            idx = torch.randperm(n, device=x.device)[:K]
+        else:
+            idx = torch.randint(n, (K,), device=x.device)
+        sd = x.std(dim=0) if n > 1 else torch.ones_like(x[0])
+        u.copy_(x[idx] + noise_scale * sd * torch.randn(K, self.data_dim, device=u.device,
+                                                         dtype=u.dtype))
+        return self
+
+    def extra_repr(self) -> str:
+        return (f"latent_dim={self.latent_dim}, data_dim={self.data_dim}, "
+                f"num_pseudo_inputs={self.num_pseudo_inputs}, learn_weights={self.learn_weights}")
+
+
+def make_prior(spec: Union[str, Prior], latent_dim: int, *, data_dim: Optional[int] = None,
+               encoder_fn: Optional[Callable] = None, num_components: int = 10,
+               num_pseudo_inputs: int = 500, **options) -> Prior:
+    """Build a prior from a name (``"normal"``, ``"mixture"``, ``"vamp"``; aliases in
+    :data:`PRIOR_NAMES`) or check a given :class:`Prior` instance.
+
+    ``options`` go to the prior's constructor (e.g. ``init_scale`` for the mixture,
+    ``pseudo_input_init`` or ``learn_weights`` for the VampPrior). ``data_dim`` is required
+    for the VampPrior.
+    """
+    if isinstance(spec, Prior):
+        if spec.latent_dim != latent_dim:
+            raise ValueError(
+                f"the prior has latent_dim={spec.latent_dim} but the model has latent_dim={latent_dim}"
+            )
+        if isinstance(spec, VampPrior) and data_dim is not None and spec.data_dim != data_dim:
+            raise ValueError(
+                f"the VampPrior has data_dim={spec.data_dim} but the model has data_dim={data_dim}"
+            )
+        if options:
+            raise ValueError(f"options {sorted(options)} cannot be applied to a prior instance")
+        return spec
+    if not isinstance(spec, str) or spec.lower() not in PRIOR_NAMES:
+        raise ValueError(
+            f"unknown prior {spec!r}; use one of {sorted(set(PRIOR_NAMES))} or a "
+            f"models.priors.Prior instance"
+        )
+    name = PRIOR_NAMES[spec.lower()]
+    if name == "normal":
+        if options:
+            raise ValueError(f"the standard normal prior takes no options, got {sorted(options)}")
+        return StandardNormalPrior(latent_dim)
+    if name == "mixture":
+        return MixturePrior(latent_dim, num_components=num_components, **options)
+    if data_dim is None:
+        raise ValueError("the VampPrior needs data_dim (the width of a pseudo-input)")
+    return VampPrior(latent_dim, data_dim, num_pseudo_inputs=num_pseudo_inputs,
+                     encoder_fn=encoder_fn, **options)
