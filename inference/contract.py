@@ -1,0 +1,409 @@
+"""Check that a model/guide pair keeps the pyro-lvm contract, and say what is wrong if not.
+
+The contract (see ``DESIGN.md``)::
+
+    model(x, mask=None)   # p(z) p(x | z); every sample site inside pyro.plate("data", N, dim=-1)
+    guide(x, mask=None)   # q(z | x); the same latent site names, the same plate
+
+Every estimator in :mod:`inference` relies on the per-data-point decomposition
+
+.. math::
+
+    \\log w_{ki} = \\log p(x_i \\mid z_{ki}) + \\log p(z_{ki}) - \\log q(z_{ki} \\mid x_i),
+    \\qquad z_{ki} \\sim q(\\cdot \\mid x_i),
+
+which only exists when the data plate is the *only* batch dimension of every site (event
+dimensions declared with ``.to_event``) and when the code broadcasts over a particle plate
+added on the left (``z`` of shape ``[K, N, d]``). :func:`check_contract` runs the pair once as
+written and once with two vectorized particles, and raises :class:`ContractError` naming the
+first violation it finds, so a user learns about a wrong plate or a forgotten ``.to_event``
+before a long fit, not from a broadcasting error deep inside an objective.
+"""
+from __future__ import annotations
+
+import inspect
+import re
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Optional, Tuple
+
+import pyro.poutine as poutine
+import torch
+from pyro.poutine.util import site_is_subsample
+from torch.distributions import constraints
+
+try:  # recent torch wraps a mixture's component support in its own constraint class
+    from torch.distributions.mixture_same_family import MixtureSameFamilyConstraint
+    _WRAPPING_CONSTRAINTS = (constraints.independent, MixtureSameFamilyConstraint)
+except ImportError:  # pragma: no cover - older torch
+    _WRAPPING_CONSTRAINTS = (constraints.independent,)
+
+from inference._runtime import isolated_param_store, resolve_pair
+from inference.objectives import DATA_PLATE, PARTICLE_PLATE, trace_log_terms
+
+__all__ = ["ContractError", "ContractReport", "check_contract"]
+
+#: Number of vectorized particles used for the broadcasting check (2, not 1, so that a
+#: dimension of size 1 cannot hide a broadcasting mistake).
+_CHECK_PARTICLES = 2
+
+
+class ContractError(ValueError):
+    """A model/guide pair does not keep the pyro-lvm contract (the message says how)."""
+
+
+@dataclass(frozen=True)
+class ContractReport:
+    """What :func:`check_contract` found out about a pair that keeps the contract.
+
+    Attributes
+    ----------
+    latent_sites : dict
+        Latent site name -> event shape (the shape of one data point's draw).
+    observed_sites : dict
+        Observed site name -> event shape.
+    guide_distributions : dict
+        Latent site name -> the guide's distribution for it (class name).
+    reparameterized : bool
+        True when every latent site of the guide has ``rsample`` (required by the
+        reparameterized ELBO/IWAE gradient estimators).
+    non_reparameterized_sites : tuple of str
+        Latent sites whose guide distribution has no ``rsample``.
+    data_size : int
+        Size of ``pyro.plate("data", ...)`` in the checked run (rows of ``x``).
+    """
+
+    latent_sites: Dict[str, Tuple[int, ...]]
+    observed_sites: Dict[str, Tuple[int, ...]]
+    guide_distributions: Dict[str, str]
+    reparameterized: bool
+    data_size: int
+    non_reparameterized_sites: Tuple[str, ...] = field(default=())
+
+    def __str__(self) -> str:
+        lines = [f"model/guide pair keeps the contract (data plate of size {self.data_size})"]
+        lines.append("  latent sites (guide distribution, event shape):")
+        for name, shape in self.latent_sites.items():
+            reparam = "" if name not in self.non_reparameterized_sites else "  [no rsample]"
+            lines.append(f"    {name!r}: {self.guide_distributions.get(name, '?')}, "
+                         f"event shape {tuple(shape)}{reparam}")
+        if not self.latent_sites:
+            lines.append("    (none)")
+        lines.append("  observed sites (event shape):")
+        for name, shape in self.observed_sites.items():
+            lines.append(f"    {name!r}: {tuple(shape)}")
+        lines.append(f"  reparameterized guide: {'yes' if self.reparameterized else 'no'}")
+        return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------
+# helpers
+# ----------------------------------------------------------------------------------------
+
+def _describe(fn: Callable) -> str:
+    name = getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None) or type(fn).__name__
+    return name
+
+
+def _check_signature(fn: Callable, role: str) -> None:
+    """The contract calls ``model(x, mask=mask)``; a function without ``mask`` fails late."""
+    try:
+        signature = inspect.signature(fn)
+    except (TypeError, ValueError):  # builtins and exotic callables: cannot tell, run it
+        return
+    try:
+        signature.bind(object(), mask=None)
+    except TypeError as exc:
+        raise ContractError(
+            f"the {role} {_describe(fn)}{signature} cannot be called as {role}(x, mask=None) "
+            f"({exc}); the contract is {role}(x, mask=None) with mask a boolean tensor of x's "
+            f"shape marking observed entries (None = fully observed). Add a `mask=None` "
+            f"keyword argument (it may be ignored if your data are never missing)"
+        ) from None
+
+
+def _sample_sites(trace: poutine.Trace):
+    """(name, site) of the real sample sites of a trace (plates' subsample sites excluded)."""
+    for name, site in trace.nodes.items():
+        if site["type"] == "sample" and not site_is_subsample(site):
+            yield name, site
+
+
+def _plate_sizes(trace: poutine.Trace) -> Dict[str, Tuple[Optional[int], int]]:
+    """Plate name -> (dim, size) for every plate a site of the trace sits in."""
+    plates = {}
+    for _, site in _sample_sites(trace):
+        for frame in site["cond_indep_stack"]:
+            plates.setdefault(frame.name, (frame.dim, int(frame.size)))
+    for name, site in trace.nodes.items():  # plates with no site inside still leave a node
+        if site["type"] == "sample" and site_is_subsample(site) and name not in plates:
+            plates[name] = (None, int(site["value"].shape[0]) if site["value"].dim() else 0)
+    return plates
+
+
+def _base_constraint(constraint):
+    # independent(...) and the MixtureSameFamily constraint (mixture priors) both wrap the
+    # component constraint in .base_constraint.
+    while isinstance(constraint, _WRAPPING_CONSTRAINTS):
+        constraint = constraint.base_constraint
+    return constraint
+
+
+def _is_unbounded(constraint) -> bool:
+    return isinstance(_base_constraint(constraint), type(constraints.real))
+
+
+def _run(fn: Callable, role: str, x: torch.Tensor, mask, replay_trace=None) -> poutine.Trace:
+    runner = fn if replay_trace is None else poutine.replay(fn, trace=replay_trace)
+    try:
+        trace = poutine.trace(runner).get_trace(x, mask=mask)
+    except ContractError:
+        raise
+    except Exception as exc:
+        clash = re.search(r"Shape mismatch inside plate\('([^']*)'\) at site (\S+) dim", str(exc))
+        if clash is not None:
+            raise ContractError(
+                f"site {clash.group(2)!r} in the {role} has a batch shape that clashes with "
+                f"pyro.plate({clash.group(1)!r}) ({str(exc).splitlines()[0]}); the data plate must "
+                f"be the only batch dimension: declare the per-row dimensions as event dims "
+                f"with .to_event(k)"
+            ) from exc
+        raise ContractError(
+            f"running the {role} as {role}(x, mask=...) on x of shape {tuple(x.shape)} failed "
+            f"with {type(exc).__name__}: {exc}"
+        ) from exc
+    return trace
+
+
+# ----------------------------------------------------------------------------------------
+# the check
+# ----------------------------------------------------------------------------------------
+
+def check_contract(pair, x, mask=None, *, guide=None, require_reparameterized: bool = True,
+                   check_support: bool = True) -> ContractReport:
+    """Run a model/guide pair on ``x`` and verify that it keeps the pyro-lvm contract.
+
+    The pair is run once as written (guide, then model replayed on the guide's draws) and once
+    through :func:`inference.objectives.trace_log_terms` with two particles vectorized in
+    ``pyro.plate("num_particles_vectorized", 2, dim=-2)``. Parameters created by the run live
+    in a throw-away parameter store (:func:`inference._runtime.isolated_param_store`), so the
+    check leaves no trace in the global store.
+
+    Parameters
+    ----------
+    pair : object with ``.model``/``.guide``, ``(model, guide)`` tuple, or a model callable
+        The pair to check (see :func:`inference._runtime.resolve_pair`).
+    x : torch.Tensor, shape (n, p)
+        A few rows of data (the data plate must have size ``n``).
+    mask : torch.Tensor of bool, optional
+        Observed-entry mask passed to ``model`` and ``guide``.
+    guide : callable, optional
+        The guide when ``pair`` is a bare model callable.
+    require_reparameterized : bool
+        Reject latent sites whose guide distribution has no ``rsample`` (the reparameterized
+        ELBO/IWAE gradients and DReG/STL need pathwise derivatives).
+    check_support : bool
+        Reject a guide whose distribution for a latent site can put mass outside the prior's
+        support (e.g. a Normal guide for a log-normal prior): the bound would be :math:`-\\infty`.
+
+    Returns
+    -------
+    ContractReport
+        Latent and observed site names with their event shapes, whether the guide is
+        reparameterized, and the data plate size.
+
+    Raises
+    ------
+    ContractError
+        (a ``ValueError``) naming the first violation found, in this order: model or guide
+        does not accept ``mask=``; running model or guide fails; no ``pyro.plate("data")``, or
+        a data plate of the wrong size or not at ``dim=-1``; a sample site outside the data
+        plate; no observed site; latent sites in the model but not the guide or vice versa;
+        a latent without ``rsample`` (when ``require_reparameterized``); guide support wider
+        than the prior's; log-densities that cannot be computed, or a site whose batch shape
+        is not ``[n]`` (missing ``.to_event``); code that does not broadcast over a particle
+        dimension on the left.
+    """
+    model_fn, guide_fn, _module = resolve_pair(pair, guide)
+    if not isinstance(x, torch.Tensor):
+        raise ContractError(f"x must be a torch.Tensor of shape (n, p), got {type(x).__name__}")
+    if x.dim() < 1 or x.shape[0] < 1:
+        raise ContractError(f"x must have at least one row, got shape {tuple(x.shape)}")
+    if mask is not None:
+        if not isinstance(mask, torch.Tensor) or mask.shape != x.shape:
+            raise ContractError(
+                f"mask must be a boolean tensor of x's shape {tuple(x.shape)}, got "
+                f"{type(mask).__name__} of shape {tuple(getattr(mask, 'shape', ()))}")
+        mask = mask.bool()
+    num_rows = int(x.shape[0])
+
+    _check_signature(model_fn, "model")
+    _check_signature(guide_fn, "guide")
+
+    with isolated_param_store():
+        guide_trace = _run(guide_fn, "guide", x, mask)
+        model_trace = _run(model_fn, "model", x, mask, replay_trace=guide_trace)
+        traces = (("guide", guide_trace), ("model", model_trace))
+
+        # -- the data plate ---------------------------------------------------------------
+        plates = {**_plate_sizes(guide_trace), **_plate_sizes(model_trace)}
+        if DATA_PLATE not in plates:
+            found = sorted(p for p in plates if p != PARTICLE_PLATE)
+            raise ContractError(
+                f"no plate named {DATA_PLATE!r}: wrap every sample site of model and guide in "
+                f"`with pyro.plate({DATA_PLATE!r}, x.shape[0], dim=-1):`"
+                + (f" (found plate(s) {found}; rename the one over data rows to "
+                   f"{DATA_PLATE!r})" if found else " (the pair uses no plate at all)")
+            )
+        for role, trace in traces:
+            for name, site in _sample_sites(trace):
+                for frame in site["cond_indep_stack"]:
+                    if frame.name != DATA_PLATE:
+                        continue
+                    if frame.dim != -1:
+                        raise ContractError(
+                            f"pyro.plate({DATA_PLATE!r}) around site {name!r} in the {role} is at "
+                            f"dim={frame.dim}; it must be dim=-1 so a particle plate fits on its "
+                            f"left: pyro.plate({DATA_PLATE!r}, x.shape[0], dim=-1)")
+                    if int(frame.size) != num_rows:
+                        raise ContractError(
+                            f"pyro.plate({DATA_PLATE!r}) around site {name!r} in the {role} has "
+                            f"size {int(frame.size)} but x has {num_rows} rows; use "
+                            f"pyro.plate({DATA_PLATE!r}, x.shape[0], dim=-1) (minibatch scaling "
+                            f"is done by the fitting loop, not with subsample_size)")
+
+        # -- every site inside it -----------------------------------------------------------
+        for role, trace in traces:
+            for name, site in _sample_sites(trace):
+                if not any(f.name == DATA_PLATE for f in site["cond_indep_stack"]):
+                    kind = "observed" if site["is_observed"] else "latent"
+                    raise ContractError(
+                        f"{kind} site {name!r} in the {role} is outside pyro.plate({DATA_PLATE!r}): "
+                        f"every sample site must be per data point (global latent variables are "
+                        f"not supported; make them parameters, or per-row latents inside the plate)")
+
+        # -- observed and latent sites match ------------------------------------------------
+        observed = {name: site for name, site in _sample_sites(model_trace) if site["is_observed"]}
+        if not observed:
+            raise ContractError(
+                "the model has no observed site: the likelihood must be a sample site with "
+                "obs=x, e.g. pyro.sample('x', dist.Normal(loc, scale).to_event(1), obs=x), "
+                "inside the data plate")
+        model_latent = [n for n, s in _sample_sites(model_trace) if not s["is_observed"]]
+        guide_latent = [n for n, s in _sample_sites(guide_trace) if not s["is_observed"]]
+        only_model = [n for n in model_latent if n not in guide_latent]
+        only_guide = [n for n in guide_latent if n not in model_latent]
+        if only_model:
+            raise ContractError(
+                f"latent site(s) {only_model} in the model have no counterpart in the guide "
+                f"(guide latent sites: {guide_latent}); the guide must sample every latent "
+                f"site of the model under the same name, otherwise it is drawn from the prior "
+                f"and the bound is wrong")
+        if only_guide:
+            where = [n for n in only_guide if n in observed]
+            raise ContractError(
+                f"latent site(s) {only_guide} in the guide have no latent counterpart in the "
+                f"model (model latent sites: {model_latent})"
+                + (f"; {where} are observed in the model and must not be sampled by the guide"
+                   if where else "; check the site names"))
+
+        # -- reparameterization and support -------------------------------------------------
+        latent_sites = {}
+        guide_distributions = {}
+        non_reparam = []
+        for name in guide_latent:
+            gsite = guide_trace.nodes[name]
+            fn = gsite["fn"]
+            latent_sites[name] = tuple(getattr(fn, "event_shape", ()))
+            base = fn
+            while hasattr(base, "base_dist"):  # Independent / Masked / Expanded wrappers
+                base = base.base_dist
+            guide_distributions[name] = type(base).__name__
+            if not getattr(fn, "has_rsample", False):
+                non_reparam.append(name)
+        if non_reparam and require_reparameterized:
+            raise ContractError(
+                f"latent site(s) {non_reparam} in the guide use distribution(s) "
+                f"{[guide_distributions[n] for n in non_reparam]} without rsample (not "
+                f"reparameterizable); the pathwise ELBO/IWAE gradients need reparameterized "
+                f"latents. Use a continuous relaxation, a reparameterizable guide family, or "
+                f"an objective with score-function gradients (e.g. pyro.infer.Trace_ELBO)")
+        if check_support:
+            for name in guide_latent:
+                gfn, mfn = guide_trace.nodes[name]["fn"], model_trace.nodes[name]["fn"]
+                try:
+                    gsupport, msupport = gfn.support, mfn.support
+                except NotImplementedError:
+                    continue
+                if _is_unbounded(msupport):
+                    continue
+                value = guide_trace.nodes[name]["value"]
+                inside = msupport.check(value)
+                if _is_unbounded(gsupport) or not bool(torch.all(inside)):
+                    raise ContractError(
+                        f"latent site {name!r}: the guide's {guide_distributions[name]} has support "
+                        f"{_base_constraint(gsupport)} but the model's prior has support "
+                        f"{_base_constraint(msupport)}; guide draws outside the prior's support "
+                        f"give log p = -inf. Use a guide distribution on the prior's support "
+                        f"(e.g. LogNormal or a TransformedDistribution for positive latents)")
+
+        # -- batch shape: the data plate is the only batch dimension ------------------------
+        for role, trace in traces:
+            try:
+                trace.compute_log_prob()
+            except Exception as exc:
+                raise ContractError(
+                    f"computing the log-densities of the {role}'s sites failed with "
+                    f"{type(exc).__name__}: {exc}") from exc
+        for role, trace in traces:
+            for name, site in _sample_sites(trace):
+                if role == "guide" and site["is_observed"]:
+                    continue
+                fn = site["fn"]
+                batch_shape = tuple(getattr(fn, "batch_shape", ()))
+                log_prob_shape = tuple(site["log_prob"].shape)
+                if batch_shape != (num_rows,) or log_prob_shape != (num_rows,):
+                    event_shape = tuple(getattr(fn, "event_shape", ()))
+                    hint = ""
+                    if len(batch_shape) > 1:
+                        hint = (f"; declare the per-row dim(s) as event dims with "
+                                f".to_event({len(batch_shape) - 1})")
+                    raise ContractError(
+                        f"site {name!r} in the {role} has batch shape {batch_shape} (event shape "
+                        f"{event_shape}, log_prob shape {log_prob_shape}); the data plate must be "
+                        f"the only batch dimension, i.e. batch shape ({num_rows},) = [.., n] with "
+                        f"n = x.shape[0]{hint}")
+
+        # -- a particle plate on the left ---------------------------------------------------
+        try:
+            terms = trace_log_terms(model_fn, guide_fn, x, num_particles=_CHECK_PARTICLES,
+                                    mask=mask)
+        except Exception as exc:
+            raise ContractError(
+                f"the pair does not broadcast with a particle dimension on the left: running it "
+                f"inside pyro.plate({PARTICLE_PLATE!r}, {_CHECK_PARTICLES}, dim=-2) failed with "
+                f"{type(exc).__name__}: {exc}. Latent draws then have shape [K, n, ...]; write "
+                f"code that works on leading batch dims (e.g. z @ W.T rather than W @ z.T, "
+                f"x.shape[-1] rather than x.shape[1], .expand on the right dims)"
+            ) from exc
+        expected = (_CHECK_PARTICLES, num_rows)
+        for role, trace in (("guide", terms.guide_trace), ("model", terms.model_trace)):
+            for name, site in _sample_sites(trace):
+                if role == "guide" and site["is_observed"]:
+                    continue
+                shape = tuple(site["log_prob"].shape)
+                if shape != expected:
+                    raise ContractError(
+                        f"with {_CHECK_PARTICLES} particles vectorized on the left, site {name!r} "
+                        f"in the {role} has log_prob shape {shape}, expected {expected} = "
+                        f"[particles, n]; the site ignores the particle dimension (e.g. a "
+                        f"distribution built with .expand([n, ...]) or reshaped with x.shape[0]); "
+                        f"let the plates broadcast instead")
+
+    return ContractReport(
+        latent_sites=latent_sites,
+        observed_sites={n: tuple(getattr(s["fn"], "event_shape", ())) for n, s in observed.items()},
+        guide_distributions=guide_distributions,
+        reparameterized=not non_reparam,
+        data_size=num_rows,
+        non_reparameterized_sites=tuple(non_reparam),
+    )

@@ -1,0 +1,259 @@
+"""check_contract accepts pairs that keep the model/guide contract and names what is wrong
+with pairs that do not (one distinct message per kind of violation)."""
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+
+from inference.contract import ContractError, ContractReport, check_contract
+
+N, P, D = 7, 3, 2
+
+
+@pytest.fixture
+def x():
+    return torch.randn(N, P)
+
+
+# ---- a hand-written user pair that keeps the contract -------------------------------------
+
+def good_model(x, mask=None):
+    loading = pyro.param("loading", torch.full((D, P), 0.1))
+    with pyro.plate("data", x.shape[0], dim=-1):
+        z = pyro.sample("z", dist.Normal(x.new_zeros(D), 1.0).to_event(1))
+        pyro.sample("x", dist.Normal(z @ loading, 1.0).to_event(1), obs=x)
+
+
+def good_guide(x, mask=None):
+    weight = pyro.param("weight", torch.zeros(P, D))
+    with pyro.plate("data", x.shape[0], dim=-1):
+        pyro.sample("z", dist.Normal(x @ weight, 1.0).to_event(1))
+
+
+def test_good_user_pair_passes_and_reports(x):
+    report = check_contract((good_model, good_guide), x)
+    assert isinstance(report, ContractReport)
+    assert report.latent_sites == {"z": (D,)}
+    assert report.observed_sites == {"x": (P,)}
+    assert report.reparameterized and report.non_reparameterized_sites == ()
+    assert report.data_size == N
+    text = str(report)
+    assert "'z'" in text and "'x'" in text and "Normal" in text and f"size {N}" in text
+    # the check leaves nothing in the global parameter store
+    assert len(pyro.get_param_store()) == 0
+
+
+def test_model_plus_guide_keyword_and_mask_are_accepted(x):
+    mask = torch.ones_like(x, dtype=torch.bool)
+    mask[0, 1] = False
+    report = check_contract(good_model, x, mask, guide=good_guide)
+    assert report.latent_sites == {"z": (D,)}
+
+
+@pytest.mark.parametrize("cls_name", ["PPCA", "FactorAnalysis"])
+def test_linear_models_keep_the_contract(cls_name, x):
+    linear = pytest.importorskip("models.linear")
+    model = getattr(linear, cls_name)(P, D)
+    report = check_contract(model, x)
+    assert report.latent_sites == {"z": (D,)}
+    assert report.observed_sites == {"x": (P,)}
+    assert report.reparameterized
+
+
+# ---- broken pairs: one per kind of violation -----------------------------------------------
+
+def no_plate_model(x, mask=None):
+    z = pyro.sample("z", dist.Normal(x.new_zeros(x.shape[0], D), 1.0).to_event(2))
+    pyro.sample("x", dist.Normal(z @ torch.ones(D, P), 1.0).to_event(2), obs=x)
+
+
+def no_plate_guide(x, mask=None):
+    pyro.sample("z", dist.Normal(x.new_zeros(x.shape[0], D), 1.0).to_event(2))
+
+
+def plate_named(name, size=None, dim=-1):
+    def model(x, mask=None):
+        with pyro.plate(name, size or x.shape[0], dim=dim):
+            z = pyro.sample("z", dist.Normal(x.new_zeros(D), 1.0).to_event(1))
+            pyro.sample("x", dist.Normal(z @ torch.ones(D, P), 1.0).to_event(1), obs=x)
+
+    def guide(x, mask=None):
+        with pyro.plate(name, size or x.shape[0], dim=dim):
+            pyro.sample("z", dist.Normal(x.new_zeros(D), 1.0).to_event(1))
+
+    return model, guide
+
+
+def global_latent_model(x, mask=None):
+    scale = pyro.sample("scale", dist.LogNormal(0.0, 1.0))
+    with pyro.plate("data", x.shape[0], dim=-1):
+        z = pyro.sample("z", dist.Normal(x.new_zeros(D), 1.0).to_event(1))
+        pyro.sample("x", dist.Normal(z @ torch.ones(D, P), scale).to_event(1), obs=x)
+
+
+def global_latent_guide(x, mask=None):
+    pyro.sample("scale", dist.LogNormal(0.0, 1.0))
+    good_guide(x)
+
+
+def extra_latent_model(x, mask=None):
+    with pyro.plate("data", x.shape[0], dim=-1):
+        z = pyro.sample("z", dist.Normal(x.new_zeros(D), 1.0).to_event(1))
+        u = pyro.sample("u", dist.Normal(x.new_zeros(P), 1.0).to_event(1))
+        pyro.sample("x", dist.Normal(z @ torch.ones(D, P) + u, 1.0).to_event(1), obs=x)
+
+
+def extra_latent_guide(x, mask=None):
+    with pyro.plate("data", x.shape[0], dim=-1):
+        pyro.sample("z", dist.Normal(x.new_zeros(D), 1.0).to_event(1))
+        pyro.sample("w", dist.Normal(x.new_zeros(P), 1.0).to_event(1))
+
+
+def unobserved_model(x, mask=None):
+    with pyro.plate("data", x.shape[0], dim=-1):
+        pyro.sample("z", dist.Normal(x.new_zeros(D), 1.0).to_event(1))
+
+
+def no_to_event_model(x, mask=None):
+    with pyro.plate("data", x.shape[0], dim=-1):
+        z = pyro.sample("z", dist.Normal(x.new_zeros(D), 1.0).to_event(1))
+        # Normal over [n, P] without .to_event(1): batch shape (n, P), the data plate at the
+        # right dim only by accident of broadcasting rules
+        pyro.sample("x", dist.Normal(z @ torch.ones(D, P), 1.0), obs=x)
+
+
+def non_broadcasting_model(x, mask=None):
+    loading = torch.ones(P, D)
+    with pyro.plate("data", x.shape[0], dim=-1):
+        z = pyro.sample("z", dist.Normal(x.new_zeros(D), 1.0).to_event(1))
+        loc = torch.mm(loading, z.reshape(-1, D).T).T.reshape(x.shape)  # assumes z is [n, D]
+        pyro.sample("x", dist.Normal(loc, 1.0).to_event(1), obs=x)
+
+
+def discrete_model(x, mask=None):
+    with pyro.plate("data", x.shape[0], dim=-1):
+        z = pyro.sample("z", dist.Bernoulli(x.new_full((D,), 0.5)).to_event(1))
+        pyro.sample("x", dist.Normal(z @ torch.ones(D, P), 1.0).to_event(1), obs=x)
+
+
+def discrete_guide(x, mask=None):
+    with pyro.plate("data", x.shape[0], dim=-1):
+        pyro.sample("z", dist.Bernoulli(x.new_full((D,), 0.3)).to_event(1))
+
+
+def positive_model(x, mask=None):
+    with pyro.plate("data", x.shape[0], dim=-1):
+        z = pyro.sample("z", dist.LogNormal(x.new_zeros(D), 1.0).to_event(1))
+        pyro.sample("x", dist.Normal(z @ torch.ones(D, P), 1.0).to_event(1), obs=x)
+
+
+def model_without_mask(x):
+    good_model(x)
+
+
+def guide_without_mask(x):
+    good_guide(x)
+
+
+BROKEN = {
+    "no data plate": ((no_plate_model, no_plate_guide), r"no plate named 'data'.*no plate at all"),
+    "plate with another name": (plate_named("batch"), r"no plate named 'data'.*found plate\(s\) \['batch'\]"),
+    "plate of wrong size": (plate_named("data", size=N + 1), r"has size 8 but x has 7 rows"),
+    "plate at the wrong dim": (plate_named("data", dim=-2), r"is at dim=-2; it must be dim=-1"),
+    "latent outside the plate": ((global_latent_model, global_latent_guide),
+                                 r"latent site 'scale' in the guide is outside pyro.plate\('data'\)"),
+    "latent missing in the guide": ((extra_latent_model, good_guide),
+                                    r"latent site\(s\) \['u'\] in the model have no counterpart in the guide"),
+    "latent missing in the model": ((good_model, extra_latent_guide),
+                                    r"latent site\(s\) \['w'\] in the guide have no latent counterpart"),
+    "no observed site": ((unobserved_model, good_guide), r"the model has no observed site"),
+    "missing to_event": ((no_to_event_model, good_guide),
+                         r"site 'x' in the model has a batch shape that clashes with pyro.plate\('data'\).*\.to_event"),
+    "no particle broadcasting": ((non_broadcasting_model, good_guide),
+                                 r"does not broadcast with a particle dimension on the left"),
+    "not reparameterized": ((discrete_model, discrete_guide),
+                            r"latent site\(s\) \['z'\] in the guide use distribution\(s\) \['Bernoulli'\] without rsample"),
+    "guide support wider than the prior's": ((positive_model, good_guide),
+                                             r"latent site 'z': the guide's Normal has support"),
+    "model without mask": ((model_without_mask, good_guide),
+                           r"the model .* cannot be called as model\(x, mask=None\)"),
+    "guide without mask": ((good_model, guide_without_mask),
+                           r"the guide .* cannot be called as guide\(x, mask=None\)"),
+}
+
+
+@pytest.mark.parametrize("kind", list(BROKEN))
+def test_broken_pair_is_rejected_with_its_own_message(kind, x):
+    pair, message = BROKEN[kind]
+    with pytest.raises(ContractError, match=message):
+        check_contract(pair, x)
+    assert len(pyro.get_param_store()) == 0
+
+
+def test_missing_to_event_is_found_when_pyro_cannot_see_it():
+    # With as many columns as rows, the forgotten .to_event(1) broadcasts silently in Pyro's
+    # plate check; the batch-shape check still catches it.
+    square = torch.randn(N, N)
+
+    def square_model(x, mask=None):
+        with pyro.plate("data", x.shape[0], dim=-1):
+            z = pyro.sample("z", dist.Normal(x.new_zeros(D), 1.0).to_event(1))
+            pyro.sample("x", dist.Normal(z @ torch.ones(D, N), 1.0), obs=x)
+
+    def square_guide(x, mask=None):
+        with pyro.plate("data", x.shape[0], dim=-1):
+            pyro.sample("z", dist.Normal(x[..., :D], 1.0).to_event(1))
+
+    with pytest.raises(ContractError, match=r"site 'x' in the model has batch shape \(7, 7\)"
+                                            r".*the data plate must be the only batch dimension"):
+        check_contract((square_model, square_guide), square)
+
+
+def test_messages_are_distinct(x):
+    messages = {}
+    for kind, (pair, _) in BROKEN.items():
+        with pytest.raises(ContractError) as info:
+            check_contract(pair, x)
+        messages[kind] = str(info.value).split(":")[0]
+    assert len(set(messages.values())) >= 10, messages
+
+
+def test_contract_error_is_a_value_error():
+    assert issubclass(ContractError, ValueError)
+
+
+def test_non_reparameterized_guide_allowed_when_not_required(x):
+    report = check_contract((discrete_model, discrete_guide), x, require_reparameterized=False)
+    assert not report.reparameterized
+    assert report.non_reparameterized_sites == ("z",)
+    assert "[no rsample]" in str(report)
+
+
+def test_support_check_can_be_disabled(x):
+    with pyro.validation_enabled(False):  # else torch rejects the out-of-support draws itself
+        report = check_contract((positive_model, good_guide), x, check_support=False)
+    assert report.latent_sites == {"z": (D,)}
+
+
+def test_a_crashing_model_is_reported_with_its_role(x):
+    def crashing_model(x, mask=None):
+        raise RuntimeError("boom")
+
+    with pytest.raises(ContractError, match=r"running the model .* failed with RuntimeError: boom"):
+        check_contract((crashing_model, good_guide), x)
+
+
+def test_mixture_prior_on_the_real_line_accepts_a_normal_guide(x):
+    def mixture_model(x, mask=None):
+        components = dist.Normal(torch.tensor([[-2.0] * D, [2.0] * D]), 1.0).to_event(1)
+        prior = dist.MixtureSameFamily(dist.Categorical(torch.ones(2)), components)
+        with pyro.plate("data", x.shape[0], dim=-1):
+            z = pyro.sample("z", prior)
+            pyro.sample("x", dist.Normal(z @ torch.ones(D, P), 1.0).to_event(1), obs=x)
+
+    assert check_contract((mixture_model, good_guide), x).latent_sites == {"z": (D,)}
+
+
+def test_non_tensor_input_is_rejected():
+    with pytest.raises(ContractError, match="x must be a torch.Tensor"):
+        check_contract((good_model, good_guide), [[1.0, 2.0, 3.0]])
