@@ -700,7 +700,7 @@ def fit(pair, data, objective=None, epochs: int = 10, batch_size: int = 128, lr:
         are cast to the module's floating dtype (``model.double()`` fits in float64).
     objective : optional
         A pyro-lvm objective (``inference.objectives.ELBO()``, ``IWAE(K)``...) or a
-        ``pyro.infer.ELBO`` instance. Default: ``pyro.infer.Trace_ELBO()``.
+        ``pyro.infer.ELBO`` instance. Default: :class:`inference.objectives.ELBO` (one particle).
     epochs : int
         Total number of epochs (when resuming from ``checkpoint``, including the saved ones).
     batch_size : int
@@ -779,7 +779,9 @@ def fit(pair, data, objective=None, epochs: int = 10, batch_size: int = 128, lr:
         module = model_fn.__self__  # (m.model, m.guide): still move and checkpoint m
     dev = resolve_device(device)
     if objective is None:
-        objective = pyro.infer.Trace_ELBO()
+        from inference.objectives import ELBO  # objectives imports nothing from fit; no cycle
+
+        objective = ELBO()
 
     # -- data: everything is validated before the first step ------------------------------
     dtype = _module_dtype(module)
