@@ -1,1 +1,27 @@
-"""pyro-lvm: inference."""
+"""How any model/guide pair is fit, evaluated and diagnosed.
+
+Everything here takes any object keeping the model/guide contract (see the README).
+"""
+from inference._runtime import isolated_param_store, resolve_device
+from inference.contract import ContractError, ContractReport, check_contract
+from inference.diagnostics import (Diagnostics, ImportanceDiagnostics, LatentUsage, amortization_gap,
+                                   diagnose, importance_diagnostics, latent_usage,
+                                   posterior_predictive_check, to_inference_data)
+from inference.evaluate import (ELBOEstimate, LogLikelihoodEstimate, ReconstructionError, elbo,
+                                evaluate, log_likelihood, reconstruction_error)
+from inference.fit import EarlyStopping, FitResult, FitState, NonFiniteLossError, StopFit, fit
+from inference.objectives import (ELBO, IWAE, KLWarmup, LogTerms, elbo_from_log_weights,
+                                  iwae_from_log_weights, linear_warmup, log_weights,
+                                  trace_log_terms)
+
+__all__ = [
+    "check_contract", "ContractError", "ContractReport",
+    "fit", "FitResult", "FitState", "StopFit", "EarlyStopping", "NonFiniteLossError",
+    "log_weights", "trace_log_terms", "LogTerms", "ELBO", "IWAE", "KLWarmup", "linear_warmup",
+    "elbo_from_log_weights", "iwae_from_log_weights",
+    "log_likelihood", "elbo", "reconstruction_error", "evaluate",
+    "LogLikelihoodEstimate", "ELBOEstimate", "ReconstructionError",
+    "importance_diagnostics", "latent_usage", "posterior_predictive_check", "amortization_gap",
+    "to_inference_data", "diagnose", "Diagnostics", "ImportanceDiagnostics", "LatentUsage",
+    "resolve_device", "isolated_param_store",
+]
