@@ -1,0 +1,1028 @@
+"""Held-out evaluation of a fitted model/guide pair: importance-sampled log-likelihood with
+Monte Carlo standard errors, held-out ELBO, reconstruction error.
+
+Importance-sampled log-likelihood
+---------------------------------
+For each data row :math:`x_i` the guide :math:`q(z \\mid x_i)` is used as an importance
+proposal,
+
+.. math::
+
+    w_{ik} = \\frac{p(x_i, z_{ik})}{q(z_{ik} \\mid x_i)}, \\quad z_{ik} \\sim q(\\cdot \\mid x_i),
+    \\qquad
+    \\log \\hat p(x_i) = \\log \\frac{1}{K} \\sum_{k=1}^K w_{ik}
+                      = \\operatorname{logsumexp}_k \\log w_{ik} - \\log K .
+
+:math:`\\hat p(x_i)` is unbiased for :math:`p(x_i)`, so by Jensen's inequality
+:math:`E[\\log \\hat p(x_i)] = \\mathrm{IWAE}_K(x_i) \\le \\log p(x_i)`: the estimate is the
+importance-weighted bound of Burda, Grosse & Salakhutdinov (2016), a *lower bound in
+expectation* whose bias :math:`\\approx -\\operatorname{Var}(w)/(2 K\\, E[w]^2)` vanishes as
+:math:`K \\to \\infty`. It is labeled "IS estimate of log p(x) (IWAE_K lower bound in
+expectation)" everywhere.
+
+Monte Carlo standard error (delta method). With :math:`\\bar w = K^{-1}\\sum_k w_k` and
+:math:`\\widehat{\\operatorname{Var}}(w) = \\frac{K}{K-1}(\\overline{w^2} - \\bar w^2)`,
+
+.. math::
+
+    \\operatorname{se}(\\log \\hat p) \\approx \\frac{\\operatorname{sd}(\\bar w)}{\\bar w}
+      = \\sqrt{\\frac{\\widehat{\\operatorname{Var}}(w)}{K \\bar w^2}}
+      = \\sqrt{\\frac{K / \\mathrm{ESS} - 1}{K - 1}},
+    \\qquad \\mathrm{ESS} = \\frac{(\\sum_k w_k)^2}{\\sum_k w_k^2}
+
+(Kong 1992 for the effective sample size). The delta method needs a finite weight
+variance; when the guide is much narrower than the posterior the variance is infinite and
+the standard error is unreliable — check the Pareto k-hat of the weights
+(:mod:`inference.diagnostics`) before trusting it.
+
+The dataset mean :math:`n^{-1}\\sum_i \\log \\hat p(x_i)` comes with two standard errors that
+answer different questions:
+
+* ``mc_se`` :math:`= \\sqrt{\\sum_i \\operatorname{se}_i^2}/n` — Monte Carlo error of the
+  estimate for *this* data set (rows are sampled independently), i.e. how much the number
+  would move with another seed;
+* ``data_se`` :math:`= \\operatorname{sd}_i(\\log \\hat p(x_i))/\\sqrt n` — sampling error
+  across rows, i.e. how much it would move with another test set of the same size.
+
+Streaming
+---------
+``K`` can be large (5000 is customary for MNIST) while the model's tensors grow like
+particles x rows x data_dim, so rows and particles are processed in chunks whose size is
+chosen from an element budget, and per row only a running maximum
+:math:`m`, :math:`S_1 = \\sum_k e^{\\log w_k - m}` and :math:`S_2 = \\sum_k e^{2(\\log w_k - m)}`
+are kept (a numerically stable streaming log-sum-exp; when a larger maximum arrives the
+sums are rescaled by :math:`e^{m_\\text{old} - m_\\text{new}}`). Then
+:math:`\\log\\hat p = m + \\log S_1 - \\log K` and :math:`\\mathrm{ESS} = S_1^2 / S_2`.
+
+References
+----------
+Burda, Y., Grosse, R. & Salakhutdinov, R. (2016). Importance weighted autoencoders. ICLR.
+Kong, A. (1992). A note on importance sampling using standardized weights. Tech. rep. 348,
+Dept. of Statistics, University of Chicago.
+Wu, Y., Burda, Y., Salakhutdinov, R. & Grosse, R. (2017). On the quantitative analysis of
+decoder-based generative models. ICLR (IS estimates and their bias).
+"""
+from __future__ import annotations
+
+import contextlib
+import inspect
+import math
+import time
+from dataclasses import dataclass
+from types import SimpleNamespace
+from typing import Any, Dict, Iterator, Optional, Tuple
+
+import numpy as np
+import pandas as pd
+import pyro
+import pyro.poutine as poutine
+from pyro.infer.util import is_validation_enabled
+from pyro.poutine.util import site_is_subsample
+import torch
+from tqdm.auto import tqdm
+
+from models.validation import check_data
+from inference._runtime import isolated_param_store, resolve_device, resolve_pair
+from inference.objectives import trace_log_terms
+
+__all__ = [
+    "LogLikelihoodEstimate",
+    "ELBOEstimate",
+    "ReconstructionError",
+    "log_likelihood",
+    "elbo",
+    "reconstruction_error",
+    "evaluate",
+    "plan_chunks",
+    "NoReconstructionError",
+    "StreamingImportanceStats",
+    "DEFAULT_MAX_ELEMENTS",
+    "default_max_elements",
+]
+
+#: Default element budget per chunk: particles x rows x max(data_dim, latent_dim).
+#: 2**25 float32 elements are 128 MiB per full-size tensor; a Bernoulli decoder keeps a few
+#: such tensors alive at once, so one chunk needs well under 1 GiB.
+DEFAULT_MAX_ELEMENTS = 2 ** 25
+
+#: Largest default budget on a GPU (2**30 float32 elements = 4 GiB per full-size tensor).
+_MAX_GPU_ELEMENTS = 2 ** 30
+
+
+def default_max_elements(device) -> int:
+    """Default chunk budget for ``device``.
+
+    CPU: :data:`DEFAULT_MAX_ELEMENTS`. CUDA: a sixty-fourth of the free device memory in
+    elements (a decoder keeps a few full-size float32 tensors alive, so a chunk then takes
+    about a quarter of the free memory), between ``DEFAULT_MAX_ELEMENTS`` and 2**30. Larger
+    chunks matter on a GPU: each vectorized pass has a fixed Python cost (Pyro's traces) that
+    a fast device otherwise waits on.
+    """
+    device = torch.device(device)
+    if device.type != "cuda":
+        return DEFAULT_MAX_ELEMENTS
+    free, _total = torch.cuda.mem_get_info(device)
+    return int(min(_MAX_GPU_ELEMENTS, max(DEFAULT_MAX_ELEMENTS, free // 64)))
+
+
+#: Above this many particle-row draws a progress bar is shown when ``progress=None``.
+_PROGRESS_THRESHOLD = 10_000_000
+
+_LN2 = math.log(2.0)
+
+IS_LABEL = "IS estimate of log p(x) (IWAE_K lower bound in expectation)"
+ELBO_LABEL = "ELBO (lower bound on log p(x))"
+
+
+# ----------------------------------------------------------------------------- streaming math
+class StreamingImportanceStats:
+    """Per-row streaming summaries of log importance weights, fed chunk by chunk.
+
+    Keeps, for ``num_rows`` rows, the running maximum :math:`m` of the log weights, the
+    rescaled sums :math:`S_1 = \\sum_k e^{\\log w_k - m}` and
+    :math:`S_2 = \\sum_k e^{2(\\log w_k - m)}`, and shifted first and second moments of the
+    log weights themselves (for the ELBO, :math:`K^{-1} \\sum_k \\log w_k`). Memory is
+    O(num_rows) whatever the number of particles; accumulation is in float64.
+
+    Parameters
+    ----------
+    num_rows : int
+    device : torch.device, optional
+    """
+
+    def __init__(self, num_rows: int, device=None):
+        kw = dict(dtype=torch.float64, device=device)
+        self.num_rows = int(num_rows)
+        self.count = 0
+        self.max = torch.full((num_rows,), -math.inf, **kw)
+        self.sum_w = torch.zeros(num_rows, **kw)       # S_1
+        self.sum_w2 = torch.zeros(num_rows, **kw)      # S_2
+        self._shift: Optional[torch.Tensor] = None     # per-row shift for the log-weight moments
+        self.sum_lw = torch.zeros(num_rows, **kw)
+        self.sum_lw2 = torch.zeros(num_rows, **kw)
+
+    def update(self, log_w: torch.Tensor) -> None:
+        """Add a chunk of log weights of shape ``[particles, num_rows]``."""
+        if log_w.dim() != 2 or log_w.shape[1] != self.num_rows:
+            raise ValueError(
+                f"expected log weights of shape [particles, {self.num_rows}], got {tuple(log_w.shape)}"
+            )
+        lw = log_w.detach().to(self.max.device, torch.float64)
+        chunk_max = lw.max(dim=0).values
+        new_max = torch.maximum(self.max, chunk_max)
+        # Rows whose weights are all zero so far (max = -inf) have nothing to rescale.
+        ref = torch.where(torch.isfinite(new_max), new_max, torch.zeros_like(new_max))
+        rescale = torch.exp(self.max - ref)
+        self.sum_w = self.sum_w * rescale + torch.exp(lw - ref).sum(dim=0)
+        self.sum_w2 = self.sum_w2 * rescale ** 2 + torch.exp(2.0 * (lw - ref)).sum(dim=0)
+        self.max = new_max
+        if self._shift is None:
+            # Shifting by the first chunk's mean avoids cancellation in sum(lw^2) - sum(lw)^2/K.
+            mean0 = lw.mean(dim=0)
+            self._shift = torch.where(torch.isfinite(mean0), mean0, torch.zeros_like(mean0))
+        centered = lw - self._shift
+        self.sum_lw = self.sum_lw + centered.sum(dim=0)
+        self.sum_lw2 = self.sum_lw2 + (centered ** 2).sum(dim=0)
+        self.count += lw.shape[0]
+
+    def result(self) -> Dict[str, np.ndarray]:
+        """Per-row results as float64 numpy arrays (see :meth:`result_tensors`)."""
+        return {k: v.cpu().numpy() for k, v in self.result_tensors().items()}
+
+    def result_tensors(self) -> Dict[str, torch.Tensor]:
+        """Per-row results as float64 tensors on the accumulator's device (no host sync).
+
+        Keys: ``log_px`` (log-mean-exp of the weights), ``se`` (delta-method se, NaN for
+        K = 1), ``ess`` (Kong's effective sample size), ``elbo`` (mean log weight) and
+        ``elbo_se`` (its standard error, NaN for K = 1).
+        """
+        if self.count == 0:
+            raise ValueError("no log weights were added")
+        K = float(self.count)
+        log_px = self.max + torch.log(self.sum_w) - math.log(K)
+        ess = self.sum_w ** 2 / self.sum_w2
+        if self.count > 1:
+            # se^2 = (K/ESS - 1)/(K - 1) is Var_hat(w) / (K wbar^2) with the K/(K-1) correction;
+            # clamp tiny negative rounding errors (equal weights give exactly ESS = K).
+            se = torch.sqrt(torch.clamp((K / ess - 1.0) / (K - 1.0), min=0.0))
+            var_lw = (self.sum_lw2 - self.sum_lw ** 2 / K) / (K - 1.0)
+            elbo_se = torch.sqrt(torch.clamp(var_lw, min=0.0) / K)
+        else:
+            se = torch.full_like(log_px, math.nan)
+            elbo_se = torch.full_like(log_px, math.nan)
+        elbo_val = self._shift + self.sum_lw / K
+        return dict(log_px=log_px, se=se, ess=ess, elbo=elbo_val, elbo_se=elbo_se)
+
+
+def plan_chunks(num_rows: int, num_samples: int, width: int, *,
+                max_elements: int = DEFAULT_MAX_ELEMENTS,
+                batch_size: Optional[int] = None,
+                chunk_size: Optional[int] = None) -> Tuple[int, int]:
+    """Choose ``(rows_per_chunk, particles_per_chunk)`` so that
+    particles x rows x width <= ``max_elements``.
+
+    Particles are favored (an amortized encoder runs once per chunk of rows, so more
+    particles per call means less encoder work per draw); rows fill the rest of the budget.
+    ``batch_size`` (rows) and ``chunk_size`` (particles), when given, are used as they are
+    and only the other one is derived. A single particle of a single row is always allowed,
+    even when it alone exceeds the budget.
+    """
+    for name, value in (("num_rows", num_rows), ("num_samples", num_samples), ("width", width),
+                        ("max_elements", max_elements)):
+        if int(value) < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value}")
+    for name, value in (("batch_size", batch_size), ("chunk_size", chunk_size)):
+        if value is not None and (int(value) != value or int(value) < 1):
+            raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
+    per_draw = int(width)
+    if chunk_size is not None:
+        particles = min(int(chunk_size), num_samples)
+    elif batch_size is not None:
+        particles = min(num_samples, max(1, max_elements // (min(int(batch_size), num_rows) * per_draw)))
+    else:
+        particles = min(num_samples, max(1, max_elements // per_draw))
+    if batch_size is not None:
+        rows = min(int(batch_size), num_rows)
+    else:
+        rows = min(num_rows, max(1, max_elements // (particles * per_draw)))
+    return rows, particles
+
+
+# ----------------------------------------------------------------------------- result types
+def _fmt(value: Optional[float], se: Optional[float] = None) -> str:
+    """Format a value with as many decimals as its standard error warrants (at least 2)."""
+    if value is None or not np.isfinite(value):
+        return str(value)
+    decimals = 2
+    if se is not None and np.isfinite(se) and se > 0:
+        decimals = int(min(6, max(2, 1 - math.floor(math.log10(se)))))
+    return f"{value:.{decimals}f}"
+
+
+@dataclass
+class LogLikelihoodEstimate:
+    """Importance-sampled estimate of log p(x) per row and for the data set.
+
+    Attributes
+    ----------
+    per_row : pandas.DataFrame
+        One row per data row: ``log_px`` (IS estimate, IWAE_K lower bound in expectation),
+        ``se`` (its Monte Carlo standard error, delta method), ``ess`` (effective sample
+        size of the K weights, between 1 and K), ``exact_log_px`` (when the model has
+        ``log_marginal``).
+    mean : float
+        Mean of ``log_px`` over rows (nats per row).
+    mc_se : float
+        Monte Carlo standard error of ``mean`` for this data set: sqrt(sum se_i^2) / n.
+    data_se : float
+        Sampling standard error across rows: sd(log_px) / sqrt(n) (NaN for one row).
+    exact_mean : float or None
+        Mean exact log p(x) when the model has ``log_marginal``.
+    num_samples, num_rows : int
+        K importance samples per row; number of rows.
+    discrete : bool
+        Whether the observation model is discrete (log p(x) is a log probability).
+    bits_per_dim, bits_per_dim_se : float or None
+        For discrete data, mean over rows of -log p(x_i) / (D_i ln 2) with D_i the
+        number of observed entries of row i, and its Monte Carlo standard error; None
+        for continuous data (a density has no bits-per-dim reading).
+    label : str
+        What the estimate is, for tables and plots.
+    """
+
+    per_row: pd.DataFrame
+    mean: float
+    mc_se: float
+    data_se: float
+    exact_mean: Optional[float]
+    num_samples: int
+    num_rows: int
+    discrete: bool = False
+    bits_per_dim: Optional[float] = None
+    bits_per_dim_se: Optional[float] = None
+    exact_bits_per_dim: Optional[float] = None
+    seed: int = 0
+    device: str = "cpu"
+    rows_per_chunk: int = 0
+    particles_per_chunk: int = 0
+    elapsed_s: float = 0.0
+    label: str = IS_LABEL
+
+    @property
+    def mean_ess(self) -> float:
+        """Mean effective sample size over rows."""
+        return float(self.per_row["ess"].mean())
+
+    def to_dict(self) -> Dict[str, Any]:
+        """Flat dict of the summary numbers (no per-row values), JSON-serializable."""
+        out: Dict[str, Any] = {
+            "label": self.label,
+            "log_px": float(self.mean),
+            "mc_se": float(self.mc_se),
+            "data_se": float(self.data_se),
+            "exact_log_px": None if self.exact_mean is None else float(self.exact_mean),
+            "num_samples": int(self.num_samples),
+            "num_rows": int(self.num_rows),
+            "mean_ess": self.mean_ess,
+            "discrete": bool(self.discrete),
+            "bits_per_dim": self.bits_per_dim,
+            "bits_per_dim_se": self.bits_per_dim_se,
+            "seed": int(self.seed),
+            "elapsed_s": float(self.elapsed_s),
+        }
+        return out
+
+    def summary(self) -> str:
+        K, n = self.num_samples, self.num_rows
+        lines = [
+            f"log p(x) ≈ {_fmt(self.mean, self.mc_se)} ± {_fmt(self.mc_se, self.mc_se)} (MC se), "
+            f"IWAE_{K} estimate over {n} rows",
+            f"  [{self.label}; data se across rows {_fmt(self.data_se, self.data_se)}; "
+            f"mean ESS {self.mean_ess:.1f} of {K}]",
+        ]
+        if self.exact_mean is not None:
+            gap = self.mean - self.exact_mean
+            lines.append(f"  exact log p(x) = {_fmt(self.exact_mean, self.mc_se)} "
+                         f"(estimate - exact = {gap:.3g}, {gap / self.mc_se:.2f} MC se)"
+                         if self.mc_se > 0 else
+                         f"  exact log p(x) = {_fmt(self.exact_mean, self.mc_se)} "
+                         f"(estimate - exact = {gap:.3g})")
+        if self.bits_per_dim is not None:
+            lines.append(f"  bits/dim ≈ {_fmt(self.bits_per_dim, self.bits_per_dim_se)} ± "
+                         f"{_fmt(self.bits_per_dim_se, self.bits_per_dim_se)} (MC se)")
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.summary()
+
+
+@dataclass
+class ELBOEstimate:
+    """Held-out ELBO per row, :math:`\\mathrm{ELBO}(x_i) = E_q[\\log p(x_i, z) - \\log q(z\\mid x_i)]`,
+    estimated with K draws from the guide (a lower bound on log p(x_i), not a likelihood).
+
+    Attributes
+    ----------
+    per_row : pandas.DataFrame
+        ``elbo`` (mean log weight over the K draws) and ``se`` (sd / sqrt(K); NaN for K = 1).
+    mean, mc_se, data_se : float
+        Mean over rows, its Monte Carlo se (sqrt(sum se_i^2)/n; NaN for K = 1, when the
+        per-row Monte Carlo noise cannot be separated from the spread across rows — then
+        ``data_se``, which includes it, is the standard error to use), and sd/sqrt(n).
+    exact_mean : float or None
+        Mean exact log p(x) when the model has ``log_marginal`` (ELBO <= it).
+    """
+
+    per_row: pd.DataFrame
+    mean: float
+    mc_se: float
+    data_se: float
+    exact_mean: Optional[float]
+    num_samples: int
+    num_rows: int
+    seed: int = 0
+    label: str = ELBO_LABEL
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {
+            "label": self.label,
+            "elbo": float(self.mean),
+            "mc_se": float(self.mc_se),
+            "data_se": float(self.data_se),
+            "exact_log_px": None if self.exact_mean is None else float(self.exact_mean),
+            "num_samples": int(self.num_samples),
+            "num_rows": int(self.num_rows),
+            "seed": int(self.seed),
+        }
+
+    def summary(self) -> str:
+        if np.isfinite(self.mc_se):
+            head = (f"ELBO ≈ {_fmt(self.mean, self.mc_se)} ± {_fmt(self.mc_se, self.mc_se)} (MC se), "
+                    f"{self.num_samples} draw(s) per row over {self.num_rows} rows")
+        else:
+            head = (f"ELBO ≈ {_fmt(self.mean, self.data_se)} ± {_fmt(self.data_se, self.data_se)} "
+                    f"(se across rows, includes MC noise; K=1), over {self.num_rows} rows")
+        lines = [head, f"  [{self.label}; data se across rows {_fmt(self.data_se, self.data_se)}]"]
+        if self.exact_mean is not None:
+            lines.append(f"  exact log p(x) = {_fmt(self.exact_mean, self.data_se)} "
+                         f"(gap log p(x) - ELBO = mean KL(q || posterior) ≈ "
+                         f"{self.exact_mean - self.mean:.3g})")
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.summary()
+
+
+@dataclass
+class ReconstructionError:
+    """Per-row reconstruction error of x by the model's reconstruction.
+
+    Attributes
+    ----------
+    per_row : pandas.DataFrame
+        ``mse`` (mean squared error over the observed entries of the row) and, for binary
+        data with reconstructions in [0, 1], ``cross_entropy`` (binary cross-entropy summed
+        over the observed entries, nats).
+    mse, mse_se : float
+        Mean over rows and its standard error across rows (sd/sqrt(n)).
+    cross_entropy, cross_entropy_se : float or None
+    method : str
+        ``"reconstruct"`` (the pair's own ``reconstruct(x)``) or ``"likelihood_mean"`` (mean of
+        p(x | z) at z = mean of q(z | x)). Both are deterministic given the parameters, so
+        there is no Monte Carlo error.
+    """
+
+    per_row: pd.DataFrame
+    mse: float
+    mse_se: float
+    cross_entropy: Optional[float]
+    cross_entropy_se: Optional[float]
+    method: str
+    num_rows: int
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {
+            "mse": float(self.mse),
+            "mse_se": float(self.mse_se),
+            "cross_entropy": self.cross_entropy,
+            "cross_entropy_se": self.cross_entropy_se,
+            "method": self.method,
+            "num_rows": int(self.num_rows),
+        }
+
+    def summary(self) -> str:
+        s = (f"reconstruction MSE = {_fmt(self.mse, self.mse_se)} ± {_fmt(self.mse_se, self.mse_se)} "
+             f"(se across rows) over {self.num_rows} rows [{self.method}]")
+        if self.cross_entropy is not None:
+            s += (f"\n  binary cross-entropy = {_fmt(self.cross_entropy, self.cross_entropy_se)} ± "
+                  f"{_fmt(self.cross_entropy_se, self.cross_entropy_se)} nats per row")
+        return s
+
+    def __str__(self) -> str:
+        return self.summary()
+
+
+# ----------------------------------------------------------------------------- shared setup
+def _module_dtype(module: Optional[torch.nn.Module]) -> Optional[torch.dtype]:
+    if module is None:
+        return None
+    for t in list(module.parameters()) + list(module.buffers()):
+        if t.is_floating_point():
+            return t.dtype
+    return None
+
+
+def _check_positive_int(name: str, value, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def _validate(pair, module, data, mask, dtype):
+    data_dim = getattr(pair, "data_dim", None)
+    data_dim = int(data_dim) if isinstance(data_dim, (int, np.integer)) else None
+    x = check_data(data, data_dim, name="data", mask=mask, dtype=dtype)
+    mask_t = None
+    if mask is not None:
+        m = mask.detach().cpu().numpy() if isinstance(mask, torch.Tensor) else np.asarray(mask)
+        mask_t = torch.as_tensor(m.astype(bool))
+    own_check = getattr(pair, "check_data", None)
+    if callable(own_check):
+        checked = own_check(x) if mask_t is None else own_check(x, mask=mask_t)
+        if isinstance(checked, torch.Tensor):
+            x = checked
+    return x, mask_t
+
+
+@contextlib.contextmanager
+def _evaluation_context(pair, data, *, mask, device, guide, seed, param_state) -> Iterator[SimpleNamespace]:
+    """Resolve the pair, validate and move data, isolate the param store and the RNG,
+    switch to eval mode and no_grad; restore the module's training flag afterwards."""
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+        raise ValueError(f"seed must be an integer, got {seed!r}")
+    dev = resolve_device(device)
+    model_fn, guide_fn, module = resolve_pair(pair, guide)
+    x, mask_t = _validate(pair, module, data, mask, _module_dtype(module))
+    if module is not None:
+        module.to(dev)
+    x = x.to(dev)
+    mask_t = None if mask_t is None else mask_t.to(dev)
+    if param_state is None and module is None:
+        # Plain-function pairs keep their parameters in the global param store: evaluate a
+        # snapshot of it (so nothing here can change it); PyroModule pairs carry their own.
+        param_state = pyro.get_param_store().get_state()
+    if param_state is not None:
+        param_state = {"params": {k: v.detach().to(dev) for k, v in param_state["params"].items()},
+                       "constraints": dict(param_state["constraints"])}
+    was_training = module.training if module is not None else None
+    rng_devices = [dev.index if dev.index is not None else torch.cuda.current_device()] \
+        if dev.type == "cuda" else []
+    try:
+        with isolated_param_store(param_state), torch.no_grad(), \
+                torch.random.fork_rng(devices=rng_devices):
+            if module is not None:
+                module.eval()
+            yield SimpleNamespace(model_fn=model_fn, guide_fn=guide_fn, module=module, x=x,
+                                  mask=mask_t, device=dev, seed=int(seed))
+    finally:
+        if module is not None and was_training:
+            module.train()
+
+
+def _probe(model_fn, guide_fn, x, mask) -> SimpleNamespace:
+    """One particle on one row: per-draw tensor width and whether the observations are discrete."""
+    terms = trace_log_terms(model_fn, guide_fn, x[:1], 1, None if mask is None else mask[:1])
+    width = int(x.shape[1])
+    supports = []  # per observed site: True (discrete), False (continuous), None (unknown)
+    observed_fns = []
+    for trace in (terms.model_trace, terms.guide_trace):
+        for site in trace.nodes.values():
+            if site["type"] != "sample" or site_is_subsample(site):
+                continue
+            value = site["value"]
+            if isinstance(value, torch.Tensor):
+                width = max(width, int(value.numel()))
+            if trace is terms.model_trace and site["is_observed"]:
+                observed_fns.append((site["fn"], value))
+                try:
+                    supports.append(bool(site["fn"].support.is_discrete))
+                except (AttributeError, NotImplementedError):
+                    supports.append(None)
+    if False in supports:
+        discrete = False
+    elif not supports or None in supports:
+        discrete = None
+    else:
+        discrete = True
+    return SimpleNamespace(width=width, discrete=discrete, observed=observed_fns)
+
+
+def _data_in_support(pair, probe, ctx) -> bool:
+    """Whether every row of the data is known to lie in the observation model's support:
+    checked by the pair's own ``check_data`` (already run), or here, once, with the support
+    constraint of the observed site when that site scores the data rows themselves."""
+    if callable(getattr(pair, "check_data", None)):
+        return True
+    if ctx.mask is not None or len(probe.observed) != 1:
+        return False
+    fn, value = probe.observed[0]
+    if not isinstance(value, torch.Tensor) or value.shape != ctx.x[:1].shape \
+            or not torch.equal(value, ctx.x[:1]):
+        return False  # the model transforms x before scoring it: cannot check generically
+    try:
+        for start in range(0, ctx.x.shape[0], 65536):
+            if not bool(fn.support.check(ctx.x[start:start + 65536]).all()):
+                return False
+    except Exception:  # a support without a usable check: keep Pyro's per-chunk validation
+        return False
+    return True
+
+
+def _is_binary(x: torch.Tensor, mask: Optional[torch.Tensor]) -> bool:
+    ok = (x == 0) | (x == 1)
+    if mask is not None:
+        ok = ok | ~mask
+    return bool(ok.all())
+
+
+def _exact_log_px(pair, ctx, rows_per_chunk: int) -> Optional[np.ndarray]:
+    fn = getattr(pair, "log_marginal", None)
+    if not callable(fn):
+        return None
+    out = []
+    n = ctx.x.shape[0]
+    for start in range(0, n, rows_per_chunk):
+        xb = ctx.x[start:start + rows_per_chunk]
+        if ctx.mask is None:
+            lp = fn(xb)
+        else:
+            lp = fn(xb, mask=ctx.mask[start:start + rows_per_chunk])
+        lp = torch.as_tensor(lp).detach().reshape(-1)
+        if lp.shape[0] != xb.shape[0]:
+            raise ValueError(f"log_marginal returned {lp.shape[0]} values for {xb.shape[0]} rows; "
+                             f"it must return one exact log p(x_i) per row")
+        out.append(lp.to("cpu", torch.float64).numpy())
+    return np.concatenate(out)
+
+
+def _show_progress(progress, draws: int, chunks: int) -> bool:
+    if progress is None:
+        return draws >= _PROGRESS_THRESHOLD and chunks > 1
+    return bool(progress)
+
+
+def _raise_if_invalid(bad_rows: torch.Tensor) -> None:
+    if bool(bad_rows.any()):
+        rows_bad = torch.nonzero(bad_rows).reshape(-1).tolist()
+        raise ValueError(
+            f"log importance weights are NaN or +inf for data row(s) {rows_bad[:5]}"
+            f"{' and more' if len(rows_bad) > 5 else ''}: the model or guide produced an "
+            f"invalid log density (check parameters, scales and the data range)"
+        )
+
+
+#: On an accelerator, check for invalid log weights every this many chunks: each check
+#: waits for the device, and waiting after every chunk would stall the launch queue.
+_CHECK_EVERY_CHUNKS = 16
+
+
+def _stream(ctx, num_samples: int, rows: int, particles: int, progress, desc: str,
+            validate_first_only: bool = False) -> Dict[str, np.ndarray]:
+    """Importance sampling over row chunks (outer) and particle chunks (inner).
+
+    With ``validate_first_only``, Pyro's argument/support validation (if enabled) runs on the
+    first chunk and is switched off for the rest: each check waits for the device, and the
+    data have been validated up front; invalid parameters still surface as NaN/inf log
+    weights, which are checked here."""
+    n = ctx.x.shape[0]
+    row_chunks = math.ceil(n / rows)
+    particle_chunks = math.ceil(num_samples / particles)
+    show = _show_progress(progress, n * num_samples, row_chunks * particle_chunks)
+    check_every = 1 if ctx.device.type == "cpu" else _CHECK_EVERY_CHUNKS
+    bad_rows = torch.zeros(n, dtype=torch.bool, device=ctx.device)
+    results = []
+    chunk_index = 0
+    with contextlib.ExitStack() as stack, \
+            tqdm(total=n * num_samples, desc=desc, unit="draw", unit_scale=True,
+                 disable=not show, leave=False) as bar:
+        for start in range(0, n, rows):
+            xb = ctx.x[start:start + rows]
+            mb = None if ctx.mask is None else ctx.mask[start:start + rows]
+            stats = StreamingImportanceStats(xb.shape[0], device=ctx.device)
+            done = 0
+            while done < num_samples:
+                k = min(particles, num_samples - done)
+                lw = trace_log_terms(ctx.model_fn, ctx.guide_fn, xb, k, mb).log_weights
+                bad_rows[start:start + xb.shape[0]] |= (torch.isnan(lw) | (lw == math.inf)).any(0)
+                chunk_index += 1
+                if chunk_index == 1 and validate_first_only:
+                    stack.enter_context(pyro.validation_enabled(False))
+                if chunk_index % check_every == 0:
+                    _raise_if_invalid(bad_rows)
+                stats.update(lw)
+                done += k
+                bar.update(k * xb.shape[0])
+            results.append(stats.result_tensors())
+    _raise_if_invalid(bad_rows)
+    return {key: torch.cat([r[key] for r in results]).cpu().numpy() for key in results[0]}
+
+
+def _row_sizes(ctx) -> np.ndarray:
+    if ctx.mask is None:
+        return np.full(ctx.x.shape[0], float(ctx.x.shape[1]))
+    return ctx.mask.sum(dim=1).cpu().numpy().astype(np.float64)
+
+
+def _mean_and_ses(values: np.ndarray, se: np.ndarray) -> Tuple[float, float, float]:
+    n = len(values)
+    mean = float(np.mean(values))
+    mc_se = float(np.sqrt(np.sum(se ** 2)) / n)
+    data_se = float(np.std(values, ddof=1) / math.sqrt(n)) if n > 1 else math.nan
+    return mean, mc_se, data_se
+
+
+def _resolve_discrete(discrete, probe_discrete, ctx) -> bool:
+    if discrete is not None:
+        return bool(discrete)
+    if probe_discrete is not None:
+        return bool(probe_discrete)
+    return _is_binary(ctx.x, ctx.mask)
+
+
+def _ll_from_stream(ctx, raw, num_samples, discrete, exact, rows, particles,
+                    elapsed) -> LogLikelihoodEstimate:
+    per_row = pd.DataFrame({"log_px": raw["log_px"], "se": raw["se"], "ess": raw["ess"]})
+    if exact is not None:
+        per_row["exact_log_px"] = exact
+    mean, mc_se, data_se = _mean_and_ses(raw["log_px"], raw["se"])
+    bpd = bpd_se = exact_bpd = None
+    if discrete:
+        scale = 1.0 / (_row_sizes(ctx) * _LN2)
+        bpd = float(np.mean(-raw["log_px"] * scale))
+        bpd_se = float(np.sqrt(np.sum((raw["se"] * scale) ** 2)) / len(scale))
+        if exact is not None:
+            exact_bpd = float(np.mean(-exact * scale))
+    return LogLikelihoodEstimate(
+        per_row=per_row, mean=mean, mc_se=mc_se, data_se=data_se,
+        exact_mean=None if exact is None else float(np.mean(exact)),
+        num_samples=num_samples, num_rows=len(per_row), discrete=bool(discrete),
+        bits_per_dim=bpd, bits_per_dim_se=bpd_se, exact_bits_per_dim=exact_bpd,
+        seed=ctx.seed, device=str(ctx.device), rows_per_chunk=rows, particles_per_chunk=particles,
+        elapsed_s=elapsed,
+    )
+
+
+def _elbo_from_stream(ctx, raw, num_samples, exact) -> ELBOEstimate:
+    per_row = pd.DataFrame({"elbo": raw["elbo"], "se": raw["elbo_se"]})
+    if exact is not None:
+        per_row["exact_log_px"] = exact
+    mean, mc_se, data_se = _mean_and_ses(raw["elbo"], raw["elbo_se"])
+    return ELBOEstimate(per_row=per_row, mean=mean, mc_se=mc_se, data_se=data_se,
+                        exact_mean=None if exact is None else float(np.mean(exact)),
+                        num_samples=num_samples, num_rows=len(per_row), seed=ctx.seed)
+
+
+def _run_is(pair, data, num_samples, *, chunk_size, batch_size, mask, device, seed, progress,
+            guide, max_elements, param_state, desc, need_exact=True):
+    num_samples = _check_positive_int("num_samples", num_samples)
+    if max_elements is not None:
+        max_elements = _check_positive_int("max_elements", max_elements)
+    t0 = time.perf_counter()
+    with _evaluation_context(pair, data, mask=mask, device=device, guide=guide, seed=seed,
+                             param_state=param_state) as ctx:
+        if max_elements is None:
+            max_elements = default_max_elements(ctx.device)
+        probe = _probe(ctx.model_fn, ctx.guide_fn, ctx.x, ctx.mask)
+        rows, particles = plan_chunks(ctx.x.shape[0], num_samples, probe.width,
+                                      max_elements=max_elements, batch_size=batch_size,
+                                      chunk_size=chunk_size)
+        validate_first_only = is_validation_enabled() and _data_in_support(pair, probe, ctx)
+        torch.manual_seed(ctx.seed)  # after the probe, so the probe never shifts the stream
+        raw = _stream(ctx, num_samples, rows, particles, progress, desc, validate_first_only)
+        exact = _exact_log_px(pair, ctx, rows if batch_size is None else batch_size) \
+            if need_exact else None
+    return ctx, probe, raw, exact, rows, particles, time.perf_counter() - t0
+
+
+# ----------------------------------------------------------------------------- public API
+def log_likelihood(pair, data, num_samples: int = 5000, *, chunk_size: Optional[int] = None,
+                   batch_size: Optional[int] = None, mask=None, device="auto", seed: int = 0,
+                   progress: Optional[bool] = None, guide=None, discrete: Optional[bool] = None,
+                   max_elements: Optional[int] = None, param_state=None) -> LogLikelihoodEstimate:
+    """Importance-sampled estimate of log p(x) per row, with Monte Carlo standard errors.
+
+    .. math::
+
+        \\log \\hat p(x_i) = \\operatorname{logsumexp}_{k=1}^K \\log w_{ik} - \\log K, \\qquad
+        \\log w_{ik} = \\log p(x_i, z_{ik}) - \\log q(z_{ik}\\mid x_i), \\; z_{ik}\\sim q(\\cdot\\mid x_i),
+
+    an IS estimate of log p(x) that is the IWAE_K lower bound in expectation (bias
+    :math:`O(1/K)`, downward). Standard errors by the delta method; see the module docstring.
+
+    Parameters
+    ----------
+    pair : model/guide pair
+        An object with ``.model``/``.guide`` (e.g. a ``PyroModule``), a ``(model, guide)``
+        tuple, or a model callable with ``guide=``. **A module is moved to** ``device``
+        **in place** (``module.to(device)``) and evaluated in ``eval()`` mode (its training
+        flag is restored afterwards).
+    data : array-like (numpy, torch, pandas), shape (n, p)
+        Validated with :func:`models.validation.check_data` and, when the pair has one,
+        its own ``check_data``.
+    num_samples : int
+        K, importance samples per row (>= 1; K >= 2 for a standard error).
+    chunk_size, batch_size : int, optional
+        Particles and rows per vectorized pass. By default chosen so that
+        particles x rows x max(data_dim, latent_dim) <= ``max_elements``; memory then stays
+        bounded whatever ``num_samples``. The random stream depends on the chunking, so
+        different chunk sizes give different (equally valid) estimates.
+    mask : array-like of bool, optional
+        Observed entries (True = observed); log p(x) is then of the observed entries.
+    device : "auto" | "cpu" | "cuda" | torch.device
+    seed : int
+        The estimate is a deterministic function of the seed (the caller's global RNG state
+        is left untouched).
+    progress : bool, optional
+        tqdm progress bar; None shows it for long runs (>= 1e7 particle-row draws).
+    guide : callable, optional
+        Proposal to use instead of the pair's own guide.
+    discrete : bool, optional
+        Whether log p(x) is a log probability (for bits per dim). None detects it from the
+        support of the model's observed site, falling back to "all values in {0, 1}".
+    max_elements : int, optional
+        Element budget per chunk (see above); default :func:`default_max_elements` of the
+        device (2**25 on a CPU, about 1/64 of the free memory on a GPU, at most 2**30).
+    param_state : dict, optional
+        Pyro param-store state (``pyro.get_param_store().get_state()``) for pairs whose
+        parameters are ``pyro.param`` sites. By default a module pair is evaluated in an
+        empty, isolated store and a plain-function pair in a snapshot of the global store.
+
+    Returns
+    -------
+    LogLikelihoodEstimate
+
+    Notes
+    -----
+    When Pyro's validation is on (its default), it checks the first chunk; the remaining
+    chunks run without it whenever the data are known to lie in the observation model's
+    support (checked by the pair's ``check_data``, or once up front against the observed
+    site's support), because every such check waits for the device. Invalid parameters still
+    show up as NaN/inf log weights, which raise a ValueError naming the rows.
+
+    Raises
+    ------
+    ValueError
+        Invalid data (with rows and columns), ``num_samples < 1``, CUDA requested but not
+        available, NaN or +inf log weights (naming the rows).
+    """
+    ctx, probe, raw, exact, rows, particles, elapsed = _run_is(
+        pair, data, num_samples, chunk_size=chunk_size, batch_size=batch_size, mask=mask,
+        device=device, seed=seed, progress=progress, guide=guide, max_elements=max_elements,
+        param_state=param_state, desc=f"IWAE_{num_samples} log p(x)")
+    disc = _resolve_discrete(discrete, probe.discrete, ctx)
+    return _ll_from_stream(ctx, raw, int(num_samples), disc, exact, rows, particles, elapsed)
+
+
+def elbo(pair, data, num_samples: int = 1, *, chunk_size: Optional[int] = None,
+         batch_size: Optional[int] = None, mask=None, device="auto", seed: int = 0,
+         progress: Optional[bool] = None, guide=None, max_elements: Optional[int] = None,
+         param_state=None) -> ELBOEstimate:
+    """Held-out ELBO per row, :math:`\\frac1K \\sum_k \\log w_{ik}`, an unbiased estimate of
+    :math:`\\mathrm{ELBO}(x_i) = \\log p(x_i) - \\mathrm{KL}(q(z\\mid x_i) \\,\\|\\, p(z\\mid x_i))
+    \\le \\log p(x_i)` (a bound, not a likelihood), with standard error
+    :math:`\\operatorname{sd}_k(\\log w_{ik})/\\sqrt K` (NaN for K = 1; use ``data_se`` then).
+
+    Arguments as in :func:`log_likelihood`. Returns an :class:`ELBOEstimate`.
+    """
+    ctx, _probe_info, raw, exact, _r, _p, _t = _run_is(
+        pair, data, num_samples, chunk_size=chunk_size, batch_size=batch_size, mask=mask,
+        device=device, seed=seed, progress=progress, guide=guide, max_elements=max_elements,
+        param_state=param_state, desc=f"ELBO ({num_samples} draws)")
+    return _elbo_from_stream(ctx, raw, int(num_samples), exact)
+
+
+def _accepts_mask(fn) -> bool:
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+    return "mask" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+
+
+class NoReconstructionError(ValueError):
+    """The pair has no ``reconstruct(x)`` and cannot be reconstructed generically."""
+
+
+def _likelihood_mean_reconstruction(model_fn, guide_fn, xb, mb) -> torch.Tensor:
+    """Mean of p(x | z) at z = E_q[z | x]: the generic reconstruction of any contract pair."""
+    guide_trace = poutine.trace(guide_fn).get_trace(xb, mask=mb)
+    latent_means = {}
+    for name, site in guide_trace.nodes.items():
+        if site["type"] == "sample" and not site["is_observed"] and not site_is_subsample(site):
+            try:
+                latent_means[name] = site["fn"].mean
+            except (AttributeError, NotImplementedError):
+                raise NoReconstructionError(
+                    f"cannot reconstruct generically: the guide distribution at site {name!r} "
+                    f"({type(site['fn']).__name__}) has no mean; give the pair a reconstruct(x) method"
+                ) from None
+    model_trace = poutine.trace(poutine.condition(model_fn, data=latent_means)).get_trace(xb, mask=mb)
+    observed = [site for name, site in model_trace.nodes.items()
+                if site["type"] == "sample" and site["is_observed"] and name not in latent_means
+                and not site_is_subsample(site)]
+    if len(observed) != 1:
+        raise NoReconstructionError(
+            f"cannot reconstruct generically: the model has {len(observed)} observed sites "
+            f"(expected exactly one, 'x'); give the pair a reconstruct(x) method"
+        )
+    try:
+        mean = observed[0]["fn"].mean
+    except (AttributeError, NotImplementedError):
+        raise NoReconstructionError(
+            f"cannot reconstruct generically: the observation distribution "
+            f"({type(observed[0]['fn']).__name__}) has no mean; give the pair a reconstruct(x) method"
+        ) from None
+    return mean.expand(xb.shape)
+
+
+def reconstruction_error(pair, data, *, mask=None, device="auto", batch_size: Optional[int] = None,
+                         guide=None, method: str = "auto", seed: int = 0, binary: Optional[bool] = None,
+                         param_state=None) -> ReconstructionError:
+    """Reconstruction error of each row.
+
+    The reconstruction :math:`\\hat x_i` is ``pair.reconstruct(x)`` when the pair has it
+    (``method="auto"`` or ``"reconstruct"``), otherwise the mean of :math:`p(x \\mid z)` at
+    :math:`z = E_q[z \\mid x_i]` (``"likelihood_mean"``). Reported per row: the mean squared
+    error over observed entries :math:`\\frac{1}{D_i}\\sum_j (x_{ij} - \\hat x_{ij})^2` and, for
+    binary data with :math:`\\hat x \\in [0, 1]`, the binary cross-entropy
+    :math:`-\\sum_j [x_{ij} \\log \\hat x_{ij} + (1 - x_{ij}) \\log(1 - \\hat x_{ij})]` (nats per row).
+
+    ``binary`` (None = detect: all observed values in {0, 1}) decides whether the
+    cross-entropy is reported. Other arguments as in :func:`log_likelihood`.
+    """
+    if method not in ("auto", "reconstruct", "likelihood_mean"):
+        raise ValueError(f"method must be 'auto', 'reconstruct' or 'likelihood_mean', got {method!r}")
+    with _evaluation_context(pair, data, mask=mask, device=device, guide=guide, seed=seed,
+                             param_state=param_state) as ctx:
+        torch.manual_seed(ctx.seed)
+        own = getattr(pair, "reconstruct", None)
+        if method == "reconstruct" and not callable(own):
+            raise ValueError(f"method='reconstruct' but {type(pair).__name__} has no reconstruct(x)")
+        use_own = callable(own) and method != "likelihood_mean"
+        own_takes_mask = use_own and _accepts_mask(own)
+        n, p = ctx.x.shape
+        rows = batch_size or max(1, min(n, DEFAULT_MAX_ELEMENTS // (8 * p)))
+        is_binary = _is_binary(ctx.x, ctx.mask) if binary is None else bool(binary)
+        mse_parts, ce_parts = [], []
+        ce_ok = is_binary
+        for start in range(0, n, rows):
+            xb = ctx.x[start:start + rows]
+            mb = None if ctx.mask is None else ctx.mask[start:start + rows]
+            if use_own:
+                recon = torch.as_tensor(own(xb) if mb is None or not own_takes_mask
+                                        else own(xb, mask=mb))
+            else:
+                recon = _likelihood_mean_reconstruction(ctx.model_fn, ctx.guide_fn, xb, mb)
+            if recon.shape != xb.shape:
+                raise ValueError(f"reconstruction has shape {tuple(recon.shape)}, expected {tuple(xb.shape)}")
+            recon = recon.to(torch.float64)
+            xd = xb.to(torch.float64)
+            w = torch.ones_like(xd) if mb is None else mb.to(torch.float64)
+            mse_parts.append(((xd - recon) ** 2 * w).sum(1) / w.sum(1))
+            if ce_ok:
+                if bool(((recon < 0) | (recon > 1)).any()):
+                    ce_ok = False
+                else:
+                    eps = torch.finfo(torch.float32).tiny
+                    ce = -(xd * torch.log(recon.clamp_min(eps))
+                           + (1 - xd) * torch.log((1 - recon).clamp_min(eps)))
+                    ce_parts.append((ce * w).sum(1))
+        method_used = "reconstruct" if use_own else "likelihood_mean"
+    mse = torch.cat(mse_parts).cpu().numpy()
+    per_row = pd.DataFrame({"mse": mse})
+    n = len(mse)
+
+    def _se(v):
+        return float(np.std(v, ddof=1) / math.sqrt(n)) if n > 1 else math.nan
+
+    ce_mean = ce_se = None
+    if ce_ok:
+        ce = torch.cat(ce_parts).cpu().numpy()
+        per_row["cross_entropy"] = ce
+        ce_mean, ce_se = float(ce.mean()), _se(ce)
+    return ReconstructionError(per_row=per_row, mse=float(mse.mean()), mse_se=_se(mse),
+                               cross_entropy=ce_mean, cross_entropy_se=ce_se,
+                               method=method_used, num_rows=n)
+
+
+def evaluate(pair, data, num_samples: int = 5000, *, chunk_size: Optional[int] = None,
+             batch_size: Optional[int] = None, mask=None, device="auto", seed: int = 0,
+             progress: Optional[bool] = None, guide=None, discrete: Optional[bool] = None,
+             reconstruction="auto", max_elements: Optional[int] = None,
+             param_state=None) -> Dict[str, float]:
+    """All held-out metrics in one flat dict of numbers (for a metrics JSON).
+
+    One importance-sampling pass with K = ``num_samples`` draws per row gives both the IS
+    estimate of log p(x) and the ELBO (the mean log weight over the same K draws, an
+    unbiased ELBO estimate with K draws).
+
+    Keys
+    ----
+    ``log_px_is``, ``log_px_is_mc_se``, ``log_px_is_data_se``
+        IS estimate of log p(x) (IWAE_K lower bound in expectation), mean over rows, with
+        its Monte Carlo and across-row standard errors; ``mean_ess``, ``min_ess``.
+    ``log_px_exact``
+        Exact mean log p(x) (only for models with ``log_marginal``).
+    ``elbo``, ``elbo_mc_se``, ``elbo_data_se``
+        Held-out ELBO (a lower bound).
+    ``bits_per_dim``, ``bits_per_dim_mc_se`` (``bits_per_dim_exact``)
+        Only for discrete observations.
+    ``recon_mse``, ``recon_mse_se``, ``recon_cross_entropy``, ``recon_cross_entropy_se``
+        Reconstruction error (cross-entropy for binary data only). ``reconstruction="auto"``
+        omits these keys when the pair can neither reconstruct nor be reconstructed
+        generically; ``True`` raises then; ``False`` skips them.
+    ``num_samples``, ``num_rows``, ``seed``, ``elapsed_s``
+    """
+    if reconstruction not in ("auto", True, False):
+        raise ValueError(f"reconstruction must be 'auto', True or False, got {reconstruction!r}")
+    ctx, probe, raw, exact, rows, particles, elapsed = _run_is(
+        pair, data, num_samples, chunk_size=chunk_size, batch_size=batch_size, mask=mask,
+        device=device, seed=seed, progress=progress, guide=guide, max_elements=max_elements,
+        param_state=param_state, desc=f"IWAE_{num_samples} log p(x)")
+    disc = _resolve_discrete(discrete, probe.discrete, ctx)
+    ll = _ll_from_stream(ctx, raw, int(num_samples), disc, exact, rows, particles, elapsed)
+    el = _elbo_from_stream(ctx, raw, int(num_samples), exact)
+    out: Dict[str, float] = {
+        "log_px_is": ll.mean,
+        "log_px_is_mc_se": ll.mc_se,
+        "log_px_is_data_se": ll.data_se,
+        "mean_ess": ll.mean_ess,
+        "min_ess": float(ll.per_row["ess"].min()),
+        "elbo": el.mean,
+        "elbo_mc_se": el.mc_se,
+        "elbo_data_se": el.data_se,
+    }
+    if ll.exact_mean is not None:
+        out["log_px_exact"] = ll.exact_mean
+    if ll.bits_per_dim is not None:
+        out["bits_per_dim"] = ll.bits_per_dim
+        out["bits_per_dim_mc_se"] = ll.bits_per_dim_se
+        if ll.exact_bits_per_dim is not None:
+            out["bits_per_dim_exact"] = ll.exact_bits_per_dim
+    if reconstruction is not False:
+        try:
+            rec = reconstruction_error(pair, data, mask=mask, device=device, guide=guide,
+                                       seed=seed, param_state=param_state)
+        except NoReconstructionError:
+            if reconstruction is True:
+                raise
+            rec = None
+        if rec is not None:
+            out["recon_mse"] = rec.mse
+            out["recon_mse_se"] = rec.mse_se
+            if rec.cross_entropy is not None:
+                out["recon_cross_entropy"] = rec.cross_entropy
+                out["recon_cross_entropy_se"] = rec.cross_entropy_se
+    out.update(num_samples=float(num_samples), num_rows=float(ll.num_rows), seed=float(seed),
+               elapsed_s=float(elapsed))
+    return out
