@@ -1,0 +1,137 @@
+"""Which prior p(z) gives the better deep latent variable model? (the main job)
+
+Grid: priors {standard normal, learnable mixture of Gaussians, VampPrior} x training
+objectives {ELBO, IWAE_K} x seeds, each a DLVM fit with SVI on the same data, evaluated on
+held-out test rows by an importance-sampled estimate of log p(x) (with its Monte Carlo
+standard error), the held-out ELBO, KL, active units and the Pareto k-hat of every test
+row's importance weights. The report ranks the configurations by the estimate of
+log p(x), gives paired differences between priors (matched on objective and seed) with
+t intervals, and names the best configuration with its evidence.
+
+Defaults (chosen so the whole study finishes in under 3 minutes on a 2-core CPU):
+
+* data: scikit-learn's bundled 8x8 digits, **binarized** (pixel > 8 of 16) with a
+  Bernoulli observation model. Binary data give the model a proper probability mass
+  function (log p(x) <= 0, bits per dimension make sense, the same set-up as the
+  binarized-MNIST literature) and avoid the unbounded likelihood of a Gaussian decoder
+  (Mattei & Frellsen 2018). ``--continuous`` uses standardized continuous digits with a
+  Gaussian observation model instead. 1437 / 180 / 180 rows (train / valid / test, seed 0).
+* model: latent dimension 2 (the prior and the aggregate posterior can be drawn without a
+  projection, which is where priors differ most visibly), MLP encoder and decoder 64-64 tanh,
+  mixture prior with 10 components, VampPrior with 50 pseudo-inputs started at training rows
+  (a tenth of the paper's 500, which was for 50000 MNIST rows).
+* training: 30 epochs of Adam (lr 0.01, minibatches of 100), ELBO (1 particle) or
+  IWAE with K = 5; 3 seeds (0, 1, 2). ELBO fits warm the KL term up linearly over the
+  first 10 epochs (Bowman et al. 2016; Sønderby et al. 2016): without it the VampPrior,
+  whose components are the encoder's own posteriors, falls into posterior collapse in most
+  seeds (KL = 0, no active unit). IWAE has no KL weight to warm up (the report notes it).
+* evaluation: 1000 importance samples per test row.
+
+Run ``python studies/compare_priors.py`` (``--help`` for every flag; ``--smoke`` for a
+seconds-long check; ``--dataset binarized-mnist`` for the benchmark data, which wants a
+larger model and more epochs, e.g. ``--latent-dim 40 --hidden 300x300 --epochs 100
+--num-pseudo-inputs 500 --device auto``). Re-running the same command resumes.
+
+References
+----------
+Burda, Grosse & Salakhutdinov (2016), Importance weighted autoencoders, ICLR.
+Tomczak & Welling (2018), VAE with a VampPrior, AISTATS.
+Mattei & Frellsen (2018), Leveraging the exact likelihood of deep latent variable models,
+NeurIPS.
+Bowman et al. (2016), Generating sentences from a continuous space, CoNLL.
+Sønderby et al. (2016), Ladder variational autoencoders, NeurIPS.
+"""
+from __future__ import annotations
+
+import argparse
+import pathlib
+import sys
+
+if __package__ in (None, ""):  # run as a script: make the repository importable
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+from studies import runner  # noqa: E402
+from studies.runner import expand_grid  # noqa: E402
+
+NAME = "compare_priors"
+PRIORS = ("normal", "mixture", "vamp")
+OBJECTIVES = ("elbo", "iwae")
+DEFAULTS = dict(latent_dim=2, hidden="64x64", epochs=30, batch_size=100, lr=1e-2,
+                num_particles=5, num_eval_samples=1000, seeds=[0, 1, 2], warmup_epochs=10)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="compare_priors.py",
+        description="Compare priors (standard normal, mixture of Gaussians, VampPrior) of a "
+                    "deep latent variable model, trained with the ELBO and with IWAE_K, over "
+                    "seeds; writes results.csv and an HTML report.")
+    runner.add_common_args(parser, **DEFAULTS)
+    g = parser.add_argument_group("compare_priors options")
+    g.add_argument("--priors", nargs="+", choices=PRIORS, default=list(PRIORS),
+                   help="priors to compare (default: all)")
+    g.add_argument("--objectives", nargs="+", choices=OBJECTIVES, default=list(OBJECTIVES),
+                   help="training objectives (default: both); IWAE uses K = --num-particles")
+    g.add_argument("--continuous", action="store_true",
+                   help="digits as standardized continuous data with a Gaussian observation "
+                        "model instead of binarized digits with a Bernoulli one")
+    g.add_argument("--likelihood", choices=["bernoulli", "gaussian", "studentt"], default=None,
+                   help="observation model (default: bernoulli for binary data, gaussian otherwise)")
+    g.add_argument("--num-components", type=int, default=10,
+                   help="components of the mixture prior (default: %(default)s)")
+    g.add_argument("--num-pseudo-inputs", type=int, default=None,
+                   help="pseudo-inputs of the VampPrior (default: 50 for digits, 500 otherwise)")
+    args = parser.parse_args(argv)
+    return runner.apply_smoke(args)
+
+
+def build_grid(args: argparse.Namespace, dataset) -> list:
+    likelihood = args.likelihood or ("bernoulli" if dataset.discrete else "gaussian")
+    pseudo = args.num_pseudo_inputs or (50 if dataset.name.startswith("digits") else 500)
+    if args.smoke:
+        pseudo = min(pseudo, 10)
+    base = runner.base_config_from_args(
+        args, model="dlvm", likelihood=likelihood,
+        extra={"num_components": args.num_components, "num_pseudo_inputs": pseudo})
+    objectives = []
+    for objective in args.objectives:
+        if objective == "elbo":
+            objectives.append({"objective": "elbo", "num_particles": 1,
+                               "warmup_epochs": args.warmup_epochs})
+        else:  # no KL weight inside the log-mean-exp: nothing to warm up
+            objectives.append({"objective": "iwae", "num_particles": args.num_particles,
+                               "warmup_epochs": 0})
+    return expand_grid(base, seeds=args.seeds, prior=args.priors, objective=objectives)
+
+
+def main(args: argparse.Namespace) -> runner.StudyResult:
+    likelihood = args.likelihood
+    binarize = not args.continuous and args.dataset == "digits"
+    if likelihood is None and args.dataset in ("digits", "binarized-mnist"):
+        likelihood = "bernoulli" if binarize or args.dataset == "binarized-mnist" else "gaussian"
+    dataset = runner.dataset_from_args(args, binarize=binarize, likelihood=likelihood)
+    args.likelihood = likelihood
+    configs = build_grid(args, dataset)
+    description = (
+        f"Priors {', '.join(args.priors)} of a deep latent variable model "
+        f"(latent dimension {args.latent_dim}, MLPs {args.hidden}, "
+        f"{configs[0].likelihood} observation model) trained with "
+        f"{' and '.join('ELBO' if o == 'elbo' else f'IWAE_{args.num_particles}' for o in args.objectives)} "
+        f"for {args.epochs} epochs"
+        + (f" (ELBO with KL warm-up over {args.warmup_epochs} epochs)" if args.warmup_epochs else "")
+        + f", {len(args.seeds)} seed(s) each, on {dataset.name} "
+        f"({dataset.sizes['train']} training rows). Configurations are compared by the "
+        f"importance-sampled estimate of the test log-likelihood (K = {args.num_eval_samples}); "
+        f"differences between priors are paired on objective and seed."
+    )
+    result = runner.run_from_args(NAME, args, dataset, configs, title="Comparing priors of a DLVM",
+                                  description=description,
+                                  default_dataset="digits-binarized",
+                                  metadata={"primary_factor": "prior",
+                                            "primary_metric": "test_log_likelihood"})
+    print(runner.finish_message(result))
+    return result
+
+
+if __name__ == "__main__":
+    runner.cli(main, parse_args)

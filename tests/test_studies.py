@@ -1,0 +1,309 @@
+"""Study scripts and the shared runner: every script runs (--smoke), studies resume without
+recomputing finished runs, failing runs are recorded, bad data stop a study before training."""
+import hashlib
+import importlib
+import json
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from studies import runner
+from studies.datasets import Dataset, load_dataset
+from studies.runner import RunConfig, StudyDataError, expand_grid, run_study
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+STUDIES_DIR = REPO / "studies"
+#: Every study script; the coverage test fails when a script is not listed here.
+STUDY_SCRIPTS = ("compare_priors", "compare_objectives", "compare_observation_models",
+                 "linear_models")
+NOT_STUDIES = {"__init__", "datasets", "runner"}
+#: Metrics that must be reproduced exactly by a resumed study (timings excluded).
+REPRODUCIBLE = ("test_log_likelihood", "test_log_likelihood_se", "test_elbo", "kl",
+                "active_units", "khat_median", "final_train_objective", "final_valid_objective")
+
+
+def _snapshot(directory: pathlib.Path) -> dict:
+    """path -> (mtime_ns, sha256) of every file below ``directory``."""
+    return {str(p.relative_to(directory)): (p.stat().st_mtime_ns, hashlib.sha256(p.read_bytes()).hexdigest())
+            for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def tiny_data():
+    return load_dataset("digits", binarize=True, max_rows=60)
+
+
+def _tiny_grid(seeds=(0, 1, 2), **axes):
+    base = RunConfig(hidden=(8,), latent_dim=2, epochs=1, batch_size=30, lr=1e-2,
+                     num_eval_samples=10, device="cpu")
+    return expand_grid(base, seeds=seeds, **axes)
+
+
+# ---------------------------------------------------------------------------------- scripts
+def test_every_study_script_is_listed():
+    found = {p.stem for p in STUDIES_DIR.glob("*.py")} - NOT_STUDIES
+    assert found == set(STUDY_SCRIPTS), (
+        f"unlisted study scripts {sorted(found - set(STUDY_SCRIPTS))} / listed but missing "
+        f"{sorted(set(STUDY_SCRIPTS) - found)}: add each study to STUDY_SCRIPTS (it then gets "
+        f"a --smoke test)")
+
+
+@pytest.mark.parametrize("script", [s for s in STUDY_SCRIPTS if s != "compare_priors"])
+def test_study_script_smoke(script, tmp_path, capsys):
+    module = importlib.import_module(f"studies.{script}")
+    args = module.parse_args(["--smoke", "--out-dir", str(tmp_path), "--no-progress"])
+    result = module.main(args)
+    study_dir = tmp_path / f"{script}-smoke"
+    table = pd.read_csv(study_dir / "results.csv")
+    assert len(table) >= 2 and (table["status"] == "ok").all(), table[["run_id", "status", "error"]]
+    assert table["test_log_likelihood"].notna().all()
+    assert (study_dir / "index.html").exists() and result.report == study_dir / "index.html"
+    meta = json.loads((study_dir / "study.json").read_text())
+    assert meta["status"] == "finished" and meta["dataset"]["sha256"]
+    assert "report:" in capsys.readouterr().out
+    if script == "linear_models":  # exact fits: the IS estimate equals the exact value
+        exact = table[table["fit_method"] == "exact"]
+        np.testing.assert_allclose(exact["test_log_likelihood"], exact["exact_test_log_likelihood"],
+                                   atol=1e-4)
+        assert exact["exact_test_log_likelihood"].notna().all()
+
+
+def test_compare_priors_command_line_smoke(tmp_path):
+    """The main job as a user runs it: a fresh process, from the repository root."""
+    proc = subprocess.run(
+        [sys.executable, "studies/compare_priors.py", "--smoke", "--out-dir", str(tmp_path),
+         "--no-progress"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    study_dir = tmp_path / "compare_priors-smoke"
+    assert f"report:  {(study_dir / 'index.html').resolve()}" in proc.stdout
+    table = pd.read_csv(study_dir / "results.csv")
+    assert set(table["prior"]) == {"normal", "mixture", "vamp"}
+    assert set(table["objective"]) == {"elbo", "iwae"}
+    assert (table["status"] == "ok").all(), table[["run_id", "error"]]
+    html = (study_dir / "index.html").read_text()
+    assert all(rid in html for rid in table["run_id"])
+    for run_id in table["run_id"]:
+        files = {p.name for p in (study_dir / "runs" / run_id).iterdir()}
+        assert {"config.json", "result.json", "history.csv", "model.pt", "artifacts.npz"} <= files
+    # a problem found before training is one message and exit status 2, not a traceback
+    proc = subprocess.run(
+        [sys.executable, "studies/compare_priors.py", "--smoke", "--dataset", "binarized-mnist",
+         "--data-path", str(tmp_path / "missing"), "--out-dir", str(tmp_path)],
+        cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.startswith("error: binarized MNIST not found") and "--data-path" in proc.stderr
+
+
+# ---------------------------------------------------------------------------------- configs
+def test_run_config_identity_and_round_trip():
+    c = RunConfig(prior="vamp", objective="iwae", num_particles=5, hidden=(32, 16), seed=2,
+                  extra={"num_pseudo_inputs": 50})
+    assert c.run_id.startswith("dlvm-vamp-iwae5-bernoulli-s2-")
+    assert RunConfig.from_dict(json.loads(json.dumps(c.to_dict()))) == c
+    assert RunConfig.from_record(c.to_record()) == c
+    assert c.to_record()["hidden"] == "32x16" and c.to_record()["num_pseudo_inputs"] == 50
+    # identity ignores the device and the study, but not anything that changes results
+    assert c.replace(device="cuda", study="x").run_id == c.run_id
+    assert c.replace(lr=0.002).run_id != c.run_id
+    assert c.replace(extra={"num_pseudo_inputs": 51}).run_id != c.run_id
+    grid = expand_grid(c, seeds=[0, 1], prior=["normal", "mixture"],
+                       objective=[{"objective": "elbo", "num_particles": 1},
+                                  {"objective": "iwae", "num_particles": 5}])
+    assert len(grid) == 8 and len({g.run_id for g in grid}) == 8
+    with pytest.raises(ValueError, match="clash"):
+        RunConfig(extra={"seed": 3})
+
+
+# ---------------------------------------------------------------------------------- resume
+def test_interrupted_study_resumes_without_recomputing(tmp_path, tiny_data, monkeypatch):
+    configs = _tiny_grid(prior=["normal"], seeds=(0, 1, 2))
+    ids = [c.replace(dataset=tiny_data.name).run_id for c in configs]  # run_study names the data
+    real_fit = runner.fit_pair
+    calls = []
+
+    def ctrl_c_in_second_run(*args, **kwargs):
+        calls.append(kwargs["config"] if "config" in kwargs else args[2])
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # Ctrl-C in the middle of the second run
+        return real_fit(*args, **kwargs)
+
+    monkeypatch.setattr(runner, "fit_pair", ctrl_c_in_second_run)
+    with pytest.raises(KeyboardInterrupt):
+        run_study("resume", tiny_data, configs, out_dir=tmp_path, render=False, progress=False)
+    study_dir = tmp_path / "resume"
+    partial = pd.read_csv(study_dir / "results.csv")
+    assert list(partial["status"]) == ["ok", "pending", "pending"]
+    assert json.loads((study_dir / "study.json").read_text())["status"] == "interrupted"
+    second = study_dir / "runs" / ids[1]
+    assert (second / "config.json").exists() and not (second / "result.json").exists()
+    first_result = (study_dir / "runs" / ids[0] / "result.json").read_bytes()
+
+    calls.clear()
+    monkeypatch.setattr(runner, "fit_pair", lambda *a, **k: (calls.append(1), real_fit(*a, **k))[1])
+    resumed = run_study("resume", tiny_data, configs, out_dir=tmp_path, render=False, progress=False)
+    assert len(calls) == 2  # only the unfinished runs were fit
+    assert resumed.skipped == ids[:1] and resumed.executed == ids[1:]
+    assert (study_dir / "runs" / ids[0] / "result.json").read_bytes() == first_result
+    table = pd.read_csv(study_dir / "results.csv")
+    assert (table["status"] == "ok").all()
+
+    # the same table as an uninterrupted study (CPU fits are seeded and reproducible)
+    monkeypatch.setattr(runner, "fit_pair", real_fit)
+    straight = run_study("resume", tiny_data, configs, out_dir=tmp_path / "straight",
+                         render=False, progress=False)
+    reference = pd.read_csv(tmp_path / "straight" / "resume" / "results.csv")
+    pd.testing.assert_frame_equal(table[["run_id", *REPRODUCIBLE]],
+                                  reference[["run_id", *REPRODUCIBLE]])
+    assert straight.executed == ids
+
+    # a third call finds everything done; fresh=True starts over
+    again = run_study("resume", tiny_data, configs, out_dir=tmp_path, render=False, progress=False)
+    assert again.executed == [] and len(again.skipped) == 3
+    calls.clear()
+    monkeypatch.setattr(runner, "fit_pair", lambda *a, **k: (calls.append(1), real_fit(*a, **k))[1])
+    run_study("resume", tiny_data, configs[:1], out_dir=tmp_path, render=False, progress=False,
+              fresh=True)
+    assert len(calls) == 1 and [p.name for p in (study_dir / "runs").iterdir()] == ids[:1]
+
+
+# ---------------------------------------------------------------------------------- failures
+@pytest.fixture(scope="module")
+def finished_study(tmp_path_factory, tiny_data):
+    """A rendered study with one healthy run, one invalid configuration and one NaN fit;
+    named like the compare_priors smoke study so the bad-data tests can aim at it."""
+    out = tmp_path_factory.mktemp("reports")
+    configs = _tiny_grid(seeds=(0,), prior=["normal", "no-such-prior"]) + _tiny_grid(seeds=(7,))
+    real_objective = runner.build_objective
+
+    def diverging(config):
+        objective = real_objective(config)
+        if config.seed != 7:
+            return objective
+        loss = objective.differentiable_loss
+        steps = []
+
+        def nan_from_second_step(*args, **kwargs):  # the fit diverges after one good step
+            steps.append(1)
+            value = loss(*args, **kwargs)
+            return value * float("nan") if len(steps) > 1 else value
+
+        objective.differentiable_loss = nan_from_second_step
+        return objective
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(runner, "build_objective", diverging)
+    try:
+        result = run_study("compare_priors-smoke", tiny_data, configs, out_dir=out, progress=False)
+    finally:
+        mp.undo()
+    return out, result, configs
+
+
+def test_failed_runs_are_recorded_and_the_grid_goes_on(finished_study):
+    out, result, configs = finished_study
+    table = result.results.set_index("run_id")
+    ok, bad_config, nan_fit = table.index
+    assert table.loc[ok, "status"] == "ok" and np.isfinite(table.loc[ok, "test_log_likelihood"])
+    assert table.loc[bad_config, "status"] == "failed"
+    assert "unknown prior 'no-such-prior'" in table.loc[bad_config, "error"]
+    assert table.loc[nan_fit, "status"] == "failed"
+    assert "NonFiniteLossError" in table.loc[nan_fit, "error"]
+    saved = json.loads((result.study_dir / "runs" / nan_fit / "result.json").read_text())
+    assert "Traceback" in saved["traceback"] and saved["status"] == "failed"
+    assert sorted(result.failed) == sorted([bad_config, nan_fit])
+    html = (result.study_dir / "index.html").read_text()
+    assert bad_config in html and "no-such-prior" in html and nan_fit in html
+
+
+def _assert_untouched(out, before, monkeypatch, attempt):
+    """``attempt()`` must fail before any training and change no file under ``out``."""
+    def no_training(*args, **kwargs):
+        raise AssertionError("training started although the data are bad")
+
+    monkeypatch.setattr(runner, "fit_pair", no_training)
+    monkeypatch.setattr(runner, "fit_exact", no_training)
+    attempt()
+    assert _snapshot(out) == before
+
+
+def test_bad_data_fails_before_training_and_leaves_the_report(finished_study, tiny_data,
+                                                              monkeypatch, tmp_path):
+    out, result, configs = finished_study
+    before = _snapshot(out)
+    assert "compare_priors-smoke/index.html" in before
+    name, good = "compare_priors-smoke", configs[:1]
+
+    def nan_data():
+        test = tiny_data.test.clone()
+        test[5, 9] = float("nan")
+        bad = Dataset(tiny_data.name, tiny_data.train, tiny_data.valid, test)
+        with pytest.raises(StudyDataError, match=r"test split contains 1 NaN.*\(row 5, column 9\)"):
+            run_study(name, bad, good, out_dir=out, progress=False)
+
+    def wrong_width():
+        with pytest.raises(StudyDataError, match="columns but the model expects data_dim=64"):
+            run_study(name, {"train": tiny_data.train.numpy(), "test": tiny_data.test[:, :60].numpy()},
+                      good, out_dir=out, progress=False)
+
+    def not_binary():
+        continuous = load_dataset("digits", max_rows=60)
+        with pytest.raises(StudyDataError, match=r"outside \{0, 1\} for a Bernoulli"):
+            run_study(name, continuous, good, out_dir=out, progress=False)
+
+    def missing_mnist():
+        from studies import compare_priors
+
+        args = compare_priors.parse_args(["--smoke", "--dataset", "binarized-mnist", "--data-path",
+                                          str(tmp_path / "no-mnist-here"), "--out-dir", str(out)])
+        with pytest.raises(FileNotFoundError, match="binarized MNIST not found"):
+            compare_priors.main(args)
+
+    for attempt in (nan_data, wrong_width, not_binary, missing_mnist):
+        _assert_untouched(out, before, monkeypatch, attempt)
+
+
+def test_changed_data_in_an_existing_study_needs_fresh(finished_study, tiny_data, monkeypatch):
+    out, result, configs = finished_study
+    before = _snapshot(out)
+    other = load_dataset("digits", binarize=True, max_rows=60, seed=1)
+
+    def attempt():
+        with pytest.raises(ValueError, match="holds runs on different data.*--fresh"):
+            run_study("compare_priors-smoke", other, configs[:1], out_dir=out, progress=False)
+
+    _assert_untouched(out, before, monkeypatch, attempt)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA message")
+def test_cuda_requested_without_gpu_fails_up_front(tmp_path, tiny_data):
+    with pytest.raises(ValueError, match="CUDA is not available"):
+        run_study("gpu", tiny_data, [c.replace(device="cuda") for c in _tiny_grid(seeds=(0,))],
+                  out_dir=tmp_path, progress=False)
+    assert not (tmp_path / "gpu").exists()
+
+
+def test_a_study_runs_on_the_users_csv(tmp_path):
+    """User data reach a study through --dataset: validated, split, standardized, reported."""
+    from studies import linear_models
+
+    rng = np.random.default_rng(0)
+    latent = rng.normal(size=(150, 2))
+    table = pd.DataFrame(latent @ rng.normal(size=(2, 6)) + 0.3 * rng.normal(size=(150, 6)),
+                         columns=[f"m{j}" for j in range(6)])
+    path = tmp_path / "measurements.csv"
+    table.to_csv(path, index=False)
+    args = linear_models.parse_args(["--smoke", "--dataset", str(path), "--models", "ppca", "fa",
+                                     "--fit-methods", "exact", "--out-dir", str(tmp_path),
+                                     "--no-report", "--no-progress"])
+    result = linear_models.main(args)
+    assert (result.results["status"] == "ok").all() and len(result.results) == 2
+    meta = json.loads((result.study_dir / "study.json").read_text())
+    assert meta["dataset"]["name"] == "measurements" and "CSV file" in meta["dataset"]["source"]
+    # exact fits of a 2-factor model to 2-factor data: the estimate equals the exact value
+    np.testing.assert_allclose(result.results["test_log_likelihood"],
+                               result.results["exact_test_log_likelihood"], atol=1e-4)
