@@ -78,7 +78,7 @@ import torch
 from tqdm.auto import tqdm
 
 from inference._runtime import isolated_param_store, resolve_device
-from studies.datasets import SPLITS, Dataset, load_dataset, validate_for_likelihood
+from studies.datasets import SPLITS, Dataset, contaminate, load_dataset, validate_for_likelihood
 
 __all__ = [
     "RunConfig",
@@ -92,6 +92,7 @@ __all__ = [
     "validate_study",
     "build_model",
     "build_objective",
+    "run_data",
     "load_results",
     "add_common_args",
     "dataset_from_args",
@@ -186,8 +187,10 @@ class RunConfig:
     extra : dict
         Further options, flattened into the results table: ``num_components`` (mixture
         prior), ``num_pseudo_inputs`` (VampPrior), ``activation``, ``analytic_kl``,
-        ``clip_norm``, ``lr_decay``, ``scale_floor``; keys passed through to the model
-        constructor go in ``model_kwargs`` (a dict).
+        ``clip_norm``, ``scale_floor``, ``em_tol`` (factor analysis EM),
+        ``num_diagnostic_samples`` (k-hat), ``outlier_fraction`` / ``outlier_scale``
+        (gross errors added to the training rows of this run, see :func:`run_data`); keys
+        passed through to the model constructor go in ``model_kwargs`` (a dict).
     """
 
     study: str = ""
@@ -379,6 +382,19 @@ def build_objective(config: RunConfig):
         return ELBO(num_particles=config.num_particles, gradient=config.gradient,
                     analytic_kl=bool(config.extra.get("analytic_kl", False)))
     return IWAE(num_particles=config.num_particles, gradient=config.gradient)
+
+
+def run_data(config: RunConfig, dataset: Dataset) -> Dataset:
+    """The data a run sees: the study's dataset, with the training rows contaminated by
+    gross errors when ``config.extra["outlier_fraction"] > 0``
+    (:func:`studies.datasets.contaminate`, rows chosen with the run's seed,
+    ``outlier_scale`` standard deviations, default 10). Validation and test rows are never
+    changed, so every run is judged on the same clean held-out data."""
+    fraction = float(config.extra.get("outlier_fraction", 0) or 0)
+    if fraction == 0:
+        return dataset
+    return contaminate(dataset, fraction, float(config.extra.get("outlier_scale", 10.0)),
+                       seed=config.seed)
 
 
 def fit_pair(model, dataset: Dataset, config: RunConfig, *, objective, callbacks, device):
@@ -663,6 +679,9 @@ def execute_run(config: RunConfig, dataset: Dataset, run_dir: Union[str, os.Path
     device = None
     try:
         device = resolve_device(config.device)
+        dataset = run_data(config, dataset)
+        result["data_sha256"] = dataset.sha256  # differs from the study's with outliers added
+        result["data_source"] = dataset.source
         pyro.set_rng_seed(config.seed)  # model initialization (and VampPrior rows)
         with isolated_param_store():
             model = build_model(config, dataset)
@@ -833,6 +852,7 @@ class StudyResult:
     executed: List[str]
     skipped: List[str]
     failed: List[str]
+    findings: List[str] = dataclasses.field(default_factory=list)
 
 
 def _now() -> str:
@@ -954,6 +974,7 @@ def run_study(
     on_run_end: Optional[Callable[[RunConfig, Dict[str, Any]], None]] = None,
     metadata: Optional[Mapping[str, Any]] = None,
     num_threads: Optional[int] = None,
+    findings: Optional[Callable[[pd.DataFrame], List[str]]] = None,
 ) -> StudyResult:
     """Run (or resume) a study and render its report.
 
@@ -979,6 +1000,10 @@ def run_study(
         ``on_run_end(config, result)`` after each executed run (after it is saved).
     metadata : mapping, optional
         More entries for ``study.json`` (e.g. the primary factor of the comparison).
+    findings : callable, optional
+        ``findings(results) -> list of str``: study-specific conclusions computed from the
+        results table after the runs, stored in ``study.json`` (``"findings"``) for the
+        report and printed by the scripts.
     num_threads : int, optional
         CPU threads for torch during the study (restored afterwards). Small models train
         fastest on one thread, and one thread per process avoids the oversubscription that
@@ -1104,12 +1129,19 @@ def run_study(
         if status != "finished":
             print(f"study {name} interrupted after {len(executed)} new run(s); re-run the same "
                   f"command to resume ({study_dir})", file=sys.stderr)
+    if findings is not None:
+        try:
+            meta["findings"] = [str(line) for line in findings(frame)]
+        except Exception as exc:  # a summary must not cost the runs
+            meta["findings"] = [f"(the study's summary could not be computed: "
+                                f"{type(exc).__name__}: {exc})"]
+        _atomic_write_text(meta_path, _dump_json(meta))
     report = None
     if render:
         report = render_study(study_dir)
     failed = [c.run_id for c in configs if results.get(c.run_id, {}).get("status") == "failed"]
     return StudyResult(study_dir=study_dir, results=frame, report=report, executed=executed,
-                       skipped=skipped, failed=failed)
+                       skipped=skipped, failed=failed, findings=list(meta.get("findings") or []))
 
 
 def render_study(study_dir: Union[str, os.PathLike]) -> Optional[pathlib.Path]:
@@ -1239,14 +1271,15 @@ def base_config_from_args(args: argparse.Namespace, **fields) -> RunConfig:
 
 def run_from_args(name: str, args: argparse.Namespace, dataset: Dataset, configs: Sequence[RunConfig],
                   *, title: str, description: str, metadata: Optional[Mapping] = None,
-                  default_dataset: Optional[str] = None) -> StudyResult:
+                  default_dataset: Optional[str] = None,
+                  findings: Optional[Callable[[pd.DataFrame], List[str]]] = None) -> StudyResult:
     """:func:`run_study` with the common flags (used by every study script)."""
     study = study_name_from_args(name, args, dataset, default_dataset)
     return run_study(study, dataset, configs, out_dir=args.out_dir,
                      fresh=args.fresh, progress=not args.no_progress, render=not args.no_report,
                      title=title + (" (smoke test)" if args.smoke else ""), description=description,
                      retry_failed=args.retry_failed, metadata=metadata,
-                     num_threads=args.threads or None,
+                     num_threads=args.threads or None, findings=findings,
                      command_line=" ".join(shlex.quote(a) for a in ["python"] + sys.argv))
 
 
@@ -1254,7 +1287,8 @@ def finish_message(result: StudyResult) -> str:
     """The lines a study script prints at the end (where the report is)."""
     n = len(result.results)
     ok = int((result.results["status"] == "ok").sum())
-    lines = [f"{ok} of {n} runs ok ({len(result.executed)} run now, {len(result.skipped)} "
+    lines = [*result.findings,
+             f"{ok} of {n} runs ok ({len(result.executed)} run now, {len(result.skipped)} "
              f"found finished on disk, {len(result.failed)} failed)",
              f"results: {result.study_dir / 'results.csv'}"]
     if result.report is not None:

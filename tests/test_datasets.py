@@ -275,3 +275,33 @@ def test_explicit_mask_and_masked_sha():
     assert ds.sha256 != load_dataset(np.nan_to_num(x)).sha256
     with pytest.raises(ValueError, match="mask"):
         load_dataset(x, mask=mask[:, :2])
+
+
+def test_contaminate_changes_only_the_chosen_training_rows():
+    clean = load_dataset("digits")
+    dirty = datasets.contaminate(clean, fraction=0.05, scale=10.0, seed=3)
+    changed = (dirty.train != clean.train).any(1)
+    assert int(changed.sum()) == round(0.05 * clean.sizes["train"])
+    assert torch.equal(dirty.test, clean.test) and torch.equal(dirty.valid, clean.valid)
+    assert dirty.sha256 != clean.sha256 and "gross errors" in dirty.source
+    # gross: the added errors have standard deviation 10 (4 standard errors of the sd)
+    diffs = (dirty.train - clean.train)[changed]
+    assert abs(float(diffs.std()) - 10.0) < 4 * 10.0 / np.sqrt(2 * diffs.numel())
+    assert datasets.contaminate(clean, fraction=0.0) is clean
+    with pytest.raises(ValueError, match="fraction"):
+        datasets.contaminate(clean, fraction=1.0)
+
+
+def test_dequantized_digits_stay_within_their_integer_cell():
+    from sklearn.datasets import load_digits
+
+    ds = load_dataset("digits", dequantize=True, scale=None)
+    assert ds.name == "digits-dequantized" and ds.data_dim == 64  # no constant column left
+    idx = datasets._split_indices(1797, (0.8, 0.1, 0.1), 0)["train"]
+    raw = load_digits().data[idx]
+    offset = ds.train.double().numpy() - raw
+    assert offset.min() >= 0 and offset.max() < 1 + 1e-5
+    assert torch.equal(load_dataset("digits", dequantize=True).train,
+                       load_dataset("digits", dequantize=True).train)
+    with pytest.raises(ValueError, match="dequantize"):
+        load_dataset("digits", dequantize=True, binarize=True)

@@ -65,7 +65,12 @@ def test_study_script_smoke(script, tmp_path, capsys):
     assert (study_dir / "index.html").exists() and result.report == study_dir / "index.html"
     meta = json.loads((study_dir / "study.json").read_text())
     assert meta["status"] == "finished" and meta["dataset"]["sha256"]
-    assert "report:" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "report:" in out
+    if script == "compare_observation_models":  # clean and contaminated fits, paired
+        assert set(table["outlier_fraction"]) == {0.0, 0.05}
+        assert result.findings and meta["findings"] == result.findings
+        assert "Gaussian minus Student-t degradation" in out
     if script == "linear_models":  # exact fits: the IS estimate equals the exact value
         exact = table[table["fit_method"] == "exact"]
         np.testing.assert_allclose(exact["test_log_likelihood"], exact["exact_test_log_likelihood"],
