@@ -66,7 +66,8 @@ METRIC_COLUMNS: tuple[str, ...] = (
     "train_time_s", "eval_time_s", "wall_time_s",
 )
 #: Identifiers and status columns (never part of a configuration).
-BOOKKEEPING_COLUMNS: tuple[str, ...] = ("run_id", "seed", "status", "error", "traceback", "device")
+BOOKKEEPING_COLUMNS: tuple[str, ...] = ("run_id", "seed", "status", "error", "traceback", "device",
+                                       "notes")
 
 #: Columns that may hold the number of importance samples K used for the test estimate.
 _EVAL_SAMPLE_COLUMNS = ("num_eval_samples", "eval_samples", "eval_num_samples")
@@ -148,8 +149,8 @@ def config_columns(results: pd.DataFrame, candidates: Iterable[str] | None = Non
         The config keys the runner recorded (e.g. the keys of ``runs/<id>/config.json``). When
         given, the configuration columns are those of them present in ``results`` (in the
         table's order). When omitted, every column that is neither a known metric nor a
-        bookkeeping column (``run_id``, ``seed``, ``status``, ``error``, ``device``) and does not
-        end in ``_se`` or ``_time_s``.
+        bookkeeping column (``run_id``, ``seed``, ``status``, ``error``, ``device``,
+        ``notes``) and does not end in ``_se`` or ``_time_s``.
     """
     _require_columns(results, [], "config_columns")
     excluded = set(METRIC_COLUMNS) | set(BOOKKEEPING_COLUMNS)
@@ -279,8 +280,9 @@ def metric_label(metric: str, num_samples: int | None = None) -> str:
         "kl": "KL(q(z|x) ‖ p(z)) (nats)",
         "active_units": "active units (Var_x E_q[z_j] > 0.01)",
         "khat_good_frac": "fraction of test rows with Pareto k̂ < 0.5",
-        "khat_ok_frac": "fraction of test rows with 0.5 ≤ k̂ < 0.7",
-        "khat_bad_frac": "fraction of test rows with k̂ ≥ 0.7",
+        "khat_ok_frac": "fraction of test rows with 0.5 ≤ k̂ ≤ 0.7",
+        "khat_bad_frac": "fraction of test rows with k̂ > 0.7",
+        "khat_undetermined_frac": "fraction of test rows whose k̂ could not be estimated",
         "khat_median": "median Pareto k̂",
         "train_time_s": "training time (s)",
         "eval_time_s": "evaluation time (s)",

@@ -27,6 +27,7 @@ __all__ = [
     "figure_to_data_uri",
     "image_mosaic",
     "khat_distribution",
+    "khat_regions",
     "latent_scatter",
     "latent_usage",
     "learning_curves",
@@ -38,7 +39,8 @@ __all__ = [
 ]
 
 #: Pareto k-hat reference lines (Vehtari et al. 2024, "Pareto smoothed importance sampling"):
-#: below 0.5 good, 0.5-0.7 usable, above 0.7 the importance weights are unreliable.
+#: below 0.5 good, 0.5-0.7 (both ends included) usable, above 0.7 the importance weights are
+#: unreliable; the same boundaries as ``inference.diagnostics`` (KHAT_GOOD, KHAT_OK).
 KHAT_THRESHOLDS = (0.5, 0.7)
 _DPI = 80
 _PANEL = (3.6, 2.8)  # inches per facet
@@ -194,6 +196,22 @@ def metric_by_factor(
 # --------------------------------------------------------------------------- k-hat
 
 
+def khat_regions(khat: np.ndarray) -> np.ndarray:
+    """Each k-hat's region, as ``inference.diagnostics`` categorizes it.
+
+    ``"good"`` for k < 0.5, ``"ok"`` for 0.5 <= k <= 0.7, ``"bad"`` for finite k > 0.7 and
+    ``"undetermined"`` for +inf or NaN (the tail could not be fitted). Kept here rather than
+    imported so that the report does not need torch.
+    """
+    k = np.asarray(khat, dtype=float)
+    good, bad = KHAT_THRESHOLDS
+    region = np.full(k.shape, "undetermined", dtype=object)
+    region[k < good] = "good"
+    region[(k >= good) & (k <= bad)] = "ok"
+    region[(k > bad) & np.isfinite(k)] = "bad"
+    return region
+
+
 def khat_distribution(khats: Mapping[str, np.ndarray | Sequence[np.ndarray]]) -> str | None:
     """Pareto k-hat of the importance weights per test row, one panel per configuration.
 
@@ -211,29 +229,32 @@ def khat_distribution(khats: Mapping[str, np.ndarray | Sequence[np.ndarray]]) ->
     for label, value in khats.items():
         arrays = value if isinstance(value, (list, tuple)) else [value]
         arrays = [np.asarray(a, dtype=float).ravel() for a in arrays]
-        arrays = [a for a in arrays if np.isfinite(a).any()]
+        # a seed whose k-hats are all undetermined still counts in the shares of its panel
+        arrays = [a for a in arrays if a.size]
         if arrays:
             per_seed[label] = arrays
     if not per_seed:
         return None
-    pooled = {label: np.concatenate(arrays) for label, arrays in per_seed.items()}
-    pooled = {label: k[np.isfinite(k)] for label, k in pooled.items()}
-    good, bad = KHAT_THRESHOLDS
+    every_row = {label: np.concatenate(arrays) for label, arrays in per_seed.items()}
+    pooled = {label: k[np.isfinite(k)] for label, k in every_row.items()}
     fig, axes = _facets(len(per_seed) + 1, sharey=False)
     colors = {"good": "#1b9e77", "ok": "#d95f02", "bad": "#d62728"}
     for ax, (label, arrays) in zip(axes, per_seed.items()):
         for values in arrays:
             index = np.arange(values.size)
-            region = np.where(values < good, "good", np.where(values < bad, "ok", "bad"))
+            region = khat_regions(values)
             for name in ("good", "ok", "bad"):
                 sel = (region == name) & np.isfinite(values)
                 ax.scatter(index[sel], values[sel], s=6, color=colors[name], alpha=0.6,
                            linewidths=0)
-        k = pooled[label]
         for level, style in zip(KHAT_THRESHOLDS, (":", "--")):
             ax.axhline(level, color="0.3", ls=style, lw=1)
-        shares = [f"<0.5: {np.mean(k < good):.0%}", f"0.5–0.7: {np.mean((k >= good) & (k < bad)):.0%}",
-                  f"≥0.7: {np.mean(k >= bad):.0%}"]
+        # shares of every row (as the fractions in results.csv), undetermined ones included
+        region = khat_regions(every_row[label])
+        shares = [f"{name}: {np.mean(region == key):.0%}" for name, key in
+                  (("<0.5", "good"), ("0.5–0.7", "ok"), (">0.7", "bad"),
+                   ("undetermined", "undetermined"))
+                  if key != "undetermined" or np.any(region == key)]
         ax.text(0.02, 0.97, "\n".join(shares), transform=ax.transAxes, va="top", fontsize=7,
                 bbox=dict(boxstyle="round", fc="white", ec="0.8", alpha=0.85))
         ax.set_title(_wrap(label), fontsize=8)
@@ -243,6 +264,8 @@ def khat_distribution(khats: Mapping[str, np.ndarray | Sequence[np.ndarray]]) ->
     ax = axes[-1]
     palette = sns.color_palette("colorblind", len(pooled))
     for color, (label, k) in zip(palette, pooled.items()):
+        if not k.size:
+            continue
         x = np.sort(k)
         ax.step(x, np.arange(1, x.size + 1) / x.size, where="post", color=color, lw=1.2,
                 label=label)

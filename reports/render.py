@@ -7,11 +7,17 @@ Input layout (written by :mod:`studies.runner`)::
     <study_dir>/results.csv         one row per run: config columns, status, error, metrics
     <study_dir>/runs/<run_id>/      config.json, result.json, history.csv, artifacts.npz
 
+``study.json`` may carry ``findings`` (a list of sentences a study computed from its results,
+shown next to the verdict) and ``results.csv`` a ``notes`` column (what went wrong or was
+skipped inside a run that still finished, shown per run in the table of all runs).
+
 Output: ``<study_dir>/index.html`` (or ``output``), written atomically (a temporary file in the
 same directory, then :func:`os.replace`), so a reader never sees half a report and an error
-while rendering leaves the previous report untouched. Figures are embedded as PNG data URIs
-and the page carries a Content-Security-Policy that forbids every external resource, so it
-opens offline exactly as it was written.
+while rendering leaves the previous report untouched. The file gets the permissions of any
+newly created file (``0666`` minus the umask, e.g. ``0644``), so it can be served or shared.
+A figure that cannot be drawn does not cost the report: its section says why instead.
+Figures are embedded as PNG data URIs and the page carries a Content-Security-Policy that
+forbids every external resource, so it opens offline exactly as it was written.
 """
 from __future__ import annotations
 
@@ -21,7 +27,7 @@ import json
 import math
 import os
 import pathlib
-import tempfile
+import secrets
 import zipfile
 from collections.abc import Mapping
 
@@ -193,7 +199,7 @@ def _summary_table(results, columns, label_columns, k, primary) -> pd.DataFrame:
     for metric in ("khat_bad_frac", "wall_time_s"):
         if metric in results.columns and results[metric].notna().any():
             s = analysis.summarize(results, metric, by=columns)
-            name = ("share of rows with k̂ ≥ 0.7 (mean)" if metric == "khat_bad_frac"
+            name = ("share of rows with k̂ > 0.7 (mean)" if metric == "khat_bad_frac"
                     else "wall time per run, s (mean)")
             table[name] = [(_fmt_share if metric == "khat_bad_frac" else _fmt_number)(v)
                            for v in s["mean"]]
@@ -269,7 +275,38 @@ def _runs_table(results, label_columns, k) -> pd.DataFrame:
             table[analysis.metric_label(metric, k)] = [fmt(v) for v in results[metric]]
     if "device" in results.columns:
         table["device"] = results["device"].map(analysis._format_value)
+    notes = _run_notes(results)
+    if notes is not None:
+        table["notes"] = notes.fillna("")  # last column: the template lets it wrap
     return table
+
+
+def _run_notes(results: pd.DataFrame) -> pd.Series | None:
+    """The ``notes`` column of ``results.csv`` as text (missing -> NA); None when no run has any."""
+    if "notes" not in results.columns:
+        return None
+
+    def text(value):
+        if isinstance(value, str):
+            return value.strip() or None
+        return None if pd.isna(value) else str(value)
+
+    notes = results["notes"].map(text)
+    return notes if notes.notna().any() else None
+
+
+def _findings(meta: dict, notes: list[str]) -> list[str]:
+    """``study.json``'s ``findings``: a list of sentences (a lone string is one sentence)."""
+    value = meta.get("findings")
+    if value is None:
+        return []
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list):
+        notes.append(f"study.json: findings should be a list of strings, got "
+                     f"{type(value).__name__}; not shown.")
+        return []
+    return [str(line).rstrip() for line in value if line is not None and str(line).strip()]
 
 
 # --------------------------------------------------------------------------- figures
@@ -303,10 +340,22 @@ def _figure_sections(study, columns, label_columns, k, notes):
     ok["configuration"] = ok["run_id"].map(labels)
     sections = []
 
-    def add(section_id, title, caption, uri, run_ids=(), short=None):
+    def add(section_id, title, caption, draw, run_ids=(), short=None):
+        # ``draw`` is called here, not by the caller, so that a figure function that raises
+        # costs only its own figure: the section then says why it is missing
+        try:
+            uri = draw()
+        except Exception as exc:  # noqa: BLE001 - any plotting error degrades to a note
+            message = f"figure {title} could not be drawn: {type(exc).__name__}: {exc}"
+            notes.append(message)
+            sections.append({"id": section_id, "title": title, "short": short or title,
+                             "caption": caption, "uri": None, "error": message,
+                             "runs": list(run_ids)})
+            return
         if uri is not None:
             sections.append({"id": section_id, "title": title, "short": short or title,
-                             "caption": caption, "uri": uri, "runs": list(run_ids)})
+                             "caption": caption, "uri": uri, "error": None,
+                             "runs": list(run_ids)})
 
     # test log-likelihood (and ELBO) with error bars per prior
     factor = label_columns[0] if label_columns else None
@@ -327,7 +376,7 @@ def _figure_sections(study, columns, label_columns, k, notes):
         add(f"fig-{metric}", f"{label} per {factor}",
             f"Diamonds: mean over seeds with ±1 standard error (sd/√n over seeds); dots: single "
             f"runs. Units: nats per test row, higher is better.",
-            figures.metric_by_factor(frame, metric, factor, hue=hue, ylabel=label),
+            lambda: figures.metric_by_factor(frame, metric, factor, hue=hue, ylabel=label),
             short=f"{short} per {factor}")
 
     # learning curves
@@ -337,7 +386,7 @@ def _figure_sections(study, columns, label_columns, k, notes):
         "Training objective (solid) and validation objective (dashed) per epoch, nats per data "
         "row; each line is one seed. The objective is the bound being optimized (ELBO or "
         "IWAE_K), not log p(x).",
-        figures.learning_curves(
+        lambda: figures.learning_curves(
             histories, labels, ylabel="bound per data row (nats)",
             line_labels=({rid: f"seed {analysis._format_value(seed)}"
                           for rid, seed in zip(ok["run_id"], ok["seed"])}
@@ -355,10 +404,10 @@ def _figure_sections(study, columns, label_columns, k, notes):
             khats.setdefault(labels[rid], []).append(k_values.ravel())
     add("fig-khat", "Pareto k̂ of the importance weights per test row",
         "ArviZ-style k̂ plot: each point is one test row of one seed. k̂ < 0.5: the "
-        "importance-sampled estimate of log p(x) is reliable for that row; 0.5–0.7: usable; "
-        "≥ 0.7 (dashed): the weights have too heavy a tail and the estimate for that row is "
+        "importance-sampled estimate of log p(x) is reliable for that row; 0.5 ≤ k̂ ≤ 0.7: "
+        "usable; k̂ > 0.7 (above the dashed line): the weights have too heavy a tail and the estimate for that row is "
         "unreliable (the guide misses posterior mass).",
-        figures.khat_distribution(khats), short="Pareto k̂")
+        lambda: figures.khat_distribution(khats), short="Pareto k̂")
 
     # active units and KL per dim
     kl: dict[str, list[np.ndarray]] = {}
@@ -379,7 +428,7 @@ def _figure_sections(study, columns, label_columns, k, notes):
         "mean ± se over seeds. Right: KL(q(z_j|x) ‖ p(z_j)) per latent dimension averaged over "
         "test rows and seeds (for non-factorized priors, the per-dimension split is the "
         "runner's estimate); a dimension with KL near 0 is unused (posterior collapse).",
-        figures.latent_usage(au, kl_mean), short="Latent usage")
+        lambda: figures.latent_usage(au, kl_mean), short="Latent usage")
 
     # image data
     image_shape = (study.meta.get("dataset") or {}).get("image_shape")
@@ -407,12 +456,12 @@ def _figure_sections(study, columns, label_columns, k, notes):
                                  f"not drawn.")
         add("fig-samples", "Samples from the model",
             "x ~ p(x) = ∫ p(x|z) p(z) dz, one panel per configuration (the run with the lowest "
-            "seed; run ids listed below).", figures.samples_grid(samples, image_shape), used_s,
+            "seed; run ids listed below).", lambda: figures.samples_grid(samples, image_shape), used_s,
             short="Samples")
         add("fig-reconstructions", "Reconstructions",
             "Top row of each panel: test images; bottom row: their reconstructions (decoder "
             "mean at the guide's posterior mean).",
-            figures.reconstructions(recon, image_shape), used_r, short="Reconstructions")
+            lambda: figures.reconstructions(recon, image_shape), used_r, short="Reconstructions")
 
     latents, used_l, priors, used_p = {}, [], {}, []
     for lab, record in reps.items():
@@ -432,13 +481,13 @@ def _figure_sections(study, columns, label_columns, k, notes):
     add("fig-latent-space", "Latent space",
         "Posterior means E_q[z|x] of test rows, coloured by label; latents with more than two "
         "dimensions are projected on their first two principal components.",
-        figures.latent_scatter(latents), used_l, short="Latent space")
+        lambda: figures.latent_scatter(latents), used_l, short="Latent space")
     add("fig-prior-vs-aggregate", "Prior vs aggregate posterior",
         "Contours: kernel density estimate of the prior p(z) from its samples; points: samples "
         "of the aggregate posterior q(z) = (1/N) Σ_i q(z|x_i). Prior mass the points do not "
         "reach decodes to atypical samples. Above two dimensions both are projected on the "
         "principal axes of the aggregate posterior samples.",
-        figures.prior_vs_aggregate_posterior(priors), used_p, short="Prior vs q(z)")
+        lambda: figures.prior_vs_aggregate_posterior(priors), used_p, short="Prior vs q(z)")
     return sections
 
 
@@ -563,6 +612,12 @@ def build_context(study: StudyData) -> dict:
             f"No successful run reported a test log-likelihood or ELBO; nothing to compare "
             f"({int(failed_mask.sum())} of {len(results)} runs failed, "
             f"{int(pending_mask.sum())} not run yet)."]
+    findings = _findings(meta, notes)
+    run_notes = _run_notes(results) if len(results) else None
+    if run_notes is not None:
+        notes.append(f"{int(run_notes.notna().sum())} run(s) left notes (steps of a run that "
+                     f"failed or were skipped although the run finished); see the notes column "
+                     f"of All runs.")
     return {
         "title": meta.get("title") or meta.get("name") or study.directory.name,
         "name": meta.get("name") or study.directory.name,
@@ -575,12 +630,16 @@ def build_context(study: StudyData) -> dict:
         },
         "primary_label": analysis.metric_label(primary, k) if primary else None,
         "verdict": verdict_sentences,
+        "findings": findings,
         "fixed": fixed,
         "summary_table": _table(summary) if summary is not None and not summary.empty else None,
         "paired": (_paired_tables(results, columns, label_columns, primary, k)
                    if primary else []),
         "figures": sections,
-        "runs_table": _table(_runs_table(results, label_columns, k)) if len(results) else None,
+        "runs_table": (_table(_runs_table(results, label_columns, k),
+                              classes="data runs" + (" with-notes" if run_notes is not None else ""))
+                       if len(results) else None),
+        "runs_have_notes": run_notes is not None,
         "failed": failed,
         "provenance": _provenance(meta, results),
         "notes": notes,
@@ -597,9 +656,26 @@ def _environment() -> jinja2.Environment:
     )
 
 
+def _create_temporary(path: pathlib.Path) -> tuple[int, pathlib.Path]:
+    """A new, exclusively created file next to ``path``: ``(descriptor, its path)``.
+
+    Unlike :func:`tempfile.mkstemp` (always ``0600``), the file is created with mode ``0666``
+    and the process umask (and any default ACL) applies, as for a file made by :func:`open`:
+    after :func:`os.replace` the report has the permissions a user expects of a new file.
+    """
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+    for _ in range(100):
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(8)}.tmp"
+        try:
+            return os.open(tmp, flags, 0o666), tmp
+        except FileExistsError:  # a random name taken: draw another
+            continue
+    raise FileExistsError(f"could not create a temporary file next to {path}")
+
+
 def _write_atomically(path: pathlib.Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = _create_temporary(path)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             handle.write(text)

@@ -44,7 +44,7 @@ called a bound):
     Var_x E_q[z_j | x] > 0.01 (Burda et al. 2016).
 ``khat_good_frac``, ``khat_ok_frac``, ``khat_bad_frac``, ``khat_median``, ``khat_max``
     Pareto k-hat of each test row's importance weights (k < 0.5 good, 0.5-0.7 usable,
-    >= 0.7 unreliable).
+    > 0.7 unreliable).
 ``bits_per_dim`` / ``_se``
     For binary data.
 ``train_time_s``, ``eval_time_s``, ``wall_time_s``, ``device``

@@ -429,6 +429,14 @@ def test_report_content(rendered):
         assert needle in text, needle
 
 
+def test_report_khat_labels_match_diagnostics(rendered):
+    _, _, text = rendered
+    # inference.diagnostics: bad is k > 0.7, and k = 0.7 is still "ok"
+    assert "≥ 0.7" not in text and "≥0.7" not in text and "&gt;= 0.7" not in text
+    assert "share of rows with k̂ &gt; 0.7 (mean)" in text
+    assert "k̂ &gt; 0.7 (above the dashed line)" in text
+
+
 def test_report_paired_differences_between_priors(rendered):
     _, _, text = rendered
     assert "Between levels of <code>prior</code>" in text
@@ -440,22 +448,125 @@ def test_report_write_is_atomic(monkeypatch, tmp_path):
                        seeds=SEEDS[:2], artifacts=False)
     path = render_report(study)
     before = path.read_bytes()
+    files = ["index.html", "results.csv", "runs", "study.json"]
+
+    # a template that fails half-way through rendering: nothing is written
+    broken_templates = tmp_path / "templates"
+    broken_templates.mkdir()
+    (broken_templates / "study.html").write_text(
+        "<html>{{ title }} {{ no_such_variable }}</html>", encoding="utf-8")
+    monkeypatch.setattr(render_module, "TEMPLATE_DIR", broken_templates)
+    with pytest.raises(Exception, match="no_such_variable"):
+        render_report(study)
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in study.iterdir()) == files
+    monkeypatch.undo()
 
     def broken(*args, **kwargs):
-        raise RuntimeError("figure exploded")
+        raise RuntimeError("disk exploded")
+
+    # a failure during the write itself (after the temporary file has content, and at the
+    # final rename) leaves no temporary file and the old report intact
+    for name in ("fsync", "replace"):
+        monkeypatch.setattr(render_module.os, name, broken)
+        with pytest.raises(RuntimeError, match="disk exploded"):
+            render_report(study)
+        monkeypatch.undo()
+        assert path.read_bytes() == before
+        assert sorted(p.name for p in study.iterdir()) == files
+
+
+def test_failing_figure_leaves_a_note_not_a_broken_report(monkeypatch, tmp_path):
+    study = make_study(tmp_path / "badfigure", priors=PRIORS[:2], objectives=OBJECTIVES[:1],
+                       seeds=SEEDS[:2])
+    calls = []
+
+    def broken(*args, **kwargs):
+        calls.append(1)
+        raise RuntimeError("figure exploded <b>here</b>")
 
     monkeypatch.setattr(render_module.figures, "learning_curves", broken)
-    with pytest.raises(RuntimeError, match="figure exploded"):
-        render_report(study)
-    assert path.read_bytes() == before
-    # a failure during the write itself leaves no temporary file and the old report intact
-    monkeypatch.undo()
-    monkeypatch.setattr(render_module.os, "replace", broken)
-    with pytest.raises(RuntimeError):
-        render_report(study)
-    assert path.read_bytes() == before
-    assert sorted(p.name for p in study.iterdir()) == ["index.html", "results.csv", "runs",
-                                                        "study.json"]
+    text = render_report(study).read_text(encoding="utf-8")
+    assert calls, "the monkeypatched figure function was not used"
+    parser = check_html(text)
+    message = ("figure Learning curves could not be drawn: "
+               "RuntimeError: figure exploded &lt;b&gt;here&lt;/b&gt;")
+    # in place of the figure, in its own section, and among the notes of the summary
+    section = text[text.index('<section id="fig-learning-curves">'):]
+    section = section[:section.index("</section>")]
+    assert "<img" not in section and message in section
+    assert text.count(message) == 2
+    assert "<b>here</b>" not in text
+    # every other figure is still drawn, and the page counts only the drawn images
+    for other in ("fig-test_log_likelihood", "fig-khat", "fig-samples", "fig-latent-space"):
+        assert f'<section id="{other}">' in text
+    assert len(parser.images) == len(re.findall(r'<section id="fig-', text)) - 1
+    assert f'data-figure-count="{len(parser.images)}"' in text
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_report_file_gets_permissions_of_a_new_file(tmp_path, umask):
+    study = make_study(tmp_path / "perm", priors=PRIORS[:2], objectives=OBJECTIVES[:1],
+                       seeds=SEEDS[:2], artifacts=False)
+    previous = os.umask(umask)
+    try:
+        # twice: a new report, and one replacing an existing report
+        for _ in range(2):
+            path = render_report(study)
+            assert path.stat().st_mode & 0o777 == 0o666 & ~umask
+        explicit = render_report(study, tmp_path / "elsewhere" / "report.html")
+        assert explicit.stat().st_mode & 0o777 == 0o666 & ~umask
+    finally:
+        os.umask(previous)
+    assert not [p.name for p in study.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_report_shows_findings_and_run_notes(tmp_path):
+    study = make_study(tmp_path / "findings", priors=PRIORS[:2], objectives=OBJECTIVES[:1],
+                       seeds=SEEDS[:2], artifacts=False)
+    text = render_report(study).read_text(encoding="utf-8")
+    assert 'id="findings"' not in text and "<th>notes</th>" not in text  # nothing to show
+    meta = json.loads((study / "study.json").read_text())
+    meta["findings"] = ["Degradation when 5% of rows are <outliers> & worse:",
+                        "  gaussian: 12.3 [10.1, 14.5] over 2 seed(s)"]
+    _write_json(study / "study.json", meta)
+    results = pd.read_csv(study / "results.csv")
+    results["notes"] = None
+    results.loc[results["run_id"] == "mixture-elbo-s1", "notes"] = \
+        "diagnostics (k-hat, latent usage) failed: ValueError: <bad> rows"
+    results.to_csv(study / "results.csv", index=False)
+    text = render_report(study).read_text(encoding="utf-8")
+    check_html(text)
+    # findings right after the verdict, before any table, escaped, indentation kept
+    assert text.index('id="verdict"') < text.index('id="findings"') < text.index('id="results"')
+    assert "Degradation when 5% of rows are &lt;outliers&gt; &amp; worse:" in text
+    assert "<p>  gaussian: 12.3 [10.1, 14.5] over 2 seed(s)</p>" in text
+    assert "<outliers>" not in text
+    # the run's note in its row of the table of all runs, escaped; the notes column is not
+    # mistaken for a configuration column (the runs would split into configurations)
+    runs = text[text.index('<section id="runs">'):]
+    runs = runs[:runs.index("</section>")]
+    assert "with-notes" in runs and "<th>notes</th>" in runs
+    row = re.search(r"<tr>\s*<td>mixture-elbo-s1</td>.*?</tr>", runs, re.S).group(0)
+    assert "failed: ValueError: &lt;bad&gt; rows" in row
+    assert "<bad>" not in text
+    assert "1 run(s) left notes" in text
+    assert "notes=" not in text
+
+
+def test_khat_regions_match_diagnostics_and_labels():
+    from inference import diagnostics
+
+    values = np.array([0.0, 0.49, 0.5, 0.6, 0.7, 0.7000001, 1.5, np.inf, np.nan])
+    np.testing.assert_array_equal(figures.khat_regions(values),
+                                  diagnostics._khat_category(values))
+    assert figures.KHAT_THRESHOLDS == (diagnostics.KHAT_GOOD, diagnostics.KHAT_OK)
+    assert analysis.metric_label("khat_bad_frac") == "fraction of test rows with k̂ > 0.7"
+    assert analysis.metric_label("khat_ok_frac") == "fraction of test rows with 0.5 ≤ k̂ ≤ 0.7"
+    # the figure copes with undetermined k-hats (all of one configuration's, even)
+    uri = figures.khat_distribution({"a": np.array([0.1, np.inf, 0.8, np.nan]),
+                                     "b": np.array([np.inf, np.inf])})
+    assert uri.startswith(DATA_URI)
 
 
 def test_report_to_explicit_output(tmp_path):
