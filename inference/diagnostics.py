@@ -199,6 +199,40 @@ def _chunk_sizes(num_rows: int, num_particles: int, width: int,
     return batch_size, particle_chunk
 
 
+def _draw_width(model_fn, guide_fn, x: torch.Tensor, mask, pair=None, *,
+                probe_rows: Optional[int] = 1) -> int:
+    """Elements per particle and row that one vectorized pass keeps alive: the data width,
+    the widest sample site, what a site's ``log_prob`` materializes (e.g. a mixture prior's
+    ``[..., C]`` component matrix; :func:`inference.evaluate.distribution_eval_width`) and
+    the pair's own ``eval_width`` hint (:func:`inference.evaluate.pair_eval_width`).
+    Found from one particle on ``probe_rows`` rows (None: all; for guides with per-row
+    parameters), without advancing the random stream."""
+    from .evaluate import distribution_eval_width, pair_eval_width
+
+    width = int(x.shape[1]) if x.dim() > 1 else 1
+    if pair is not None:
+        width = max(width, pair_eval_width(pair))
+    rows = slice(None) if probe_rows is None else slice(0, probe_rows)
+    devices = [x.device] if x.device.type == "cuda" else []
+    with torch.no_grad(), torch.random.fork_rng(devices=devices):
+        try:
+            probe = trace_log_terms(model_fn, guide_fn, x[rows], 1,
+                                    None if mask is None else mask[rows])
+        except (ValueError, RuntimeError):
+            if probe_rows is None:
+                raise
+            # e.g. a guide with one parameter per data row only accepts all of them
+            probe = trace_log_terms(model_fn, guide_fn, x, 1, mask)
+    for trace in (probe.model_trace, probe.guide_trace):
+        for site in trace.nodes.values():
+            if site["type"] != "sample":
+                continue
+            if isinstance(site["value"], torch.Tensor):
+                width = max(width, int(site["value"].numel()))
+            width = max(width, distribution_eval_width(site["fn"]))
+    return width
+
+
 def _log_weight_matrix(model_fn, guide_fn, x, mask, num_particles: int,
                        particle_chunk: int) -> torch.Tensor:
     """Log importance weights ``[K, B]`` for one batch of rows, particles drawn in chunks."""
@@ -215,7 +249,8 @@ def _log_weight_matrix(model_fn, guide_fn, x, mask, num_particles: int,
 def _iter_log_weights(prep: _Prepared, num_particles: int, batch_size, progress, desc: str):
     """Yield ``(row_slice, log_w [K, B])`` over the data in row batches."""
     model_fn, guide_fn, x, mask = prep.model_fn, prep.guide_fn, prep.x, prep.mask
-    n, width = x.shape
+    n = x.shape[0]
+    width = _draw_width(model_fn, guide_fn, x, mask, prep.pair)
     rows_per_batch, particle_chunk = _chunk_sizes(n, num_particles, width, batch_size)
     starts = range(0, n, rows_per_batch)
     with _progress(len(starts), desc, progress) as bar:
@@ -770,7 +805,8 @@ def latent_usage(pair, data, *, threshold: float = 0.01, collapse_threshold: flo
         if num_samples is None:
             num_samples = 100 if needs_mc else 1
 
-        rows_per_batch, _ = _chunk_sizes(n, num_samples, x.shape[1], batch_size)
+        width = _draw_width(prep.model_fn, prep.guide_fn, x, prep.mask, prep.pair)
+        rows_per_batch, _ = _chunk_sizes(n, num_samples, width, batch_size)
         means, kl_rows, kl_rows_var = [], [], []
         kl_dim_sum: Dict[str, torch.Tensor] = {}
         kl_dim_var: Dict[str, torch.Tensor] = {}
@@ -1232,7 +1268,8 @@ def _site_init(fn, value: torch.Tensor, event: torch.Size):
 
 def _elbo_per_row(model_fn, guide_fn, x, mask, num_particles: int) -> Tuple[np.ndarray, np.ndarray]:
     """ELBO per row (mean of log weights) and its Monte Carlo standard error."""
-    _, particle_chunk = _chunk_sizes(x.shape[0], num_particles, x.shape[1], x.shape[0])
+    width = _draw_width(model_fn, guide_fn, x, mask, probe_rows=None)
+    _, particle_chunk = _chunk_sizes(x.shape[0], num_particles, width, x.shape[0])
     log_w = _log_weight_matrix(model_fn, guide_fn, x, mask, num_particles, particle_chunk).double()
     return (log_w.mean(0).cpu().numpy(),
             (log_w.std(0) / math.sqrt(num_particles)).cpu().numpy())
@@ -1601,7 +1638,8 @@ def to_inference_data(pair, data, *, rows=None, num_draws: int = 200, loglik=Non
         xs = prep.x[index]
         ms = None if prep.mask is None else prep.mask[index]
         obs_site = _observed_data_site(prep.model_fn, xs, ms)
-        _, particle_chunk = _chunk_sizes(len(rows), num_draws, p, len(rows))
+        width = max(p, _draw_width(prep.model_fn, prep.guide_fn, xs, ms, prep.pair))
+        _, particle_chunk = _chunk_sizes(len(rows), num_draws, width, len(rows))
         draws: Dict[str, List[torch.Tensor]] = {}
         events: Dict[str, torch.Size] = {}
         log_lik, log_w = [], []

@@ -98,6 +98,8 @@ __all__ = [
     "StreamingImportanceStats",
     "DEFAULT_MAX_ELEMENTS",
     "default_max_elements",
+    "distribution_eval_width",
+    "pair_eval_width",
 ]
 
 #: Default element budget per chunk: particles x rows x max(data_dim, latent_dim).
@@ -212,6 +214,48 @@ class StreamingImportanceStats:
             elbo_se = torch.full_like(log_px, math.nan)
         elbo_val = self._shift + self.sum_lw / K
         return dict(log_px=log_px, se=se, ess=ess, elbo=elbo_val, elbo_se=elbo_se)
+
+
+def distribution_eval_width(fn) -> int:
+    """Elements per draw that evaluating ``fn.log_prob`` keeps alive, beyond the value itself.
+
+    A distribution may declare it as an integer attribute ``eval_width`` (e.g.
+    :class:`models.priors.DiagonalGaussianMixture`). A ``MixtureSameFamily`` without one
+    broadcasts each draw against all ``C`` components, ``C x event size`` elements per draw.
+    Wrappers (``Independent``, ``MaskedDistribution``, ...) are looked through. 0 when
+    nothing is known.
+    """
+    seen = 0
+    while fn is not None and seen < 16:
+        declared = getattr(fn, "eval_width", None)
+        if isinstance(declared, int) and not isinstance(declared, bool):
+            return max(0, declared)
+        if isinstance(fn, torch.distributions.MixtureSameFamily):
+            components = int(fn.mixture_distribution.logits.shape[-1])
+            return components * max(1, int(torch.Size(fn.event_shape).numel()))
+        fn = getattr(fn, "base_dist", None)
+        seen += 1
+    return 0
+
+
+def pair_eval_width(pair) -> int:
+    """The optional per-draw cost hint ``pair.eval_width`` (0 when absent).
+
+    A model/guide pair whose log densities materialize tensors wider than its data and
+    latent values per draw (a mixture prior over ``C`` components, a wide decoder) can
+    declare the widest as ``eval_width`` (an int, elements per particle and row); the
+    chunk planners of :mod:`inference.evaluate` and :mod:`inference.diagnostics` then
+    budget ``particles x rows x eval_width`` elements per chunk.
+    """
+    hint = getattr(pair, "eval_width", None)
+    if hint is None:
+        return 0
+    if callable(hint):
+        hint = hint()
+    if isinstance(hint, bool) or not isinstance(hint, (int, np.integer)) or int(hint) < 1:
+        raise ValueError(f"pair.eval_width must be a positive integer (elements per draw), "
+                         f"got {hint!r}")
+    return int(hint)
 
 
 def plan_chunks(num_rows: int, num_samples: int, width: int, *,
@@ -542,6 +586,7 @@ def _probe(model_fn, guide_fn, x, mask) -> SimpleNamespace:
             value = site["value"]
             if isinstance(value, torch.Tensor):
                 width = max(width, int(value.numel()))
+            width = max(width, distribution_eval_width(site["fn"]))
             if trace is terms.model_trace and site["is_observed"]:
                 observed_fns.append((site["fn"], value))
                 try:
@@ -733,7 +778,8 @@ def _run_is(pair, data, num_samples, *, chunk_size, batch_size, mask, device, se
         if max_elements is None:
             max_elements = default_max_elements(ctx.device)
         probe = _probe(ctx.model_fn, ctx.guide_fn, ctx.x, ctx.mask)
-        rows, particles = plan_chunks(ctx.x.shape[0], num_samples, probe.width,
+        width = max(probe.width, pair_eval_width(pair))
+        rows, particles = plan_chunks(ctx.x.shape[0], num_samples, width,
                                       max_elements=max_elements, batch_size=batch_size,
                                       chunk_size=chunk_size)
         validate_first_only = is_validation_enabled() and _data_in_support(pair, probe, ctx)

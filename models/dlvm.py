@@ -283,6 +283,19 @@ class DLVM(_AmortizedGaussianGuideMixin, PyroModule):
         self.likelihood.check_data(x, mask_t)
         return x
 
+    @property
+    def eval_width(self) -> int:
+        """Elements per draw (one particle of one row) that evaluating the model keeps alive:
+        the widest of the data, the decoder's output and hidden layers, and what the prior's
+        ``log_prob`` materializes (``2 K`` for a mixture / VampPrior with ``K`` components,
+        see :class:`models.priors.DiagonalGaussianMixture`). The chunk planners of
+        :mod:`inference.evaluate` and :mod:`inference.diagnostics` read this hint."""
+        widths = [self.data_dim, self.latent_dim, int(self.likelihood.output_dim)]
+        widths += [m.out_features for m in self.decoder.modules() if isinstance(m, torch.nn.Linear)]
+        widths += [m.out_features for m in self.encoder.modules() if isinstance(m, torch.nn.Linear)]
+        widths.append(int(getattr(self.prior, "eval_width", 0) or 0))
+        return max(widths)
+
     def init_from_data(self, x) -> "DLVM":
         """Data-dependent initialisation: the VampPrior's pseudo-inputs start at training rows."""
         if hasattr(self.prior, "init_from_data"):

@@ -48,7 +48,7 @@ from pyro.nn import PyroModule
 from torch import nn
 
 __all__ = ["Prior", "StandardNormalPrior", "MixturePrior", "VampPrior", "make_prior",
-           "PRIOR_NAMES"]
+           "PRIOR_NAMES", "DiagonalGaussianMixture"]
 
 #: Accepted names (and aliases) for :func:`make_prior`.
 PRIOR_NAMES = {
@@ -129,6 +129,74 @@ class StandardNormalPrior(Prior):
         return dist.Normal(self.loc, self.scale).to_event(1)
 
 
+class DiagonalGaussianMixture(dist.MixtureSameFamily):
+    """A mixture of ``K`` diagonal Gaussians on :math:`\\mathbb{R}^d` whose :meth:`log_prob`
+    never forms a ``[..., K, d]`` tensor.
+
+    Same distribution as ``MixtureSameFamily(Categorical(logits), Normal(loc, scale).to_event(1))``
+    (sampling, ``expand``, marginals are inherited), but the component log densities are
+
+    .. math:: \\log \\mathcal{N}(z; m_k, \\operatorname{diag} s_k^2) = -\\tfrac12 \\Big[
+              \\textstyle\\sum_j \\tilde z_j^2 s_{kj}^{-2} - 2 \\sum_j \\tilde z_j \\tilde m_{kj} s_{kj}^{-2}
+              + \\sum_j \\tilde m_{kj}^2 s_{kj}^{-2}\\Big] - \\textstyle\\sum_j \\log s_{kj}
+              - \\tfrac d2 \\log 2\\pi,
+
+    with :math:`\\tilde z = z - c`, :math:`\\tilde m_k = m_k - c` centred at the mean
+    component location ``c``: two matrix products ``[..., d] x [d, K]``. The torch version
+    broadcasts ``z`` against every component and materializes ``[..., K, d]``, which for a
+    VampPrior with 500 components and ``K x B`` importance draws is hundreds of times the
+    size of the draws themselves. The expanded quadratic form cancels large terms, so it is
+    evaluated in (at least) float64: the relative error is then about
+    :math:`10^{-16} (|\\tilde z| / s)^2`, negligible unless a component is sharper than
+    :math:`10^{-6}` of its distance to the centre. The result has the input's dtype.
+
+    Parameters
+    ----------
+    logits : tensor ``[K]``
+    loc, scale : tensors ``[K, d]``
+        Component parameters, without batch dimensions (``expand`` adds those).
+    """
+
+    def __init__(self, logits: torch.Tensor, loc: torch.Tensor, scale: torch.Tensor,
+                 validate_args=None):
+        if logits.dim() != 1 or loc.dim() != 2 or loc.shape != scale.shape \
+                or loc.shape[0] != logits.shape[0]:
+            raise ValueError(
+                f"DiagonalGaussianMixture needs logits [K], loc and scale [K, d] (no batch "
+                f"dimensions); got logits {tuple(logits.shape)}, loc {tuple(loc.shape)}, "
+                f"scale {tuple(scale.shape)}"
+            )
+        super().__init__(dist.Categorical(logits=logits), dist.Normal(loc, scale).to_event(1),
+                         validate_args=validate_args)
+        self._params = (logits, loc, scale)
+
+    def expand(self, batch_shape, _instance=None):
+        new = self._get_checked_instance(DiagonalGaussianMixture, _instance)
+        new = super().expand(batch_shape, _instance=new)
+        new._params = self._params
+        return new
+
+    @property
+    def num_components(self) -> int:
+        return int(self._params[0].shape[0])
+
+    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        if self._validate_args:
+            self._validate_sample(value)
+        logits, loc, scale = self._params
+        work = torch.promote_types(value.dtype, torch.float64)
+        z, loc, scale = value.to(work), loc.to(work), scale.to(work)
+        center = loc.mean(0).detach()
+        z, loc = z - center, loc - center
+        precision = scale.pow(-2)                                              # [K, d]
+        quad = ((z * z) @ precision.T - 2 * (z @ (loc * precision).T)
+                + (loc * loc * precision).sum(-1))                             # [..., K]
+        log_norm = -scale.log().sum(-1) - 0.5 * loc.shape[-1] * math.log(2 * math.pi)
+        log_comp = -0.5 * quad + log_norm + torch.log_softmax(logits.to(work), -1)
+        out = torch.logsumexp(log_comp, dim=-1).to(value.dtype)
+        return out.expand(torch.broadcast_shapes(out.shape, self.batch_shape))
+
+
 class _GaussianMixtureMixin:
     """Shared by the two mixture priors: the mixture as (weights, locs, scales)."""
 
@@ -138,9 +206,14 @@ class _GaussianMixtureMixin:
 
     def distribution(self) -> dist.TorchDistribution:
         logits, loc, scale = self._mixture_logits_loc_scale()
-        return dist.MixtureSameFamily(
-            dist.Categorical(logits=logits), dist.Normal(loc, scale).to_event(1)
-        )
+        return DiagonalGaussianMixture(logits, loc, scale)
+
+    @property
+    def eval_width(self) -> int:
+        """Elements per draw of :math:`z` that :meth:`log_prob` keeps alive: the ``[..., K]``
+        matrix of component log densities, in float64 (counted twice, in float32 units)."""
+        components = getattr(self, "num_pseudo_inputs", None) or self.num_components
+        return 2 * components
 
 
 class MixturePrior(_GaussianMixtureMixin, Prior):
@@ -232,6 +305,20 @@ class VampPrior(_GaussianMixtureMixin, Prior):
     -----
     The pseudo-inputs are unconstrained real vectors. For binary data the paper clips them to
     [0, 1] (hard tanh); here they are fed to the encoder as they are.
+
+    **Posterior collapse from a random start.** The VampPrior has no scale of its own: its
+    components have the encoder's scales, so :math:`\\mathrm{KL}(q(z\\mid x)\\,\\|\\,p)`
+    penalizes differences between posterior means in units of the (early on, quickly
+    shrinking) posterior standard deviations, while a freshly initialized decoder gains
+    little from them. On small data (binarized scikit-learn digits, ``d = 8``, 64-64 tanh
+    MLPs, Adam) training from random weights then collapses to an encoder that ignores
+    ``x`` (KL 0) in every seed, with the ELBO or IWAE, 50 or 500 pseudo-inputs, learning
+    rate 1e-2 or 1e-3 and with linear KL warm-up; the density itself is correct (the
+    tests check it against a loop over pseudo-inputs). Started from weights trained for a
+    few epochs with the standard normal prior, the same model keeps all its units and
+    reaches a higher ELBO than the standard normal prior. Recommended: train the encoder
+    and decoder briefly with ``prior="normal"``, copy their ``state_dict`` into the
+    VampPrior model (``init_from_data`` for the pseudo-inputs), then continue training.
     """
 
     def __init__(self, latent_dim: int, data_dim: int, num_pseudo_inputs: int = 500,

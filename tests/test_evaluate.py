@@ -538,3 +538,46 @@ def test_cuda_estimate_agrees_with_cpu():
     assert abs(gpu.mean - cpu.mean) <= 4 * math.hypot(gpu.mc_se, cpu.mc_se)
     np.testing.assert_allclose(gpu.per_row["exact_log_px"], cpu.per_row["exact_log_px"], rtol=1e-9)
     model.to("cpu")
+
+
+# ---------------------------------------------------------------------------------------
+# chunk planning for priors whose log_prob is wider than the draws (VampPrior)
+# ---------------------------------------------------------------------------------------
+def test_planner_budgets_a_vamp_prior_and_encodes_pseudo_inputs_once_per_chunk():
+    """The VampPrior's [particles, rows, C] component matrix is budgeted (pair.eval_width),
+    and the encoder sees the pseudo-inputs once per vectorized chunk, not once per particle."""
+    from inference.evaluate import log_likelihood, pair_eval_width
+
+    model = DLVM(10, 2, prior="vamp", hidden=(8,), num_pseudo_inputs=50)
+    assert pair_eval_width(model) == 100
+    x = (torch.rand(30, 10) > 0.5).float()
+    calls = []
+    encode = model._encode
+
+    def counting_encode(u):
+        if u.shape[0] == 50 and u.dim() == 2:
+            calls.append(1)
+        return encode(u)
+
+    model.prior.attach_encoder(counting_encode)
+    est = log_likelihood(model, x, num_samples=40, max_elements=30 * 40 * 100 // 4,
+                         progress=False)
+    # budget for a quarter of all draws at width 100 -> at least 4 chunks, each one call
+    # (plus one for the planning probe)
+    chunks = len(calls) - 1
+    assert 4 <= chunks <= 8
+    assert np.isfinite(est.mean)
+
+
+def test_pair_eval_width_hint_is_validated_and_shrinks_chunks():
+    from inference.evaluate import log_likelihood, pair_eval_width
+
+    class Hinted:
+        def __init__(self, hint):
+            self.eval_width = hint
+
+    assert pair_eval_width(object()) == 0
+    assert pair_eval_width(Hinted(64)) == 64
+    for bad in (0, -3, 2.5, "wide", True):
+        with pytest.raises(ValueError, match="eval_width"):
+            pair_eval_width(Hinted(bad))
