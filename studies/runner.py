@@ -178,7 +178,20 @@ class RunConfig:
         K of the importance-sampled test log-likelihood.
     warmup_epochs : int
         KL warm-up (beta from 0 to 1) over this many epochs; ELBO only (IWAE has no KL
-        weight: ignored there, and the result says so).
+        weight: ignored there, and the result says so). With a prior warm start the schedule
+        runs over the epochs of both phases (it is not restarted at the switch).
+    prior_warm_start_epochs : int
+        0 (default): train the run's model from its random initialization. ``w > 0`` with a
+        prior other than ``"normal"`` (DLVM): first fit the same DLVM with the standard normal
+        prior (same architecture, likelihood, objective, seed, KL warm-up) for ``w`` epochs,
+        copy its encoder, decoder and likelihood parameters (every entry of its
+        ``state_dict`` except the prior's) into the run's model, whose prior keeps its own
+        initialization (VampPrior: pseudo-inputs at training rows), then fit the remaining
+        ``epochs - w`` epochs. ``epochs`` counts both phases; the history marks them in a
+        ``phase`` column (``"warm_start"``, ``"main"``) with epochs counted on across the
+        switch. This is the remedy for the VampPrior's posterior collapse from random
+        weights (see :class:`models.priors.VampPrior`). Ignored, with a note, for the normal
+        prior. Left out of the run id when 0, so the ids of earlier runs do not change.
     device : str
         "cpu", "cuda", "auto". Not part of the run's identity: a run done on one device is
         not redone on another.
@@ -209,12 +222,19 @@ class RunConfig:
     seed: int = 0
     num_eval_samples: int = 1000
     warmup_epochs: int = 0
+    prior_warm_start_epochs: int = 0
     device: str = "auto"
     fit_method: str = "svi"
     extra: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
         object.__setattr__(self, "hidden", tuple(int(h) for h in _as_tuple(self.hidden)))
+        w = self.prior_warm_start_epochs
+        if isinstance(w, bool) or not isinstance(w, (int, float, np.integer, np.floating)) \
+                or not float(w).is_integer() or w < 0:
+            raise ValueError(f"RunConfig.prior_warm_start_epochs must be a non-negative integer, "
+                             f"got {w!r}")
+        object.__setattr__(self, "prior_warm_start_epochs", int(w))
         object.__setattr__(self, "extra", dict(self.extra or {}))
         clash = set(self.extra) & {f.name for f in dataclasses.fields(self)}
         if clash:
@@ -230,6 +250,8 @@ class RunConfig:
         d = self.to_dict()
         d.pop("study")
         d.pop("device")
+        if d["prior_warm_start_epochs"] == 0:  # added later: keep the ids of earlier runs
+            d.pop("prior_warm_start_epochs")
         return d
 
     @property
@@ -692,21 +714,8 @@ def execute_run(config: RunConfig, dataset: Dataset, run_dir: Union[str, os.Path
                 history = None
                 result["objective"] = "exact (closed form)" if config.model == "ppca" else "exact (EM)"
             elif config.fit_method == "svi":
-                objective = build_objective(config)
-                callbacks = []
-                if config.warmup_epochs > 0:
-                    if getattr(objective, "supports_beta", False):
-                        from inference.objectives import KLWarmup
-
-                        callbacks.append(KLWarmup(config.warmup_epochs))
-                    else:
-                        result["notes"].append(
-                            f"warmup_epochs={config.warmup_epochs} ignored: {objective.name} has no "
-                            f"KL weight to warm up")
-                fitted = fit_pair(model, dataset, config, objective=objective, callbacks=callbacks,
-                                  device=device)
-                model = getattr(fitted, "model", model)
-                history = _history_frame(getattr(fitted, "history", None))
+                model, history, objective, fitted = _fit_svi(model, dataset, config, device,
+                                                             result["notes"])
                 result["objective"] = getattr(objective, "name", config.objective)
                 result["stopped_early"] = bool(getattr(fitted, "stopped_early", False))
             else:
@@ -748,6 +757,130 @@ def execute_run(config: RunConfig, dataset: Dataset, run_dir: Union[str, os.Path
     text = _dump_json(result)
     _atomic_write_text(run_dir / "result.json", text)  # completion marker: last
     return json.loads(text)  # exactly what a resumed study reads back
+
+
+WARM_START_PHASE, MAIN_PHASE = "warm_start", "main"
+
+
+def _kl_warmup_callbacks(config: RunConfig, objective, notes: Optional[List[str]],
+                         epochs_before: int = 0) -> list:
+    """KL warm-up over ``config.warmup_epochs`` epochs for a fit that starts after
+    ``epochs_before`` epochs of an earlier phase (the schedule goes on, it does not restart);
+    ``notes`` (None: say nothing) gets a note when the objective has no KL weight."""
+    if config.warmup_epochs <= epochs_before:
+        return []
+    if not getattr(objective, "supports_beta", False):
+        if notes is not None:
+            notes.append(f"warmup_epochs={config.warmup_epochs} ignored: {objective.name} has no "
+                         f"KL weight to warm up")
+        return []
+    from inference.objectives import KLWarmup, linear_warmup
+
+    if epochs_before == 0:
+        return [KLWarmup(config.warmup_epochs)]
+
+    class ContinuedKLWarmup(KLWarmup):
+        """beta = linear_warmup(steps of the earlier phase + this fit's step)."""
+
+        def on_fit_start(self, state) -> None:
+            self._objective(state)  # fails early for an objective without a KL weight
+
+        def on_step_start(self, state) -> None:
+            objective = self._objective(state)
+            steps_per_epoch = int(state.steps_per_epoch)
+            objective.beta = linear_warmup(state.global_step + epochs_before * steps_per_epoch,
+                                           self.epochs * steps_per_epoch)
+            state.log("beta", objective.beta)
+
+    return [ContinuedKLWarmup(config.warmup_epochs)]
+
+
+def _fit_svi(model, dataset: Dataset, config: RunConfig, device, notes: List[str]):
+    """SVI fit of a run, with the standard-normal warm start of ``prior_warm_start_epochs``.
+
+    Returns ``(model, history, objective, fitted)`` (objective and FitResult of the last
+    phase; history of both phases).
+    """
+    w = config.prior_warm_start_epochs
+    if w > 0 and config.prior == "normal":
+        notes.append(f"prior_warm_start_epochs={w} ignored: the prior is already the standard "
+                     f"normal")
+        w = 0
+    if w > 0 and config.model != "dlvm":
+        raise ValueError(f"prior_warm_start_epochs needs a DLVM (model='dlvm'), not "
+                         f"{config.model!r}")
+    if w >= config.epochs:
+        raise ValueError(f"prior_warm_start_epochs={w} leaves no epoch for the {config.prior!r} "
+                         f"prior: it must be smaller than epochs={config.epochs}")
+    warm_history = None
+    if w > 0:
+        warm_config = config.replace(prior="normal", prior_warm_start_epochs=0, epochs=w)
+        # seeded as the normal-prior run of this seed: phase 1 is its first w epochs
+        pyro.set_rng_seed(config.seed)
+        with isolated_param_store():
+            warm_model = build_model(warm_config, dataset)
+            warm_objective = build_objective(warm_config)
+            warm_fitted = fit_pair(warm_model, dataset, warm_config, objective=warm_objective,
+                                   callbacks=_kl_warmup_callbacks(warm_config, warm_objective, notes),
+                                   device=device)
+        warm_model = getattr(warm_fitted, "model", warm_model)
+        _copy_all_but_prior(warm_model, model)
+        warm_history = _history_frame(getattr(warm_fitted, "history", None)).assign(
+            phase=WARM_START_PHASE)
+        notes.append(f"warm start: {w} epoch(s) with the standard normal prior, then "
+                     f"{config.epochs - w} with the {config.prior} prior (encoder and decoder "
+                     f"carried over)")
+    main_config = config.replace(epochs=config.epochs - w)
+    objective = build_objective(main_config)
+    # (a note that the objective has no KL weight was made in the warm start already)
+    callbacks = _kl_warmup_callbacks(config, objective, notes if w == 0 else None,
+                                     epochs_before=w)
+    try:
+        fitted = fit_pair(model, dataset, main_config, objective=objective, callbacks=callbacks,
+                          device=device)
+    except Exception as exc:
+        partial = getattr(exc, "history", None)
+        if warm_history is not None and isinstance(partial, pd.DataFrame):
+            exc.history = _join_phases(warm_history, partial)
+        raise
+    model = getattr(fitted, "model", model)
+    history = _history_frame(getattr(fitted, "history", None))
+    if warm_history is not None:
+        history = _join_phases(warm_history, history)
+    return model, history, objective, fitted
+
+
+def _join_phases(warm: pd.DataFrame, main: pd.DataFrame) -> pd.DataFrame:
+    """One history: the main phase's epochs and steps counted on from the warm start's."""
+    main = main.assign(phase=MAIN_PHASE)
+    for column in ("epoch", "step"):
+        if column in warm.columns and column in main.columns and len(warm):
+            main[column] = main[column] + warm[column].max()
+    if "time_s" in warm.columns and "time_s" in main.columns and len(warm):
+        main["time_s"] = main["time_s"] + warm["time_s"].max()  # cumulative wall time
+    return pd.concat([warm, main], ignore_index=True)
+
+
+def _copy_all_but_prior(source: torch.nn.Module, target: torch.nn.Module) -> None:
+    """Load every ``state_dict`` entry of ``source`` except the prior's into ``target``.
+
+    Raises ValueError unless the two models have exactly the same non-prior entries (the
+    warm start must carry over the whole encoder, decoder and likelihood, nothing else).
+    """
+    def non_prior(m):
+        return {k: v for k, v in m.state_dict().items() if not k.startswith("prior.")}
+
+    src, dst = non_prior(source), non_prior(target)
+    if set(src) != set(dst):
+        raise ValueError(f"warm start: the normal-prior model and the run's model differ in "
+                         f"non-prior parameters (only in the warm start: "
+                         f"{sorted(set(src) - set(dst))}, only in the run's model: "
+                         f"{sorted(set(dst) - set(src))})")
+    shapes = [k for k in src if src[k].shape != dst[k].shape]
+    if shapes:
+        raise ValueError(f"warm start: parameter shapes differ for {shapes}")
+    missing, unexpected = target.load_state_dict(src, strict=False)
+    assert not unexpected and all(k.startswith("prior.") for k in missing)
 
 
 def _evaluate_run(model, dataset: Dataset, config: RunConfig, device, notes: List[str]):

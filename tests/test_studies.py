@@ -124,6 +124,64 @@ def test_run_config_identity_and_round_trip():
         RunConfig(extra={"seed": 3})
 
 
+def test_prior_warm_start_trains_both_phases(tmp_path, tiny_data, monkeypatch):
+    """A VampPrior run warm-started with the standard normal prior: two fits (normal prior
+    for w epochs, then the run's prior for the rest), the encoder and decoder carried over,
+    one history with epochs, steps and the KL warm-up schedule going on across the switch."""
+    base = RunConfig(prior="vamp", hidden=(8,), latent_dim=2, epochs=3, batch_size=30, lr=1e-2,
+                     num_eval_samples=10, device="cpu", warmup_epochs=2,
+                     extra={"num_pseudo_inputs": 5})
+    config = base.replace(prior_warm_start_epochs=1)
+    # the option is part of the run's identity, but the ids of runs without it are unchanged
+    assert "prior_warm_start_epochs" not in base.identity() and config.run_id != base.run_id
+    assert RunConfig.from_record(config.to_record()) == config
+    with pytest.raises(ValueError, match="prior_warm_start_epochs"):
+        base.replace(prior_warm_start_epochs=-1)
+
+    real_fit = runner.fit_pair
+    fits = []
+
+    def recording_fit(model, dataset, config, **kwargs):
+        fits.append((config.prior, config.epochs,
+                     {k: v.clone() for k, v in model.state_dict().items()}))
+        fitted = real_fit(model, dataset, config, **kwargs)
+        fits[-1] += ({k: v.clone() for k, v in fitted.model.state_dict().items()},)
+        return fitted
+
+    monkeypatch.setattr(runner, "fit_pair", recording_fit)
+    result = run_study("warm", tiny_data, [config, config.replace(prior_warm_start_epochs=3),
+                                           config.replace(prior="normal")],
+                       out_dir=tmp_path, render=False, progress=False)
+    table = result.results.set_index("run_id")
+    vamp_id, too_long_id, normal_id = table.index
+
+    # 1. the warm-started run: normal prior for 1 epoch, then the VampPrior for 2
+    assert [(prior, epochs) for prior, epochs, *_ in fits[:2]] == [("normal", 1), ("vamp", 2)]
+    warm_end, vamp_start = fits[0][3], fits[1][2]
+    shared = [k for k in vamp_start if not k.startswith("prior.")]
+    assert shared and set(shared) == {k for k in warm_end if not k.startswith("prior.")}
+    for k in shared:
+        torch.testing.assert_close(vamp_start[k], warm_end[k], rtol=0, atol=0)
+    assert "prior.pseudo_inputs" in vamp_start  # the prior kept its own (data) initialization
+    row = table.loc[vamp_id]
+    assert row["status"] == "ok" and row["prior_warm_start_epochs"] == 1
+    assert row["epochs_run"] == config.epochs
+    assert "warm start: 1 epoch(s) with the standard normal prior" in row["notes"]
+    history = pd.read_csv(tmp_path / "warm" / "runs" / vamp_id / "history.csv")
+    assert list(history["epoch"]) == [1, 2, 3]
+    assert list(history["phase"]) == ["warm_start", "main", "main"]
+    assert history["step"].is_monotonic_increasing and history["step"].is_unique
+    assert history["beta"].is_monotonic_increasing and history["beta"].is_unique  # not restarted
+
+    # 2. a warm start as long as the run leaves nothing for the VampPrior: a failed run
+    assert table.loc[too_long_id, "status"] == "failed"
+    assert "must be smaller than epochs=3" in table.loc[too_long_id, "error"]
+    # 3. the normal prior needs no warm start: one ordinary fit, and the result says so
+    assert [(prior, epochs) for prior, epochs, *_ in fits[2:]] == [("normal", 3)]
+    assert table.loc[normal_id, "status"] == "ok" and table.loc[normal_id, "epochs_run"] == 3
+    assert "ignored" in table.loc[normal_id, "notes"]
+
+
 # ---------------------------------------------------------------------------------- resume
 def test_interrupted_study_resumes_without_recomputing(tmp_path, tiny_data, monkeypatch):
     configs = _tiny_grid(prior=["normal"], seeds=(0, 1, 2))
