@@ -1,0 +1,112 @@
+"""Every benchmark script runs end to end with ``--smoke`` (seconds), and its correctness
+checks hold: the hand-written PyTorch objectives equal the library's on the same noise, the
+exact linear fits agree with scikit-learn, the MNIST run writes its curve and results.
+
+The scripts are imported and their ``main(argv)`` called in this process (no interpreter start
+per script). A new script in ``benchmarks/`` must be added to ``SCRIPTS``
+(``test_every_benchmark_script_is_smoke_tested`` fails otherwise).
+"""
+import importlib.util
+import json
+import math
+import pathlib
+import sys
+
+import pytest
+import torch
+
+BENCH_DIR = pathlib.Path(__file__).resolve().parents[1] / "benchmarks"
+#: modules in benchmarks/ that are helpers, not scripts
+HELPERS = {"common.py"}
+
+
+def _check_train_throughput(out, tmp_path):
+    assert out["same_objective"], out["checks"]
+    names = {r["objective"] for r in out["results"]}
+    assert names == {"elbo", "iwae_5", "iwae_50", "iwae_50_dreg"}
+    for r in out["results"]:
+        for side in ("fit", "loop", "hand"):
+            assert math.isfinite(r[f"{side}_rows_per_s"]) and r[f"{side}_rows_per_s"] > 0
+        assert r["ratio_fit"] > 0
+
+
+def _check_linear_models(out, tmp_path):
+    ppca, fa = out["exact"]
+    # ours is the 1/N maximum-likelihood fit; sklearn's 1/(N-1) covariance cannot beat it
+    assert ppca["ours_loglik"] >= ppca["sklearn_loglik"] - 1e-9
+    # both EM implementations stop at the same maximum (tol 1e-6 nats per row)
+    assert abs(fa["ours_loglik"] - fa["sklearn_loglik"]) < 1e-3
+    assert fa["ours_s"] > 0 and fa["sklearn_s"] > 0
+    assert [r["model"] for r in out["svi"]] == ["PPCA", "FactorAnalysis"]
+    for r in out["svi"]:
+        # the exact log-likelihood of any parameters is below the maximum
+        assert r["final_loglik"] <= r["exact_max"] + 1e-6
+        assert r["epochs"] >= 1
+
+
+def _check_mnist_nll(out, tmp_path):
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["test_nll"] == pytest.approx(out["test_nll"])
+    assert math.isfinite(out["test_nll"]) and out["test_log_px_mc_se"] > 0
+    # the IWAE_K estimate is a tighter bound than the ELBO in expectation; 4 se apart at most
+    se = math.hypot(out["test_log_px_data_se"], out["test_elbo_data_se"])
+    assert out["test_log_px"] > out["test_elbo"] - 4 * se
+    curve = (tmp_path / "curve.csv").read_text().strip().splitlines()
+    assert len(curve) == 1 + out["epochs_run"] == 3
+    assert out["published_nll"] == 88.71
+    assert (tmp_path / "fit_checkpoint.pt").exists()
+
+
+def _check_returns_dict(out, tmp_path):
+    assert isinstance(out, dict)
+
+
+def _check_eval_throughput(out, tmp_path):
+    assert out["same_estimates"], out
+
+
+#: script -> (extra argv after --smoke, check(out, tmp_path))
+SCRIPTS = {
+    "train_throughput.py": ([], _check_train_throughput),
+    "linear_models.py": ([], _check_linear_models),
+    "mnist_nll.py": (["--out", "{tmp}"], _check_mnist_nll),
+    "eval_memory.py": ([], _check_returns_dict),
+    "eval_throughput.py": ([], _check_eval_throughput),
+}
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(f"_bench_{name[:-3]}", BENCH_DIR / name)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def restore_threads():
+    """--smoke runs single-threaded (torch and BLAS, see benchmarks/common.py); leave both
+    settings as found."""
+    from threadpoolctl import threadpool_limits
+
+    threads = torch.get_num_threads()
+    with threadpool_limits(limits=None):  # restores the BLAS pools' sizes on exit
+        yield
+    torch.set_num_threads(threads)
+
+
+def test_every_benchmark_script_is_smoke_tested():
+    scripts = {p.name for p in BENCH_DIR.glob("*.py")} - HELPERS
+    assert scripts == set(SCRIPTS), (
+        f"benchmarks/ scripts without a smoke test: {sorted(scripts - set(SCRIPTS))}; "
+        f"listed but missing: {sorted(set(SCRIPTS) - scripts)}")
+
+
+@pytest.mark.parametrize("name", sorted(SCRIPTS))
+def test_script_smoke(name, tmp_path, restore_threads, capsys):
+    extra, check = SCRIPTS[name]
+    module = _load(name)
+    torch.set_num_threads(1)
+    out = module.main(["--smoke", *[a.format(tmp=tmp_path) for a in extra]])
+    printed = capsys.readouterr().out
+    assert printed.strip(), f"{name} printed no table"
+    check(out, tmp_path)
