@@ -27,7 +27,6 @@ import json
 import math
 import os
 import pathlib
-import secrets
 import zipfile
 from collections.abc import Mapping
 
@@ -37,6 +36,7 @@ import numpy as np
 import pandas as pd
 
 from . import analysis, figures
+from .atomic import write_atomically
 
 __all__ = ["RunRecord", "StudyData", "load_study", "render_report", "build_context"]
 
@@ -656,38 +656,8 @@ def _environment() -> jinja2.Environment:
     )
 
 
-def _create_temporary(path: pathlib.Path) -> tuple[int, pathlib.Path]:
-    """A new, exclusively created file next to ``path``: ``(descriptor, its path)``.
-
-    Unlike :func:`tempfile.mkstemp` (always ``0600``), the file is created with mode ``0666``
-    and the process umask (and any default ACL) applies, as for a file made by :func:`open`:
-    after :func:`os.replace` the report has the permissions a user expects of a new file.
-    """
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
-    for _ in range(100):
-        tmp = path.parent / f".{path.name}.{secrets.token_hex(8)}.tmp"
-        try:
-            return os.open(tmp, flags, 0o666), tmp
-        except FileExistsError:  # a random name taken: draw another
-            continue
-    raise FileExistsError(f"could not create a temporary file next to {path}")
-
-
 def _write_atomically(path: pathlib.Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = _create_temporary(path)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    write_atomically(path, text)
 
 
 def render_report(study_dir: str | os.PathLike, output: str | os.PathLike | None = None

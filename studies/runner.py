@@ -66,7 +66,6 @@ import shlex
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 import traceback as _traceback
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
@@ -78,6 +77,7 @@ import torch
 from tqdm.auto import tqdm
 
 from inference._runtime import isolated_param_store, resolve_device
+from reports.atomic import write_atomically
 from studies.datasets import SPLITS, Dataset, contaminate, load_dataset, validate_for_likelihood
 
 __all__ = [
@@ -500,33 +500,8 @@ def validate_study(dataset: Dataset, configs: Sequence[RunConfig]) -> None:
 
 
 # ====================================================================== one run
-def _current_umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-_FILE_MODE = 0o666 & ~_current_umask()  # what open() would give; mkstemp makes 0600 files
-
-
 def _atomic_write_bytes(path: pathlib.Path, data: bytes) -> None:
-    """Write ``data`` to a temporary file next to ``path``, then rename it over ``path``
-    (atomic on POSIX and Windows): a reader sees the old file or the new one, never half."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.chmod(tmp, _FILE_MODE)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    write_atomically(path, data)
 
 
 def _atomic_write_text(path: pathlib.Path, text: str) -> None:
