@@ -21,7 +21,7 @@ import platform
 import statistics
 import sys
 import time
-from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:  # run as a script from a checkout (not installed)
@@ -34,7 +34,8 @@ from torch import nn  # noqa: E402
 
 __all__ = [
     "REPO_ROOT", "ARCHITECTURES", "LOG_2PI",
-    "mnist_path", "subset_rows", "load_binarized_mnist", "add_common_arguments", "parse", "setup_runtime",
+    "mnist_path", "subset_rows", "load_binarized_mnist", "add_common_arguments", "parse",
+    "setup_runtime",
     "sync", "Stopwatch", "median_and_spread", "machine_description", "format_table",
     "MirrorVAE", "copy_dlvm_weights",
 ]
@@ -139,7 +140,8 @@ def add_common_arguments(parser: argparse.ArgumentParser, *, data: bool = True) 
                         help="where to run (auto: cuda when available)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None,
-                        help="torch and BLAS threads (default: the libraries' own; 1 with --smoke). "
+                        help="torch and BLAS threads (default: the libraries' own; 1 with "
+                             "--smoke). "
                              "On a shared, loaded machine use 1: idle-waiting OpenMP threads "
                              "made a training step 20-30x slower with 2 threads on 2 busy cores")
     parser.add_argument("--smoke", action="store_true",

@@ -44,6 +44,8 @@ if str(BENCH_DIR) not in sys.path:
     sys.path.insert(0, str(BENCH_DIR))
 
 import common  # noqa: E402  (puts the repository on sys.path)
+if pathlib.Path(common.__file__).resolve().parent != BENCH_DIR:  # another 'common' module
+    raise ImportError(f"benchmarks/common.py expected, got {common.__file__}")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
@@ -210,8 +212,9 @@ def bench_svi(cls_name: str, X: np.ndarray, d: int, exact: float, args, device) 
                  progress=False, callbacks=[callback])
     reached = callback.reached_epoch is not None
     return dict(model=cls_name, objective=objective.name, exact_max=exact, target=target_value,
-                reached=reached, epochs=len(result.history), steps=int(result.history["step"].iloc[-1]),
-                final_loglik=callback.last, final_gap_pct=100 * (exact - callback.last) / abs(exact),
+                reached=reached, epochs=len(result.history),
+                steps=int(result.history["step"].iloc[-1]), final_loglik=callback.last,
+                final_gap_pct=100 * (exact - callback.last) / abs(exact),
                 fit_s=result.elapsed_s, check_s=callback.check_s,
                 svi_s=result.elapsed_s - callback.check_s,
                 final_train_elbo=float(result.history["train_objective"].iloc[-1]))
@@ -252,7 +255,8 @@ def main(args=None) -> dict:
         ("data", "data", ""), ("method", "method", ""), ("ours_s", "ours s", ".4f"),
         ("sklearn_s", "sklearn s", ".4f"), ("ratio", "ours/sklearn", ".2f"),
         ("ours_iter", "iter ours", ""), ("sklearn_iter", "iter sklearn", ""),
-        ("ours_loglik", "loglik/row ours", ".6f"), ("sklearn_loglik", "loglik/row sklearn", ".6f")]))
+        ("ours_loglik", "loglik/row ours", ".6f"),
+        ("sklearn_loglik", "loglik/row sklearn", ".6f")]))
     if svi_rows:
         print(f"\n  SVI ({args.svi_objective}, Adam lr {args.svi_lr}, batch {args.svi_batch_size}) "
               f"until the exact log-likelihood per row is within {100 * args.target:g}% of the "
@@ -260,7 +264,8 @@ def main(args=None) -> dict:
         print(common.format_table(
             [dict(r, reached_text="yes" if r["reached"] else f"NO (limit {args.svi_epochs})")
              for r in svi_rows], [
-                ("data", "data", ""), ("model", "model", ""), ("exact_max", "max loglik/row", ".4f"),
+                ("data", "data", ""), ("model", "model", ""),
+                ("exact_max", "max loglik/row", ".4f"),
                 ("final_loglik", "reached loglik/row", ".4f"), ("final_gap_pct", "gap %", ".3f"),
                 ("reached_text", "reached", ""), ("epochs", "epochs", "d"), ("steps", "steps", "d"),
                 ("svi_s", "SVI s", ".2f"), ("check_s", "check s", ".2f")]))

@@ -69,6 +69,8 @@ if str(BENCH_DIR) not in sys.path:
     sys.path.insert(0, str(BENCH_DIR))
 
 import common  # noqa: E402  (puts the repository on sys.path)
+if pathlib.Path(common.__file__).resolve().parent != BENCH_DIR:  # another 'common' module
+    raise ImportError(f"benchmarks/common.py expected, got {common.__file__}")
 import torch  # noqa: E402
 
 #: (prior, objective, K) -> (published test NLL in nats, source)

@@ -10,7 +10,6 @@ import importlib.util
 import json
 import math
 import pathlib
-import sys
 
 import pytest
 import torch
