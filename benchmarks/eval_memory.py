@@ -19,30 +19,25 @@ The data file comes from ``--data``, else ``$PYRO_LVM_DATA`` (a file or a direct
 from __future__ import annotations
 
 import argparse
-import os
 import pathlib
 import resource
 import sys
 import time
 
-REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:  # run as a script from a checkout (not installed)
-    sys.path.insert(0, str(REPO_ROOT))
+BENCH_DIR = pathlib.Path(__file__).resolve().parent
+if str(BENCH_DIR) not in sys.path:
+    sys.path.insert(0, str(BENCH_DIR))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+import common  # noqa: E402  (puts the repository on sys.path)
+if pathlib.Path(common.__file__).resolve().parent != BENCH_DIR:  # another 'common' module
+    raise ImportError(f"benchmarks/common.py expected, got {common.__file__}")
+from common import mnist_path  # noqa: E402
+
 TARGET_GIB = 4.0
 GIB = 1024 ** 3
-
-
-def mnist_path(data=None) -> pathlib.Path:
-    """``data`` argument, else ``$PYRO_LVM_DATA`` (file or directory), else the shared copy."""
-    raw = data or os.environ.get("PYRO_LVM_DATA")
-    if raw:
-        p = pathlib.Path(raw).expanduser()
-        return p / "binarized_mnist.npz" if p.is_dir() else p
-    return REPO_ROOT.parent / "shared" / "data" / "binarized_mnist.npz"
 
 
 def load_mnist_split(data=None, split: str = "test", rows=None) -> torch.Tensor:
