@@ -44,7 +44,7 @@ from tqdm.auto import tqdm
 from models.validation import check_data, check_mask
 
 from ._runtime import isolated_param_store, resolve_device, resolve_pair
-from .objectives import PARTICLE_PLATE, trace_log_terms
+from .objectives import PARTICLE_PLATE, log_weights, trace_log_terms
 
 __all__ = [
     "KHAT_GOOD",
@@ -240,8 +240,7 @@ def _log_weight_matrix(model_fn, guide_fn, x, mask, num_particles: int,
     remaining = num_particles
     while remaining > 0:
         k = min(particle_chunk, remaining)
-        terms = trace_log_terms(model_fn, guide_fn, x, k, mask)
-        parts.append(terms.log_weights.detach())
+        parts.append(log_weights(model_fn, guide_fn, x, k, mask).detach())
         remaining -= k
     return torch.cat(parts, dim=0)
 

@@ -83,7 +83,7 @@ from tqdm.auto import tqdm
 
 from models.validation import check_data
 from inference._runtime import isolated_param_store, resolve_device, resolve_pair
-from inference.objectives import trace_log_terms
+from inference.objectives import log_weights, trace_log_terms
 
 __all__ = [
     "LogLikelihoodEstimate",
@@ -697,7 +697,7 @@ def _stream(ctx, num_samples: int, rows: int, particles: int, progress, desc: st
             done = 0
             while done < num_samples:
                 k = min(particles, num_samples - done)
-                lw = trace_log_terms(ctx.model_fn, ctx.guide_fn, xb, k, mb).log_weights
+                lw = log_weights(ctx.model_fn, ctx.guide_fn, xb, k, mb)
                 bad_rows[start:start + xb.shape[0]] |= (torch.isnan(lw) | (lw == math.inf)).any(0)
                 chunk_index += 1
                 if chunk_index == 1 and validate_first_only:

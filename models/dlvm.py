@@ -58,11 +58,12 @@ from pyro.infer.util import is_validation_enabled
 from pyro.nn import PyroModule, pyro_method
 
 from . import validation
-from .base import unique_module_name
-from .likelihoods import (DEFAULT_DF_BOUNDS, DEFAULT_SCALE_FLOOR, LIKELIHOOD_NAMES, Likelihood,
-                          make_likelihood)
+from .base import HALF_LOG_2PI, LogWeightTerms, normal_log_prob, unique_module_name
+from .likelihoods import (DEFAULT_DF_BOUNDS, DEFAULT_SCALE_FLOOR, LIKELIHOOD_NAMES, Bernoulli,
+                          Gaussian, Likelihood, StudentT, make_likelihood)
 from .networks import mlp
-from .priors import PRIOR_NAMES, Prior, StandardNormalPrior, make_prior
+from .priors import (PRIOR_NAMES, MixturePrior, Prior, StandardNormalPrior, VampPrior,
+                     make_prior)
 
 __all__ = ["DLVM", "LectureDLVM"]
 
@@ -74,6 +75,10 @@ def _hidden_tuple(hidden, what: str) -> Tuple[int, ...]:
         return tuple(hidden)
     except TypeError:
         raise ValueError(f"{what} must be a sequence of layer widths, got {hidden!r}") from None
+
+
+def _is_bound_method(fn, owner, name: str) -> bool:
+    return getattr(fn, "__self__", None) is owner and getattr(fn, "__name__", None) == name
 
 
 class _AmortizedGaussianGuideMixin:
@@ -254,6 +259,71 @@ class DLVM(_AmortizedGaussianGuideMixin, PyroModule):
                 px = px.mask(mask)
             pyro.sample("x", px.to_event(1), obs=x)
         return out
+
+    # ------------------------------------------------------------------ Pyro-free path
+    #: The component types whose tensor code :meth:`log_weight_terms` reproduces exactly.
+    _DIRECT_PRIORS = (StandardNormalPrior, MixturePrior, VampPrior)
+    _DIRECT_LIKELIHOODS = (Bernoulli, Gaussian, StudentT)
+
+    def log_weight_terms_match(self, model_fn, guide_fn) -> bool:
+        """Whether :meth:`log_weight_terms` computes exactly what tracing ``(model_fn,
+        guide_fn)`` computes: both are this instance's own ``model`` and ``guide``, not
+        overridden by a subclass, with a library prior and likelihood (exact types) and no
+        ``PyroParam``/``PyroSample`` attributes (whose values Pyro may take from the parameter
+        store). Anything else is scored by tracing, which is always correct."""
+        for fn, name in ((model_fn, "model"), (guide_fn, "guide")):
+            if getattr(fn, "__self__", None) is not self:
+                return False
+            if getattr(fn, "__func__", None) is not getattr(DLVM, name):
+                return False
+        if type(self)._encode is not DLVM._encode:
+            return False
+        if type(self.prior) not in self._DIRECT_PRIORS \
+                or type(self.likelihood) not in self._DIRECT_LIKELIHOODS:
+            return False
+        if isinstance(self.prior, VampPrior) and not _is_bound_method(
+                self.prior._encoder_fn, self, "_encode"):
+            return False
+        return not any(m.__dict__.get("_pyro_params") or m.__dict__.get("_pyro_samples")
+                       for m in self.modules())
+
+    def log_weight_terms(self, x: torch.Tensor, num_particles: int = 1,
+                         mask: Optional[torch.Tensor] = None, *, stop_guide_params: bool = False,
+                         latent_hook=None) -> LogWeightTerms:
+        """:math:`\\log p(x_i\\mid z_{ki})`, :math:`\\log p(z_{ki})`, :math:`\\log q(z_{ki}\\mid
+        x_i)`, each ``[K, batch]``, for ``K = num_particles`` reparameterized draws
+        :math:`z_{ki} = \\mu_\\phi(x_i) + \\sigma_\\phi(x_i)\\,\\varepsilon_{ki}`, computed with
+        plain tensor operations (no Pyro trace, no distribution objects on the common paths).
+
+        The draws consume the random number generator exactly as the traced guide does, and
+        the arithmetic is the same, so the result equals
+        :func:`inference.objectives.trace_log_terms` on ``(model, guide)`` at the same seed (the
+        objectives use this path automatically; see :class:`models.base.LogWeightTerms` for the
+        protocol and the two keyword arguments). Under Pyro validation the data are checked as
+        the model checks them; invalid network outputs show up as non-finite terms.
+        """
+        x, mask = self._observed(x, mask)
+        if is_validation_enabled():
+            self.likelihood.check_data(x, mask)
+        loc, scale = self._encode(x)
+        # Normal(loc, scale).rsample() under the particle plate: eps ~ N(0, I) of shape
+        # [K, batch, d] from the same generator call, then loc + eps * scale.
+        eps = torch.empty((num_particles,) + tuple(loc.shape), dtype=loc.dtype,
+                          device=loc.device).normal_()
+        z = loc + eps * scale
+        if latent_hook is not None:
+            z = latent_hook(z)
+        if stop_guide_params:
+            # only the path through the draws keeps a gradient
+            log_q = normal_log_prob(z, loc.detach(), scale.detach()).sum(-1)
+        else:
+            # (z - loc) / scale = eps: the same value (up to rounding) and total derivative,
+            # and log(scale) is summed once per row rather than once per draw
+            log_q = -0.5 * eps.pow(2).sum(-1) - (scale.log().sum(-1)
+                                                  + self.latent_dim * HALF_LOG_2PI)
+        log_prior = self.prior.log_prob(z)
+        log_lik = self.likelihood.log_prob(x, self.decoder(z), mask)
+        return LogWeightTerms(log_lik, log_prior, log_q)
 
     # ------------------------------------------------------------------ conveniences
     def sample(self, n: int, *, mean: bool = False, return_latent: bool = False):
