@@ -44,7 +44,7 @@ from tqdm import tqdm
 from inference._runtime import isolated_param_store, resolve_device, resolve_pair
 from inference.contract import check_contract
 from inference.objectives import trace_log_terms
-from models.validation import check_data, check_mask
+from models.validation import check_data, check_mask, data_checked
 
 __all__ = [
     "fit",
@@ -413,7 +413,14 @@ class _ObjectiveAdapter:
                 poutine.scale(self.guide_fn, scale=scale))
 
     def train_loss(self, xb: torch.Tensor, mb: Optional[torch.Tensor]) -> torch.Tensor:
-        """Scaled minibatch loss with gradients accumulated into ``.grad`` (returns it detached)."""
+        """Scaled minibatch loss with gradients accumulated into ``.grad`` (returns it detached).
+
+        The rows were validated once before training, so the models' per-call data checks are
+        skipped (:func:`models.validation.data_checked`)."""
+        with data_checked():
+            return self._train_loss(xb, mb)
+
+    def _train_loss(self, xb: torch.Tensor, mb: Optional[torch.Tensor]) -> torch.Tensor:
         if self.kind == "pyro":
             # Pyro warns on NaN losses (forward and backward); fit raises a precise
             # NonFiniteLossError instead, so the warning would only duplicate it.
@@ -438,7 +445,7 @@ class _ObjectiveAdapter:
 
     def eval_sum(self, xb: torch.Tensor, mb: Optional[torch.Tensor]) -> float:
         """:math:`\\sum_{i \\in B} \\widehat{\\mathcal{L}}_i` on a chunk, without gradients."""
-        with torch.no_grad():
+        with torch.no_grad(), data_checked():
             return -float(self.objective.loss(self.model_fn, self.guide_fn, xb, mask=mb))
 
 

@@ -86,6 +86,7 @@ Ladder variational autoencoders (KL warm-up); Higgins et al. (2017), beta-VAE.
 """
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 import warnings
@@ -550,19 +551,36 @@ class _Objective:
     requires_reparameterized = True
 
     def __init__(self, num_particles: int, gradient: str, allowed: Tuple[str, ...],
-                 fast_path: bool = True):
+                 fast_path: bool = True, compile: bool = False):
         self.num_particles = _check_particles(num_particles)
         if gradient not in allowed:
             raise ValueError(f"{type(self).__name__}: gradient must be one of {allowed}, got "
                              f"{gradient!r}")
         self.gradient = gradient
-        if not isinstance(fast_path, bool):
-            raise ValueError(f"fast_path must be True or False, got {fast_path!r}")
+        for value, what in ((fast_path, "fast_path"), (compile, "compile")):
+            if not isinstance(value, bool):
+                raise ValueError(f"{what} must be True or False, got {value!r}")
+        if compile and not fast_path:
+            raise ValueError("compile=True compiles the pair's Pyro-free path; it needs "
+                             "fast_path=True")
         self.fast_path = fast_path
+        self.compile = compile
+        self._warned_not_compiled = False
 
     def _terms_fn(self, model, guide) -> Optional[Callable]:
         """The pair's Pyro-free path (:func:`pyro_free_terms`) when enabled, else None."""
-        return pyro_free_terms(model, guide) if self.fast_path else None
+        terms_fn = pyro_free_terms(model, guide) if self.fast_path else None
+        if not self.compile:
+            return terms_fn
+        if terms_fn is None:
+            if not self._warned_not_compiled and not _PYRO_STACK:
+                self._warned_not_compiled = True
+                warnings.warn(f"{self.name}: compile=True has no effect for this model/guide "
+                              f"pair: it has no Pyro-free path (see "
+                              f"inference.objectives.pyro_free_terms), so it is traced",
+                              UserWarning, stacklevel=4)
+            return None
+        return functools.partial(terms_fn, compile=True)
 
     # -- to implement ------------------------------------------------------------------
     def _bound(self, model, guide, x, mask) -> torch.Tensor:  # pragma: no cover
@@ -638,7 +656,8 @@ class _Objective:
         return float(loss.detach())
 
     def __repr__(self) -> str:
-        extra = "" if self.fast_path else ", fast_path=False"
+        extra = ("" if self.fast_path else ", fast_path=False") + (
+            ", compile=True" if self.compile else "")
         return f"{type(self).__name__}({self._repr_args()}{extra})"
 
 
@@ -674,17 +693,23 @@ class ELBO(_Objective):
         :class:`models.dlvm.DLVM`) with it: the same draws and numbers as tracing, a few
         milliseconds less per call. ``False`` always traces. (``analytic_kl`` always traces: it
         reads the distributions from the traces.)
+    compile : bool
+        Run the Pyro-free path through ``torch.compile`` (compiled on first use per shape,
+        which takes seconds; needs a working inductor backend, i.e. a C++ compiler on the CPU).
+        Pays off for many particles: measured about 20% less time per step at ``K = 50`` on
+        the CPU (``benchmarks/train_throughput.py``), nothing at ``K = 1``. Same draws and
+        estimator; the numbers differ from the eager ones by float rounding only.
     """
 
     supports_beta = True
 
     def __init__(self, num_particles: int = 1, analytic_kl: bool = False, beta: float = 1.0,
-                 gradient: str = "standard", fast_path: bool = True):
+                 gradient: str = "standard", fast_path: bool = True, compile: bool = False):
         if gradient == "dreg":
             raise ValueError("ELBO: gradient='dreg' is an estimator for the importance-weighted "
                              "bound (use IWAE(K, gradient='dreg')); for the ELBO the doubly "
                              "reparameterized gradient reduces to gradient='stl'")
-        super().__init__(num_particles, gradient, ("standard", "stl"), fast_path)
+        super().__init__(num_particles, gradient, ("standard", "stl"), fast_path, compile)
         if not isinstance(analytic_kl, bool):
             raise ValueError(f"analytic_kl must be True or False, got {analytic_kl!r}")
         if analytic_kl and gradient == "stl":
@@ -811,6 +836,8 @@ class IWAE(_Objective):
     fast_path : bool
         As for :class:`ELBO`: pairs with a Pyro-free path are scored by it (same draws and
         numbers; DReG then needs one forward and one backward pass instead of two of each).
+    compile : bool
+        As for :class:`ELBO`.
 
     ``beta`` is fixed at 1: a KL weight is not defined inside the log-mean-exp.
     """
@@ -818,8 +845,9 @@ class IWAE(_Objective):
     supports_beta = False
 
     def __init__(self, num_particles: int = 5, gradient: str = "standard",
-                 fast_path: bool = True):
-        super().__init__(num_particles, gradient, ("standard", "dreg", "stl"), fast_path)
+                 fast_path: bool = True, compile: bool = False):
+        super().__init__(num_particles, gradient, ("standard", "dreg", "stl"), fast_path,
+                         compile)
 
     @property
     def beta(self) -> float:

@@ -48,13 +48,13 @@ IJCAI.
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Optional, Sequence, Tuple, Union
 
 import pyro
 import pyro.distributions as dist
 import torch
 import torch.nn.functional as F
-from pyro.infer.util import is_validation_enabled
 from pyro.nn import PyroModule, pyro_method
 
 from . import validation
@@ -130,6 +130,58 @@ class _AmortizedGaussianGuideMixin:
         loc, scale = self._encode(x)
         with pyro.plate("data", x.shape[0], dim=-1):
             return pyro.sample("z", dist.Normal(loc, scale).to_event(1))
+
+
+def _encode_rows(model, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    return model._encode(x)
+
+
+def _score_draws(model, x, mask, z, eps, loc, scale, stop_guide_params: bool):
+    """``(log p(x|z), log p(z), log q(z|x))`` ``[K, batch]`` of draws ``z = loc + eps * scale``."""
+    if stop_guide_params:
+        # only the path through the draws keeps a gradient
+        log_q = normal_log_prob(z, loc.detach(), scale.detach()).sum(-1)
+    else:
+        # (z - loc) / scale = eps: the same value (up to rounding) and total derivative, and
+        # log(scale) is summed once per row rather than once per draw
+        log_q = -0.5 * eps.pow(2).sum(-1) - (scale.log().sum(-1)
+                                              + model.latent_dim * HALF_LOG_2PI)
+    log_prior = model.prior.log_prob(z)
+    log_lik = model.likelihood.log_prob(x, model.decoder(z), mask)
+    return log_lik, log_prior, log_q
+
+
+def _terms_from_noise(model, x, mask, eps, stop_guide_params: bool):
+    loc, scale = model._encode(x)
+    return _score_draws(model, x, mask, loc + eps * scale, eps, loc, scale, stop_guide_params)
+
+
+def _float_dtype_and_device(model, x: torch.Tensor):
+    """The dtype and device of the encoder's output for input ``x`` (its first parameter's)."""
+    for param in model.encoder.parameters():
+        return param.dtype, param.device
+    return x.dtype, x.device
+
+
+#: torch.compile'd versions of the functions above, made on first use (one per process:
+#: dynamo keys its compiled graphs on the model instance, shapes and grad mode).
+_COMPILED: dict = {}
+
+
+def _compiled(name: str, fn):
+    if name not in _COMPILED:
+        compiled = torch.compile(fn)
+
+        def call(*args):
+            # dynamo reads .grad of the non-leaf inputs (loc, scale, z) when it wraps them,
+            # which makes torch warn about non-leaf .grad access; nothing of ours reads it
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="The .grad attribute of a Tensor "
+                                        "that is not a leaf Tensor is being accessed")
+                return compiled(*args)
+
+        _COMPILED[name] = call
+    return _COMPILED[name]
 
 
 class DLVM(_AmortizedGaussianGuideMixin, PyroModule):
@@ -248,7 +300,7 @@ class DLVM(_AmortizedGaussianGuideMixin, PyroModule):
         """:math:`z_i \\sim p_\\lambda(z)`, :math:`x_i \\mid z_i \\sim \\Phi(x_i \\mid f_\\theta(z_i))`
         on the observed entries; sites ``"z"`` and ``"x"``; returns the decoder output."""
         x, mask = self._observed(x, mask)
-        if is_validation_enabled():
+        if validation.per_call_data_checks():
             # A clear message (which value, where) before Pyro's generic support error.
             self.likelihood.check_data(x, mask)
         with pyro.plate("data", x.shape[0], dim=-1):
@@ -289,41 +341,40 @@ class DLVM(_AmortizedGaussianGuideMixin, PyroModule):
 
     def log_weight_terms(self, x: torch.Tensor, num_particles: int = 1,
                          mask: Optional[torch.Tensor] = None, *, stop_guide_params: bool = False,
-                         latent_hook=None) -> LogWeightTerms:
+                         latent_hook=None, compile: bool = False) -> LogWeightTerms:
         """:math:`\\log p(x_i\\mid z_{ki})`, :math:`\\log p(z_{ki})`, :math:`\\log q(z_{ki}\\mid
         x_i)`, each ``[K, batch]``, for ``K = num_particles`` reparameterized draws
         :math:`z_{ki} = \\mu_\\phi(x_i) + \\sigma_\\phi(x_i)\\,\\varepsilon_{ki}`, computed with
         plain tensor operations (no Pyro trace, no distribution objects on the common paths).
 
-        The draws consume the random number generator exactly as the traced guide does, and
-        the arithmetic is the same, so the result equals
-        :func:`inference.objectives.trace_log_terms` on ``(model, guide)`` at the same seed (the
-        objectives use this path automatically; see :class:`models.base.LogWeightTerms` for the
-        protocol and the two keyword arguments). Under Pyro validation the data are checked as
-        the model checks them; invalid network outputs show up as non-finite terms.
+        The draws consume the random number generator exactly as the traced guide does, so the
+        result equals :func:`inference.objectives.trace_log_terms` on ``(model, guide)`` at the
+        same seed, up to float rounding (the objectives use this path automatically; see
+        :class:`models.base.LogWeightTerms` for the protocol and the keyword arguments). Under
+        Pyro validation the data are checked as the model checks them; invalid network outputs
+        show up as non-finite terms.
+
+        ``compile=True`` runs the encoder and the scoring of the draws through
+        ``torch.compile`` (compiled once per shape and grad mode, which takes seconds; the
+        random draws and the gradient hook stay outside the compiled code).
         """
         x, mask = self._observed(x, mask)
-        if is_validation_enabled():
+        if validation.per_call_data_checks():
             self.likelihood.check_data(x, mask)
-        loc, scale = self._encode(x)
-        # Normal(loc, scale).rsample() under the particle plate: eps ~ N(0, I) of shape
-        # [K, batch, d] from the same generator call, then loc + eps * scale.
-        eps = torch.empty((num_particles,) + tuple(loc.shape), dtype=loc.dtype,
-                          device=loc.device).normal_()
-        z = loc + eps * scale
-        if latent_hook is not None:
-            z = latent_hook(z)
-        if stop_guide_params:
-            # only the path through the draws keeps a gradient
-            log_q = normal_log_prob(z, loc.detach(), scale.detach()).sum(-1)
-        else:
-            # (z - loc) / scale = eps: the same value (up to rounding) and total derivative,
-            # and log(scale) is summed once per row rather than once per draw
-            log_q = -0.5 * eps.pow(2).sum(-1) - (scale.log().sum(-1)
-                                                  + self.latent_dim * HALF_LOG_2PI)
-        log_prior = self.prior.log_prob(z)
-        log_lik = self.likelihood.log_prob(x, self.decoder(z), mask)
-        return LogWeightTerms(log_lik, log_prior, log_q)
+        # Normal(loc, scale).rsample() under the particle plate draws eps ~ N(0, I) of shape
+        # [K, batch, d] in one generator call (the encoder draws nothing, so drawing first
+        # consumes the generator identically), then z = loc + eps * scale.
+        dtype, device = _float_dtype_and_device(self, x)
+        eps = torch.empty((num_particles, x.shape[0], self.latent_dim), dtype=dtype,
+                          device=device).normal_()
+        if latent_hook is None:
+            body = _compiled("terms", _terms_from_noise) if compile else _terms_from_noise
+            return LogWeightTerms(*body(self, x, mask, eps, stop_guide_params))
+        encode = _compiled("encode", _encode_rows) if compile else _encode_rows
+        score = _compiled("score", _score_draws) if compile else _score_draws
+        loc, scale = encode(self, x)
+        z = latent_hook(loc + eps * scale)
+        return LogWeightTerms(*score(self, x, mask, z, eps, loc, scale, stop_guide_params))
 
     # ------------------------------------------------------------------ conveniences
     def sample(self, n: int, *, mean: bool = False, return_latent: bool = False):

@@ -5,12 +5,40 @@ Every check raises :class:`ValueError` naming what is wrong and where (row, colu
 """
 from __future__ import annotations
 
-from typing import Optional
+import contextlib
+import threading
+from typing import Iterator, Optional
 
 import numpy as np
 import torch
+from pyro.infer.util import is_validation_enabled
 
-__all__ = ["check_data", "check_mask", "check_binary"]
+__all__ = ["check_data", "check_mask", "check_binary", "data_checked", "per_call_data_checks"]
+
+_STATE = threading.local()
+
+
+@contextlib.contextmanager
+def data_checked() -> Iterator[None]:
+    """Declare that the data passed to models inside this block were validated up front.
+
+    Models check their input on every call while Pyro validation is on (a clear message
+    before Pyro's generic support error). :func:`inference.fit.fit` validates the whole data
+    set once before the first step and then trains inside this block, so the per-step
+    re-checks of the same rows are skipped; Pyro's own distribution validation is unaffected.
+    """
+    previous = getattr(_STATE, "checked", False)
+    _STATE.checked = True
+    try:
+        yield
+    finally:
+        _STATE.checked = previous
+
+
+def per_call_data_checks() -> bool:
+    """Whether a model should check its input now: Pyro validation is on and the caller has
+    not validated the data up front (:func:`data_checked`)."""
+    return is_validation_enabled() and not getattr(_STATE, "checked", False)
 
 
 def _first_bad(bad: np.ndarray, limit: int = 5) -> str:
@@ -137,8 +165,12 @@ def check_binary(x: torch.Tensor, *, name: str = "data", allow_fractional: bool 
         bad = (x < 0) | (x > 1)
         what = "outside [0, 1]"
     else:
-        bad = (x != 0) & (x != 1)
+        # x (1 - x) is 0 exactly for x in {0, 1}, nonzero or NaN otherwise: one cheap pass
+        # decides the common all-valid case; the exact test locates the values
+        bad = None if mask is None and not bool((x * (1 - x)).any()) else (x != 0) & (x != 1)
         what = "outside {0, 1}"
+        if bad is None:
+            return
     if mask is not None:
         bad = bad & mask.bool()
     if bool(bad.any()):

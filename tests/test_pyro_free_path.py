@@ -263,3 +263,42 @@ def test_default_optimizer_is_fused_adam_where_torch_has_the_kernel():
     # complex parameters have no fused kernel: the plain implementation is used
     plain = default_optimizer([torch.nn.Parameter(torch.randn(2, dtype=torch.complex64))], 0.1)
     assert isinstance(plain, torch.optim.Adam) and not plain.defaults.get("fused")
+
+
+def _compile_works() -> bool:
+    try:
+        torch.compile(lambda t: torch.tanh(t) * 2)(torch.ones(2))
+    except Exception:  # no C++ toolchain for inductor on this machine
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _compile_works(), reason="torch.compile (inductor) unavailable")
+def test_compiled_objectives_match_the_eager_ones():
+    model = _model("vamp", "bernoulli")
+    x, mask = _data("bernoulli"), _mask()
+    for objective in (ELBO(compile=True), IWAE(6, gradient="dreg", compile=True)):
+        eager = type(objective)(num_particles=objective.num_particles,
+                                gradient=objective.gradient)
+        for m in (None, mask):
+            loss_c, grads_c = _loss_and_grads(model, objective, x, m, seed=2)
+            loss_e, grads_e = _loss_and_grads(model, eager, x, m, seed=2)
+            assert math.isclose(loss_c, loss_e, rel_tol=1e-5), objective
+            for name, g in grads_e.items():
+                err = float((grads_c[name] - g).abs().max() / g.abs().max().clamp_min(1e-6))
+                assert err < 1e-4, (objective, name, err)
+    assert "compile=True" in repr(ELBO(compile=True))
+
+
+def test_compile_needs_the_fast_path_and_warns_for_traced_pairs():
+    with pytest.raises(ValueError, match="fast_path"):
+        ELBO(compile=True, fast_path=False)
+    with pytest.raises(ValueError, match="compile must be True or False"):
+        IWAE(3, compile="yes")
+    model = _model("normal", "bernoulli")
+    other = _model("normal", "bernoulli")
+    x = _data("bernoulli")
+    objective = ELBO(compile=True)
+    with pytest.warns(UserWarning, match="no Pyro-free path"):
+        objective(model.model, other.guide, x)
+    objective(model.model, other.guide, x)  # warned once per objective
