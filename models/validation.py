@@ -83,6 +83,9 @@ def check_data(
         Non-numeric values, wrong number of dimensions or columns, too few rows,
         NaN or infinite values (with their rows and columns).
     """
+    if isinstance(x, torch.Tensor) and x.is_floating_point() and not x.is_complex():
+        return _check_float_tensor(x, data_dim, name=name, min_rows=min_rows, mask=mask,
+                                   dtype=dtype)
     if isinstance(x, torch.Tensor):
         arr = x.detach().cpu().numpy()
         src_dtype = x.dtype if x.is_floating_point() else None
@@ -138,6 +141,39 @@ def check_data(
     if isinstance(x, torch.Tensor):
         out = out.to(x.device)
     return out
+
+
+def _check_float_tensor(x: torch.Tensor, data_dim: Optional[int], *, name: str, min_rows: int,
+                        mask, dtype: Optional[torch.dtype]) -> torch.Tensor:
+    """:func:`check_data` for a floating-point tensor, checked where it lives (no float64 copy
+    of the whole array: on 50,000 x 784 MNIST rows the copy cost about a second)."""
+    if x.dim() != 2:
+        raise ValueError(f"{name} must be a 2-D array (rows x features), got shape "
+                         f"{tuple(x.shape)}")
+    n, p = x.shape
+    if data_dim is not None and p != data_dim:
+        raise ValueError(f"{name} has {p} columns but the model expects data_dim={data_dim}")
+    if n < min_rows:
+        raise ValueError(f"{name} has {n} row(s); at least {min_rows} are needed")
+    x = x.detach()
+    mask_t = None
+    if mask is not None:
+        mask_t = torch.as_tensor(check_mask(mask, tuple(x.shape), name=name), device=x.device)
+    bad = ~torch.isfinite(x)
+    if mask_t is not None:
+        bad &= mask_t
+    if bool(bad.any()):
+        bad_np = bad.cpu().numpy()
+        kind = "NaN" if bool(torch.isnan(x[bad]).any()) else "infinite"
+        raise ValueError(
+            f"{name} contains {int(bad_np.sum())} {kind}/non-finite value(s) at "
+            f"{_first_bad(bad_np)}"
+            + ("" if mask_t is not None else "; pass mask= to mark missing entries instead")
+        )
+    out_dtype = dtype or x.dtype
+    if mask_t is not None:
+        x = torch.where(mask_t, x, torch.zeros((), dtype=x.dtype, device=x.device))
+    return x if x.dtype == out_dtype else x.to(out_dtype)
 
 
 def check_mask(mask, shape, *, name: str = "data") -> np.ndarray:
