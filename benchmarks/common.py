@@ -36,7 +36,7 @@ __all__ = [
     "REPO_ROOT", "ARCHITECTURES", "LOG_2PI",
     "mnist_path", "subset_rows", "load_binarized_mnist", "add_common_arguments", "parse",
     "setup_runtime",
-    "sync", "Stopwatch", "median_and_spread", "machine_description", "format_table",
+    "sync", "Stopwatch", "PeakMemory", "median_and_spread", "machine_description", "format_table",
     "MirrorVAE", "copy_dlvm_weights",
 ]
 
@@ -201,6 +201,58 @@ class Stopwatch:
     def __exit__(self, *exc) -> None:
         sync(self.device)
         self.seconds = time.perf_counter() - self._start
+
+
+def _rss_bytes() -> int:
+    """Resident set size of this process (Linux /proc; 0 where unavailable)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+class PeakMemory:
+    """``with PeakMemory(device) as pm: ...`` then ``pm.peak_bytes``: the largest memory in use
+    during the block *above what was in use when it started* -- on CUDA the allocator's peak
+    (``torch.cuda.max_memory_allocated``), on the CPU the resident set size sampled every
+    ``interval`` seconds by a background thread (so a spike shorter than that can be missed)."""
+
+    def __init__(self, device="cpu", interval: float = 0.002):
+        self.device = torch.device(device)
+        self.interval = interval
+        self.peak_bytes = 0
+
+    def __enter__(self) -> "PeakMemory":
+        import threading
+
+        sync(self.device)
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._base = torch.cuda.memory_allocated(self.device)
+            return self
+        self._base = _rss_bytes()
+        self._peak = self._base
+        self._stop = threading.Event()
+
+        def sample():
+            while not self._stop.is_set():
+                self._peak = max(self._peak, _rss_bytes())
+                self._stop.wait(self.interval)
+
+        self._thread = threading.Thread(target=sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        sync(self.device)
+        if self.device.type == "cuda":
+            self.peak_bytes = torch.cuda.max_memory_allocated(self.device) - self._base
+            return
+        self._stop.set()
+        self._thread.join()
+        self._peak = max(self._peak, _rss_bytes())
+        self.peak_bytes = self._peak - self._base
 
 
 def median_and_spread(values: Sequence[float]) -> Tuple[float, float, float]:

@@ -3,7 +3,7 @@
 Both sides evaluate the same Bernoulli DLVM (``DLVM(784, 50, hidden=(200, 200))``) on the same
 binarized-MNIST test rows with the same chunking (rows x particles per vectorized pass):
 
-* **ours**: :func:`inference.evaluate.log_likelihood` (Pyro traces of the model/guide pair,
+* **ours**: :func:`inference.evaluate.log_likelihood` (the DLVM's Pyro-free log-weight path,
   streaming log-sum-exp, standard errors, ESS, ELBO moments);
 * **hand-written**: the encoder/decoder weights copied into plain tensors and the IWAE log
   weights written out with ``torch.nn.functional`` and ``torch.distributions``:
@@ -15,6 +15,8 @@ Repetitions alternate (ours, hand-written, ours, ...) in one process so that bot
 machine state; the median throughput (rows x samples / s) of each is compared and the ratio
 ours / hand-written printed (target >= 0.9). Both draw their noise in the same order from the
 same seed, so they must give the same per-row estimates; the largest difference is printed.
+The peak memory of each side (above what the process held before it: the CUDA allocator's peak,
+or the sampled resident set size on the CPU) is printed too.
 
 Pyro and torch.distributions validate arguments by default (each check waits for the device).
 ``log_likelihood`` keeps those checks for the first chunk only (the data are validated up
@@ -48,6 +50,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
+import common  # noqa: E402
 from eval_memory import load_mnist_split  # noqa: E402
 
 TARGET_RATIO = 0.9
@@ -165,7 +168,7 @@ def run_once(model, hand, x, args, device, validate: bool) -> dict:
 
     budget = args.max_elements or default_max_elements(device)
     draws = x.shape[0] * args.num_samples
-    ours_t, hand_t, ours_c, hand_c = [], [], [], []
+    ours_t, hand_t, ours_c, hand_c, ours_m, hand_m = [], [], [], [], [], []
     ours = theirs = None
     with pyro.validation_enabled(validate):
         # warm-up (allocator, kernels, lazy inits) on both sides, untimed
@@ -174,17 +177,23 @@ def run_once(model, hand, x, args, device, validate: bool) -> dict:
         hand.log_likelihood(x[:min(64, len(x))], min(args.num_samples, 16),
                             min(64, len(x)), min(args.num_samples, 16), args.seed)
         for _ in range(args.repeats):
-            t, c, est = _time(lambda: log_likelihood(model, x, args.num_samples, device=device,
-                                                     seed=args.seed, progress=False,
-                                                     max_elements=budget), device)
+            with common.PeakMemory(device) as mem:
+                t, c, est = _time(lambda: log_likelihood(model, x, args.num_samples,
+                                                         device=device, seed=args.seed,
+                                                         progress=False, max_elements=budget),
+                                  device)
             ours_t.append(t)
             ours_c.append(c)
+            ours_m.append(mem.peak_bytes)
             ours = est
-            t, c, theirs = _time(lambda: hand.log_likelihood(x, args.num_samples, est.rows_per_chunk,
-                                                             est.particles_per_chunk, args.seed),
-                                 device)
+            with common.PeakMemory(device) as mem:
+                t, c, theirs = _time(lambda: hand.log_likelihood(x, args.num_samples,
+                                                                 est.rows_per_chunk,
+                                                                 est.particles_per_chunk,
+                                                                 args.seed), device)
             hand_t.append(t)
             hand_c.append(c)
+            hand_m.append(mem.peak_bytes)
     ours_rate = draws / statistics.median(ours_t)
     hand_rate = draws / statistics.median(hand_t)
     diff = np.abs(ours.per_row["log_px"].to_numpy() - theirs.numpy())
@@ -193,7 +202,15 @@ def run_once(model, hand, x, args, device, validate: bool) -> dict:
                 hand_draws_per_s=hand_rate, ratio=ours_rate / hand_rate,
                 cpu_time_ratio=statistics.median(hand_c) / statistics.median(ours_c),
                 ours_times_s=ours_t, hand_times_s=hand_t, ours_cpu_s=ours_c, hand_cpu_s=hand_c,
+                ours_peak_mib=max(ours_m) / 2**20, hand_peak_mib=max(hand_m) / 2**20,
                 max_abs_diff=float(diff.max()), log_px=ours.mean, mc_se=ours.mc_se)
+
+
+def _max_rss_mib() -> float:
+    """Peak resident set size of the whole process so far (ru_maxrss, KiB on Linux)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def main(args=None) -> dict:
@@ -220,15 +237,19 @@ def main(args=None) -> dict:
           f"rows, Bernoulli DLVM(784, 50, hidden=(200, 200)), device {device}, torch "
           f"{torch.__version__}, {args.repeats} alternating repetitions (median)")
     header = (f"  {'validation':<11}{'chunk':>12}{'ours draws/s':>15}{'hand draws/s':>15}"
-              f"{'ratio':>8}{'cpu-time ratio':>16}{'max |diff|':>12}")
+              f"{'ratio':>8}{'cpu-time ratio':>16}{'max |diff|':>12}{'peak MiB ours':>15}"
+              f"{'peak MiB hand':>15}")
     print(header)
     for r in runs:
         chunk = f"{r['rows_per_chunk']}x{r['particles_per_chunk']}"
         print(f"  {'on' if r['validation'] else 'off':<11}{chunk:>12}{r['ours_draws_per_s']:>15,.0f}"
               f"{r['hand_draws_per_s']:>15,.0f}{r['ratio']:>8.3f}{r['cpu_time_ratio']:>16.3f}"
-              f"{r['max_abs_diff']:>12.2e}")
+              f"{r['max_abs_diff']:>12.2e}{r['ours_peak_mib']:>15,.1f}{r['hand_peak_mib']:>15,.1f}")
     print("  ratio = ours / hand-written throughput (wall clock, median); cpu-time ratio = "
           "hand / ours process CPU time (steadier on a shared machine)")
+    peak = "CUDA allocator peak" if device.type == "cuda" else "sampled resident set size"
+    print(f"  peak MiB = largest {peak} above the level before each call (max over repetitions); "
+          f"process peak RSS {_max_rss_mib():,.0f} MiB")
     # float32 network, float64 accumulation on both sides: differences at float32 rounding
     tolerance = 1e-3
     same = all(r["max_abs_diff"] < tolerance for r in runs)

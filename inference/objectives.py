@@ -696,8 +696,8 @@ class ELBO(_Objective):
     compile : bool
         Run the Pyro-free path through ``torch.compile`` (compiled on first use per shape,
         which takes seconds; needs a working inductor backend, i.e. a C++ compiler on the CPU).
-        Pays off for many particles: measured about 20% less time per step at ``K = 50`` on
-        the CPU (``benchmarks/train_throughput.py``), nothing at ``K = 1``. Same draws and
+        Pays off for many particles: measured 3-10% less time per training step at
+        ``K = 50`` on the CPU (``benchmarks/train_throughput.py``), little at ``K = 1``. Same draws and
         estimator; the numbers differ from the eager ones by float rounding only.
     """
 
