@@ -48,6 +48,7 @@ from models.validation import check_data, check_mask, data_checked
 
 __all__ = [
     "fit",
+    "default_optimizer",
     "FitResult",
     "FitState",
     "StopFit",
@@ -495,21 +496,22 @@ def _prepare_data(pair, data, mask, *, name: str, dtype, data_dim):
     return x, mask_t
 
 
-def default_optimizer(params: List[torch.Tensor], lr: float) -> torch.optim.Optimizer:
-    """``torch.optim.Adam(params, lr=lr)``, with the fused kernel (``fused=True``) where torch
-    has one for every parameter (floating point, on a CPU or CUDA device): the same update rule
-    in one kernel per step instead of about ten small operations per parameter tensor (on the
-    CPU about 0.5 ms less per step for a 784-200-200-50 DLVM). The two differ only by
-    floating-point rounding."""
+def default_optimizer(params: List[torch.Tensor], lr: float,
+                      **adam_options) -> torch.optim.Optimizer:
+    """``torch.optim.Adam(params, lr=lr, **adam_options)`` (e.g. ``eps``, ``betas``), with the
+    fused kernel (``fused=True``) where torch has one for every parameter (floating point, on a
+    CPU or CUDA device): the same update rule in one kernel per step instead of about ten small
+    operations per parameter tensor (on the CPU about 0.5 ms less per step for a
+    784-200-200-50 DLVM). The two differ only by floating-point rounding."""
     fused_devices = {"cpu", "cuda"}
     if params and all(p.is_floating_point() and p.device.type in fused_devices
                       and p.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64)
                       for p in params) and len({p.device for p in params}) == 1:
         try:
-            return torch.optim.Adam(params, lr=lr, fused=True)
+            return torch.optim.Adam(params, lr=lr, fused=True, **adam_options)
         except (RuntimeError, ValueError):  # a torch build without the fused kernel
             pass
-    return torch.optim.Adam(params, lr=lr)
+    return torch.optim.Adam(params, lr=lr, **adam_options)
 
 
 def _collect_params(module, capture_trace) -> List[torch.Tensor]:

@@ -66,6 +66,26 @@ def test_mlp_shapes_and_activations(activation):
     assert net(torch.randn(7, 11, 3)).shape == (7, 11, 2)
 
 
+def test_gated_linear_units_follow_their_definition():
+    torch.manual_seed(0)
+    net = mlp(6, (5, 4), 3, "gated")
+    assert [type(m).__name__ for m in net] == ["GatedLinear", "GatedLinear", "Linear"]
+    unit = net[0]
+    u = torch.randn(2, 7, 6)
+    weight, bias = unit.linear.weight, unit.linear.bias
+    expected = (u @ weight[:5].T + bias[:5]) * torch.sigmoid(u @ weight[5:].T + bias[5:])
+    torch.testing.assert_close(unit(u), expected)
+    assert net(u).shape == (2, 7, 3)
+    model = DLVM(12, 2, hidden=(8,), activation="gated")
+    assert model.config["activation"] == "gated"
+    x = (torch.rand(5, 12) < 0.5).float()
+    pyro.set_rng_seed(1)
+    traced = trace_log_terms(model.model, model.guide, x, 3).log_weights
+    pyro.set_rng_seed(1)
+    torch.testing.assert_close(log_weights(model.model, model.guide, x, 3), traced,
+                               rtol=1e-5, atol=1e-4)
+
+
 def test_mlp_errors():
     with pytest.raises(ValueError, match="unknown activation 'sigmoidal'"):
         mlp(3, (4,), 2, "sigmoidal")
