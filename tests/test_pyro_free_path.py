@@ -302,3 +302,23 @@ def test_compile_needs_the_fast_path_and_warns_for_traced_pairs():
     with pytest.warns(UserWarning, match="no Pyro-free path"):
         objective(model.model, other.guide, x)
     objective(model.model, other.guide, x)  # warned once per objective
+
+
+def test_data_validated_up_front_is_not_rechecked_per_call():
+    from models.validation import data_checked, per_call_data_checks
+
+    model = _model("normal", "bernoulli")
+    x = _data("bernoulli")
+    x[1, 1] = 0.25
+    assert per_call_data_checks()
+    with data_checked():
+        assert not per_call_data_checks()
+        model.log_weight_terms(x, 2)  # the caller vouches for the data: no per-call check
+    assert per_call_data_checks()
+    with pytest.raises(ValueError, match="outside"):
+        model.log_weight_terms(x, 2)
+    with pyro.validation_enabled(False):
+        assert not per_call_data_checks()
+    # fit itself still rejects the bad row before the first step
+    with pytest.raises(ValueError, match=r"row 1, column 1"):
+        fit(model, x, epochs=1, batch_size=7, progress=False)
