@@ -3,12 +3,39 @@ parameter-store isolation."""
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 from typing import Iterator, Union
 
 import pyro
 import torch
 
-__all__ = ["resolve_device", "isolated_param_store", "resolve_pair"]
+__all__ = ["resolve_device", "isolated_param_store", "resolve_pair", "release_host_memory"]
+
+_MALLOC_TRIM = None
+
+
+def release_host_memory() -> None:
+    """Hand freed C-heap memory back to the operating system (glibc ``malloc_trim(0)``; a no-op
+    elsewhere).
+
+    Long CPU evaluations allocate and free the same large chunk tensors thousands of times;
+    glibc keeps some of the freed blocks (those under its mmap threshold, which it raises to
+    32 MiB after the first frees) in a heap that fragments, so the resident size crept from
+    0.8 to 3.8 GiB over the 1,250 chunks of a 10,000 x 5,000 MNIST evaluation although the
+    live tensors stayed the same. Trimming after each chunk (about 0.05 ms) keeps it flat.
+    """
+    global _MALLOC_TRIM
+    if _MALLOC_TRIM is None:
+        _MALLOC_TRIM = False
+        try:
+            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+            _MALLOC_TRIM = libc.malloc_trim
+            _MALLOC_TRIM.argtypes = [ctypes.c_size_t]
+        except (OSError, AttributeError):  # not glibc (macOS, musl, Windows)
+            pass
+    if _MALLOC_TRIM:
+        _MALLOC_TRIM(0)
 
 
 def resolve_device(device: Union[str, torch.device, None] = "auto") -> torch.device:

@@ -43,7 +43,7 @@ from tqdm.auto import tqdm
 
 from models.validation import check_data, check_mask
 
-from ._runtime import isolated_param_store, resolve_device, resolve_pair
+from ._runtime import isolated_param_store, release_host_memory, resolve_device, resolve_pair
 from .objectives import PARTICLE_PLATE, log_weights, trace_log_terms
 
 __all__ = [
@@ -259,6 +259,8 @@ def _iter_log_weights(prep: _Prepared, num_particles: int, batch_size, progress,
             mb = None if mask is None else mask[rows]
             yield rows, _log_weight_matrix(model_fn, guide_fn, xb, mb, num_particles,
                                            particle_chunk)
+            if x.device.type == "cpu":
+                release_host_memory()  # see inference._runtime: a long loop fragments the heap
             bar.update(1)
 
 

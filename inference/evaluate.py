@@ -82,7 +82,8 @@ import torch
 from tqdm.auto import tqdm
 
 from models.validation import check_data
-from inference._runtime import isolated_param_store, resolve_device, resolve_pair
+from inference._runtime import (isolated_param_store, release_host_memory, resolve_device,
+                                resolve_pair)
 from inference.objectives import log_weights, trace_log_terms
 
 __all__ = [
@@ -708,6 +709,8 @@ def _stream(ctx, num_samples: int, rows: int, particles: int, progress, desc: st
                 done += k
                 bar.update(k * xb.shape[0])
             results.append(stats.result_tensors())
+            if ctx.device.type == "cpu":
+                release_host_memory()
     _raise_if_invalid(bad_rows)
     return {key: torch.cat([r[key] for r in results]).cpu().numpy() for key in results[0]}
 

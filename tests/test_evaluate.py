@@ -581,3 +581,28 @@ def test_pair_eval_width_hint_is_validated_and_shrinks_chunks():
     for bad in (0, -3, 2.5, "wide", True):
         with pytest.raises(ValueError, match="eval_width"):
             pair_eval_width(Hinted(bad))
+
+
+def test_release_host_memory_returns_freed_heap_blocks_to_the_os():
+    import ctypes.util
+    import platform
+
+    from inference._runtime import release_host_memory
+
+    release_host_memory()  # a no-op where there is no glibc; must not fail
+    if platform.system() != "Linux" or "c" not in (ctypes.util.find_library("c") or ""):
+        pytest.skip("malloc_trim is glibc's")
+
+    def rss_mib():
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * 4096 / 2**20
+
+    big = torch.ones(4 * 2**20)  # a freed 16 MiB block raises glibc's mmap threshold...
+    del big
+    blocks = [torch.ones(2**20) for _ in range(100)]  # ...so these 4 MiB blocks use the heap
+    keep = blocks[-1]  # pins the heap top: free() alone cannot give the rest back
+    del blocks
+    before = rss_mib()
+    release_host_memory()
+    assert rss_mib() < before - 200, (before, rss_mib())
+    del keep
