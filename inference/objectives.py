@@ -59,7 +59,9 @@ All three share the model (decoder and prior) gradient
 here (:func:`_reparameterized_surrogate`) is generic: it works for any reparameterized guide,
 including guides with several dependent latent sites and priors that share parameters with the
 encoder (VampPrior), because it only uses partial derivatives with respect to the sampled
-values and re-scores the model on detached samples.
+values and re-scores the model on detached samples. For pairs with a Pyro-free path
+(:func:`pyro_free_terms`, e.g. the DLVM) the same estimators take one forward and one backward
+pass (:func:`_pyro_free_surrogate`).
 
 Usage
 -----
@@ -272,8 +274,8 @@ def pyro_free_terms(model: Callable, guide: Callable) -> Optional[Callable]:
     unmodified pair (``log_weight_terms_match``), and no Pyro handler is active (a user's
     ``poutine.scale``, ``condition``, ``trace``... must see the sample sites, so those calls are
     traced). It draws the same random numbers and returns the same numbers as
-    :func:`trace_log_terms`, without the per-call cost of tracing (a few milliseconds per
-    call, which at small batches is most of a training step).
+    :func:`trace_log_terms` (up to float rounding), without the per-call cost of tracing (a few
+    milliseconds per call, which at small batches is most of a training step).
     """
     owner = getattr(model, "__self__", None)
     if owner is None or _PYRO_STACK:
@@ -291,7 +293,7 @@ def log_weights(model: Callable, guide: Callable, x: torch.Tensor, num_particles
     The ``K`` particles are drawn in a single vectorized guide pass and scored in a single
     model pass; gradients flow through the reparameterized draws. With ``fast_path=True`` a
     pair that provides a Pyro-free path (:func:`pyro_free_terms`) is scored by it (same draws,
-    same numbers); ``False`` always traces.
+    same numbers up to float rounding); ``False`` always traces.
     """
     num_particles = _check_particles(num_particles)
     terms_fn = pyro_free_terms(model, guide) if fast_path else None
@@ -697,8 +699,8 @@ class ELBO(_Objective):
         Run the Pyro-free path through ``torch.compile`` (compiled on first use per shape,
         which takes seconds; needs a working inductor backend, i.e. a C++ compiler on the CPU).
         Pays off for many particles: measured 3-10% less time per training step at
-        ``K = 50`` on the CPU (``benchmarks/train_throughput.py``), little at ``K = 1``. Same draws and
-        estimator; the numbers differ from the eager ones by float rounding only.
+        ``K = 50`` on the CPU (``benchmarks/train_throughput.py``), little at ``K = 1``. Same
+        draws and estimator; the numbers differ from the eager ones by float rounding only.
     """
 
     supports_beta = True
