@@ -132,6 +132,19 @@ class _AmortizedGaussianGuideMixin:
             return pyro.sample("z", dist.Normal(loc, scale).to_event(1))
 
 
+def _has_pyro_attributes(module: torch.nn.Module) -> bool:
+    """Whether ``module`` or any submodule holds a ``PyroParam`` or ``PyroSample`` (a direct
+    walk over ``_modules``: ``nn.Module.modules()`` costs more than the rest of the check,
+    and this runs on every objective call)."""
+    stack = [module]
+    while stack:
+        attrs = stack.pop().__dict__
+        if attrs.get("_pyro_params") or attrs.get("_pyro_samples"):
+            return True
+        stack.extend(m for m in attrs["_modules"].values() if m is not None)
+    return False
+
+
 def _encode_rows(model, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     return model._encode(x)
 
@@ -336,8 +349,7 @@ class DLVM(_AmortizedGaussianGuideMixin, PyroModule):
         if isinstance(self.prior, VampPrior) and not _is_bound_method(
                 self.prior._encoder_fn, self, "_encode"):
             return False
-        return not any(m.__dict__.get("_pyro_params") or m.__dict__.get("_pyro_samples")
-                       for m in self.modules())
+        return not _has_pyro_attributes(self)
 
     def log_weight_terms(self, x: torch.Tensor, num_particles: int = 1,
                          mask: Optional[torch.Tensor] = None, *, stop_guide_params: bool = False,

@@ -322,3 +322,14 @@ def test_data_validated_up_front_is_not_rechecked_per_call():
     # fit itself still rejects the bad row before the first step
     with pytest.raises(ValueError, match=r"row 1, column 1"):
         fit(model, x, epochs=1, batch_size=7, progress=False)
+
+
+def test_a_pyro_param_anywhere_in_the_model_switches_the_fast_path_off():
+    from pyro.nn import PyroModule, PyroParam
+
+    model = _model("normal", "bernoulli")
+    assert pyro_free_terms(model.model, model.guide) is not None
+    holder = PyroModule()
+    holder.offset = PyroParam(torch.zeros(3))
+    model.decoder.add_module("extra", holder)  # nested two levels down
+    assert pyro_free_terms(model.model, model.guide) is None
