@@ -159,8 +159,11 @@ def _score_draws(model, x, mask, z, eps, loc, scale, stop_guide_params: bool):
         # log(scale) is summed once per row rather than once per draw
         log_q = -0.5 * eps.pow(2).sum(-1) - (scale.log().sum(-1)
                                               + model.latent_dim * HALF_LOG_2PI)
-    log_prior = model.prior.log_prob(z)
-    log_lik = model.likelihood.log_prob(x, model.decoder(z), mask)
+    # the children straight from _modules: PyroModule.__getattr__ reads each instance's Pyro
+    # name, on which torch.compile would guard (one recompilation per model instance)
+    children = model._modules
+    log_prior = children["prior"].log_prob(z)
+    log_lik = children["likelihood"].log_prob(x, children["decoder"](z), mask)
     return log_lik, log_prior, log_q
 
 

@@ -333,3 +333,17 @@ def test_a_pyro_param_anywhere_in_the_model_switches_the_fast_path_off():
     holder.offset = PyroParam(torch.zeros(3))
     model.decoder.add_module("extra", holder)  # nested two levels down
     assert pyro_free_terms(model.model, model.guide) is None
+
+
+@pytest.mark.skipif(not _compile_works(), reason="torch.compile (inductor) unavailable")
+def test_compiled_path_is_not_recompiled_for_every_model_instance():
+    import torch._dynamo
+
+    x = _data("bernoulli")
+    objective = IWAE(3, compile=True)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    for seed in range(10):  # torch gives up compiling after 8 recompilations of a function
+        model = _model("vamp", "bernoulli", seed=seed)
+        objective(model.model, model.guide, x).backward()
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] <= 3
