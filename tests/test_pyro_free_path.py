@@ -341,9 +341,14 @@ def test_compiled_path_is_not_recompiled_for_every_model_instance():
 
     x = _data("bernoulli")
     objective = IWAE(3, compile=True)
-    torch._dynamo.reset()
-    torch._dynamo.utils.counters.clear()
-    for seed in range(10):  # torch gives up compiling after 8 recompilations of a function
+
+    def train_step(seed):
         model = _model("vamp", "bernoulli", seed=seed)
         objective(model.model, model.guide, x).backward()
-    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] <= 3
+
+    for seed in range(2):  # the first instances compile (and may specialize shapes once)
+        train_step(seed)
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    for seed in range(2, 12):  # torch gives up compiling after 8 recompilations of a function
+        train_step(seed)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
