@@ -102,13 +102,7 @@ def check_data(
         )
     if np.iscomplexobj(arr):
         raise ValueError(f"{name} must be real-valued, got complex dtype {arr.dtype}")
-    if arr.ndim != 2:
-        raise ValueError(f"{name} must be a 2-D array (rows x features), got shape {arr.shape}")
-    n, p = arr.shape
-    if data_dim is not None and p != data_dim:
-        raise ValueError(f"{name} has {p} columns but the model expects data_dim={data_dim}")
-    if n < min_rows:
-        raise ValueError(f"{name} has {n} row(s); at least {min_rows} are needed")
+    _check_shape(tuple(arr.shape), data_dim, name=name, min_rows=min_rows)
     if not np.issubdtype(arr.dtype, np.floating):
         vals = np.unique(arr)
         if not np.all(np.isin(vals, [0, 1])):
@@ -143,18 +137,21 @@ def check_data(
     return out
 
 
-def _check_float_tensor(x: torch.Tensor, data_dim: Optional[int], *, name: str, min_rows: int,
-                        mask, dtype: Optional[torch.dtype]) -> torch.Tensor:
-    """:func:`check_data` for a floating-point tensor, checked where it lives (no float64 copy
-    of the whole array: on 50,000 x 784 MNIST rows the copy cost about a second)."""
-    if x.dim() != 2:
-        raise ValueError(f"{name} must be a 2-D array (rows x features), got shape "
-                         f"{tuple(x.shape)}")
-    n, p = x.shape
+def _check_shape(shape: tuple, data_dim: Optional[int], *, name: str, min_rows: int) -> None:
+    if len(shape) != 2:
+        raise ValueError(f"{name} must be a 2-D array (rows x features), got shape {shape}")
+    n, p = shape
     if data_dim is not None and p != data_dim:
         raise ValueError(f"{name} has {p} columns but the model expects data_dim={data_dim}")
     if n < min_rows:
         raise ValueError(f"{name} has {n} row(s); at least {min_rows} are needed")
+
+
+def _check_float_tensor(x: torch.Tensor, data_dim: Optional[int], *, name: str, min_rows: int,
+                        mask, dtype: Optional[torch.dtype]) -> torch.Tensor:
+    """:func:`check_data` for a floating-point tensor, checked where it lives (no float64 copy
+    of the whole array: on 50,000 x 784 MNIST rows the copy cost about a second)."""
+    _check_shape(tuple(x.shape), data_dim, name=name, min_rows=min_rows)
     x = x.detach()
     mask_t = None
     if mask is not None:
