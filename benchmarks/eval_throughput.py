@@ -51,7 +51,7 @@ import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
 import common  # noqa: E402
-from eval_memory import load_mnist_split  # noqa: E402
+from eval_memory import load_mnist_split, peak_rss_bytes  # noqa: E402
 
 TARGET_RATIO = 0.9
 
@@ -148,18 +148,13 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _time(fn, device):
     """Wall-clock and process CPU seconds of ``fn()`` (the CPU time is the steadier measure on
     a shared machine; the wall time is the throughput a user sees)."""
-    _sync(device)
+    common.sync(device)
     t0, c0 = time.perf_counter(), time.process_time()
     out = fn()
-    _sync(device)
+    common.sync(device)
     return time.perf_counter() - t0, time.process_time() - c0, out
 
 
@@ -206,13 +201,6 @@ def run_once(model, hand, x, args, device, validate: bool) -> dict:
                 max_abs_diff=float(diff.max()), log_px=ours.mean, mc_se=ours.mc_se)
 
 
-def _max_rss_mib() -> float:
-    """Peak resident set size of the whole process so far (ru_maxrss, KiB on Linux)."""
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def main(args=None) -> dict:
     """Run the benchmark; ``args`` is an argv list (None: sys.argv) or a parsed Namespace.
     Returns ``{"runs": [...], "pass": bool}``."""
@@ -249,7 +237,7 @@ def main(args=None) -> dict:
           "hand / ours process CPU time (steadier on a shared machine)")
     peak = "CUDA allocator peak" if device.type == "cuda" else "sampled resident set size"
     print(f"  peak MiB = largest {peak} above the level before each call (max over repetitions); "
-          f"process peak RSS {_max_rss_mib():,.0f} MiB")
+          f"process peak RSS {peak_rss_bytes() / 2**20:,.0f} MiB")
     # float32 network, float64 accumulation on both sides: differences at float32 rounding
     tolerance = 1e-3
     same = all(r["max_abs_diff"] < tolerance for r in runs)
