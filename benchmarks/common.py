@@ -163,7 +163,7 @@ def parse(parser: argparse.ArgumentParser, args) -> argparse.Namespace:
 def setup_runtime(args: argparse.Namespace) -> torch.device:
     """Apply ``--threads`` (``--smoke`` defaults to 1) to torch and to the BLAS thread pools of
     numpy/scikit-learn (threadpoolctl), and return the device of ``--device``."""
-    from inference._runtime import resolve_device
+    from pyro_lvm.inference._runtime import resolve_device
 
     threads = getattr(args, "threads", None)
     if threads is None and getattr(args, "smoke", False):
@@ -371,8 +371,8 @@ class MirrorVAE(nn.Module):
     @classmethod
     def from_dlvm(cls, model) -> "MirrorVAE":
         """A mirror of a Bernoulli / standard-normal ``DLVM`` holding copies of its weights."""
-        from models.likelihoods import Bernoulli
-        from models.priors import StandardNormalPrior
+        from pyro_lvm.models.likelihoods import Bernoulli
+        from pyro_lvm.models.priors import StandardNormalPrior
 
         if not isinstance(model.likelihood, Bernoulli) or not isinstance(model.prior,
                                                                           StandardNormalPrior):

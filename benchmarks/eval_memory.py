@@ -87,9 +87,9 @@ def main(args=None) -> dict:
     if args.smoke:
         args.rows, args.num_samples = 200, 100
 
-    from inference.evaluate import log_likelihood
-    from inference._runtime import resolve_device
-    from models.dlvm import DLVM
+    from pyro_lvm.inference.evaluate import log_likelihood
+    from pyro_lvm.inference._runtime import resolve_device
+    from pyro_lvm.models.dlvm import DLVM
 
     device = resolve_device(args.device)
     x = load_mnist_split(args.data, "test", args.rows)

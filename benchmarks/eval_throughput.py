@@ -84,8 +84,8 @@ class HandWrittenIWAE:
     """The DLVM's IWAE log weights in plain PyTorch (weights copied, no Pyro)."""
 
     def __init__(self, model):
-        from models.likelihoods import Bernoulli
-        from models.priors import StandardNormalPrior
+        from pyro_lvm.models.likelihoods import Bernoulli
+        from pyro_lvm.models.priors import StandardNormalPrior
 
         if not isinstance(model.likelihood, Bernoulli) or not isinstance(model.prior,
                                                                           StandardNormalPrior):
@@ -159,7 +159,7 @@ def _time(fn, device):
 
 
 def run_once(model, hand, x, args, device, validate: bool) -> dict:
-    from inference.evaluate import default_max_elements, log_likelihood
+    from pyro_lvm.inference.evaluate import default_max_elements, log_likelihood
 
     budget = args.max_elements or default_max_elements(device)
     draws = x.shape[0] * args.num_samples
@@ -208,8 +208,8 @@ def main(args=None) -> dict:
         args = build_parser().parse_args(args)
     if args.smoke:
         args.rows, args.num_samples, args.repeats = 100, 50, 2
-    from inference._runtime import resolve_device
-    from models.dlvm import DLVM
+    from pyro_lvm.inference._runtime import resolve_device
+    from pyro_lvm.models.dlvm import DLVM
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -125,7 +125,7 @@ def _alternate(ours, theirs, repeats):
 
 
 def bench_ppca(X: np.ndarray, d: int, repeats: int) -> dict:
-    from models.linear import PPCA
+    from pyro_lvm.models.linear import PPCA
     from sklearn.decomposition import PCA
 
     n, p = X.shape
@@ -143,7 +143,7 @@ def bench_ppca(X: np.ndarray, d: int, repeats: int) -> dict:
 
 
 def bench_fa(X: np.ndarray, d: int, repeats: int, tol: float, max_iter: int) -> dict:
-    from models.linear import FactorAnalysis
+    from pyro_lvm.models.linear import FactorAnalysis
     from sklearn.decomposition import FactorAnalysis as SkFA
 
     n, p = X.shape
@@ -181,7 +181,7 @@ class _ExactLogLikTarget:
         self.last = math.nan
 
     def on_epoch_end(self, state):
-        from inference.fit import StopFit
+        from pyro_lvm.inference.fit import StopFit
 
         start = time.perf_counter()
         with torch.no_grad():
@@ -196,9 +196,9 @@ class _ExactLogLikTarget:
 
 
 def bench_svi(cls_name: str, X: np.ndarray, d: int, exact: float, args, device) -> dict:
-    from inference.fit import fit
-    from inference.objectives import ELBO
-    import models.linear as linear
+    from pyro_lvm.inference.fit import fit
+    from pyro_lvm.inference.objectives import ELBO
+    import pyro_lvm.models.linear as linear
 
     n, p = X.shape
     target_value = exact - args.target * abs(exact)

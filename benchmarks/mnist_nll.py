@@ -291,11 +291,11 @@ def main(args=None) -> dict:
     _check_args(ap, args)
     device = common.setup_runtime(args)
 
-    from inference.diagnostics import latent_usage
-    from inference.evaluate import elbo, log_likelihood
-    from inference.fit import EarlyStopping, default_optimizer, fit
-    from inference.objectives import ELBO, IWAE, KLWarmup
-    from models.dlvm import DLVM
+    from pyro_lvm.inference.diagnostics import latent_usage
+    from pyro_lvm.inference.evaluate import elbo, log_likelihood
+    from pyro_lvm.inference.fit import EarlyStopping, default_optimizer, fit
+    from pyro_lvm.inference.objectives import ELBO, IWAE, KLWarmup
+    from pyro_lvm.models.dlvm import DLVM
 
     if args.out is None:
         base = (pathlib.Path(tempfile.mkdtemp(prefix="mnist_nll_smoke_")) if args.smoke

@@ -135,7 +135,7 @@ def _step_durations(times):
 
 
 def run_fit(model, rows, objective, args, device) -> dict:
-    from inference.fit import fit
+    from pyro_lvm.inference.fit import fit
 
     clock = _StepClock()
     with common.Stopwatch(device) as sw:
@@ -171,7 +171,7 @@ def _plain_loop(params, rows, loss_fn, args, device, fused: bool = False) -> dic
 
 
 def run_loop(model, rows, objective, args, device) -> dict:
-    from inference._runtime import isolated_param_store
+    from pyro_lvm.inference._runtime import isolated_param_store
 
     model.to(device)
     with isolated_param_store():
@@ -195,7 +195,7 @@ def run_hand(mirror, rows, spec, args, device, fused: bool = False) -> dict:
 def same_objective_check(model, mirror, objective, spec, x, num_data, seed) -> dict:
     """Loss and gradients of the library objective and the hand-written one on the same
     minibatch with the same noise draws (same seed); returns the relative differences."""
-    from inference._runtime import isolated_param_store
+    from pyro_lvm.inference._runtime import isolated_param_store
 
     kind, k, gradient = spec
     model.zero_grad(set_to_none=True)
@@ -238,7 +238,7 @@ def _bucket(key) -> str:
 
 def profile_fit(model, rows, objective, args, device, top: int = 12) -> dict:
     """cProfile of one fit call; self time grouped by where the code lives, top functions."""
-    from inference.fit import fit
+    from pyro_lvm.inference.fit import fit
 
     profiler = cProfile.Profile()
     profiler.enable()
@@ -271,7 +271,7 @@ def profile_fit(model, rows, objective, args, device, top: int = 12) -> dict:
 # main
 # ----------------------------------------------------------------------------------------
 def _make_objective(name, compile: bool = False):
-    from inference.objectives import ELBO, IWAE
+    from pyro_lvm.inference.objectives import ELBO, IWAE
 
     kind, k, gradient = OBJECTIVES[name]
     if kind == "elbo":
@@ -281,7 +281,7 @@ def _make_objective(name, compile: bool = False):
 
 def _compile_available(model, x) -> str:
     """'' when torch.compile works here, else the reason (e.g. no C++ compiler)."""
-    from inference.objectives import ELBO
+    from pyro_lvm.inference.objectives import ELBO
 
     try:
         ELBO(compile=True)(model.model, model.guide, x[:2]).backward()
@@ -299,7 +299,7 @@ def main(args=None) -> dict:
     if args.smoke:
         _apply_smoke(args)
     device = common.setup_runtime(args)
-    from models.dlvm import DLVM
+    from pyro_lvm.models.dlvm import DLVM
 
     arch = args.smoke_architecture or common.ARCHITECTURES[args.architecture]
     largest = max(args.steps, args.steps_large)

@@ -2,15 +2,15 @@
 
 Everything here takes any object keeping the model/guide contract (see the README).
 """
-from inference._runtime import isolated_param_store, resolve_device
-from inference.contract import ContractError, ContractReport, check_contract
-from inference.diagnostics import (Diagnostics, ImportanceDiagnostics, LatentUsage, amortization_gap,
+from pyro_lvm.inference._runtime import isolated_param_store, resolve_device
+from pyro_lvm.inference.contract import ContractError, ContractReport, check_contract
+from pyro_lvm.inference.diagnostics import (Diagnostics, ImportanceDiagnostics, LatentUsage, amortization_gap,
                                    diagnose, importance_diagnostics, latent_usage,
                                    posterior_predictive_check, to_inference_data)
-from inference.evaluate import (ELBOEstimate, LogLikelihoodEstimate, ReconstructionError, elbo,
+from pyro_lvm.inference.evaluate import (ELBOEstimate, LogLikelihoodEstimate, ReconstructionError, elbo,
                                 evaluate, log_likelihood, reconstruction_error)
-from inference.fit import EarlyStopping, FitResult, FitState, NonFiniteLossError, StopFit, fit
-from inference.objectives import (ELBO, IWAE, KLWarmup, LogTerms, elbo_from_log_weights,
+from pyro_lvm.inference.fit import EarlyStopping, FitResult, FitState, NonFiniteLossError, StopFit, fit
+from pyro_lvm.inference.objectives import (ELBO, IWAE, KLWarmup, LogTerms, elbo_from_log_weights,
                                   iwae_from_log_weights, linear_warmup, log_weights,
                                   trace_log_terms)
 

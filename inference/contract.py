@@ -5,7 +5,7 @@ The contract (see ``DESIGN.md``)::
     model(x, mask=None)   # p(z) p(x | z); every sample site inside pyro.plate("data", N, dim=-1)
     guide(x, mask=None)   # q(z | x); the same latent site names, the same plate
 
-Every estimator in :mod:`inference` relies on the per-data-point decomposition
+Every estimator in :mod:`pyro_lvm.inference` relies on the per-data-point decomposition
 
 .. math::
 
@@ -37,8 +37,8 @@ try:  # recent torch wraps a mixture's component support in its own constraint c
 except ImportError:  # pragma: no cover - older torch
     _WRAPPING_CONSTRAINTS = (constraints.independent,)
 
-from inference._runtime import isolated_param_store, resolve_pair
-from inference.objectives import DATA_PLATE, PARTICLE_PLATE, trace_log_terms
+from pyro_lvm.inference._runtime import isolated_param_store, resolve_pair
+from pyro_lvm.inference.objectives import DATA_PLATE, PARTICLE_PLATE, trace_log_terms
 
 __all__ = ["ContractError", "ContractReport", "check_contract"]
 

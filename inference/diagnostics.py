@@ -41,7 +41,7 @@ import torch
 from torch.distributions import kl_divergence
 from tqdm.auto import tqdm
 
-from models.validation import check_data, check_mask
+from pyro_lvm.models.validation import check_data, check_mask
 
 from ._runtime import isolated_param_store, release_host_memory, resolve_device, resolve_pair
 from .objectives import PARTICLE_PLATE, log_weights, trace_log_terms

@@ -33,7 +33,7 @@ Monte Carlo standard error (delta method). With :math:`\\bar w = K^{-1}\\sum_k w
 (Kong 1992 for the effective sample size). The delta method needs a finite weight
 variance; when the guide is much narrower than the posterior the variance is infinite and
 the standard error is unreliable — check the Pareto k-hat of the weights
-(:mod:`inference.diagnostics`) before trusting it.
+(:mod:`pyro_lvm.inference.diagnostics`) before trusting it.
 
 The dataset mean :math:`n^{-1}\\sum_i \\log \\hat p(x_i)` comes with two standard errors that
 answer different questions:
@@ -81,10 +81,10 @@ from pyro.poutine.util import site_is_subsample
 import torch
 from tqdm.auto import tqdm
 
-from models.validation import check_data
-from inference._runtime import (isolated_param_store, release_host_memory, resolve_device,
+from pyro_lvm.models.validation import check_data
+from pyro_lvm.inference._runtime import (isolated_param_store, release_host_memory, resolve_device,
                                 resolve_pair)
-from inference.objectives import log_weights, trace_log_terms
+from pyro_lvm.inference.objectives import log_weights, trace_log_terms
 
 __all__ = [
     "LogLikelihoodEstimate",
@@ -245,7 +245,7 @@ def pair_eval_width(pair) -> int:
     A model/guide pair whose log densities materialize tensors wider than its data and
     latent values per draw (a mixture prior over ``C`` components, a wide decoder) can
     declare the widest as ``eval_width`` (an int, elements per particle and row); the
-    chunk planners of :mod:`inference.evaluate` and :mod:`inference.diagnostics` then
+    chunk planners of :mod:`pyro_lvm.inference.evaluate` and :mod:`pyro_lvm.inference.diagnostics` then
     budget ``particles x rows x eval_width`` elements per chunk.
     """
     hint = getattr(pair, "eval_width", None)

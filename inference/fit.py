@@ -41,10 +41,10 @@ import torch
 from pyro.poutine.util import site_is_subsample
 from tqdm import tqdm
 
-from inference._runtime import isolated_param_store, resolve_device, resolve_pair
-from inference.contract import check_contract
-from inference.objectives import trace_log_terms
-from models.validation import check_data, check_mask, data_checked
+from pyro_lvm.inference._runtime import isolated_param_store, resolve_device, resolve_pair
+from pyro_lvm.inference.contract import check_contract
+from pyro_lvm.inference.objectives import trace_log_terms
+from pyro_lvm.models.validation import check_data, check_mask, data_checked
 
 __all__ = [
     "fit",
@@ -806,7 +806,7 @@ def fit(pair, data, objective=None, epochs: int = 10, batch_size: int = 128, lr:
         module = model_fn.__self__  # (m.model, m.guide): still move and checkpoint m
     dev = resolve_device(device)
     if objective is None:
-        from inference.objectives import ELBO  # objectives imports nothing from fit; no cycle
+        from pyro_lvm.inference.objectives import ELBO  # objectives imports nothing from fit; no cycle
 
         objective = ELBO()
 

@@ -1,16 +1,16 @@
 """Generative processes as Pyro model/guide pairs.
 
-- :mod:`models.linear`: factor analysis and probabilistic PCA (exact marginal and posterior,
+- :mod:`pyro_lvm.models.linear`: factor analysis and probabilistic PCA (exact marginal and posterior,
   closed-form / EM fits).
-- :mod:`models.dlvm`: deep latent variable models (VAEs) built from :mod:`models.priors`,
-  :mod:`models.likelihoods` and :mod:`models.networks`.
+- :mod:`pyro_lvm.models.dlvm`: deep latent variable models (VAEs) built from :mod:`pyro_lvm.models.priors`,
+  :mod:`pyro_lvm.models.likelihoods` and :mod:`pyro_lvm.models.networks`.
 """
-from models.dlvm import DLVM, LectureDLVM
-from models.likelihoods import Bernoulli, Gaussian, Likelihood, StudentT, make_likelihood
-from models.linear import PPCA, FactorAnalysis
-from models.networks import mlp
-from models.priors import MixturePrior, Prior, StandardNormalPrior, VampPrior, make_prior
-from models.validation import check_binary, check_data, check_mask
+from pyro_lvm.models.dlvm import DLVM, LectureDLVM
+from pyro_lvm.models.likelihoods import Bernoulli, Gaussian, Likelihood, StudentT, make_likelihood
+from pyro_lvm.models.linear import PPCA, FactorAnalysis
+from pyro_lvm.models.networks import mlp
+from pyro_lvm.models.priors import MixturePrior, Prior, StandardNormalPrior, VampPrior, make_prior
+from pyro_lvm.models.validation import check_binary, check_data, check_mask
 
 __all__ = [
     "FactorAnalysis", "PPCA", "DLVM", "LectureDLVM",

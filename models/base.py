@@ -1,4 +1,4 @@
-"""What every model family in :mod:`models` shares."""
+"""What every model family in :mod:`pyro_lvm.models` shares."""
 from __future__ import annotations
 
 import itertools

@@ -9,8 +9,8 @@ Generative process (Kingma & Welling 2014; Rezende et al. 2014), for rows
     x_i \\mid z_i \\sim \\prod_{j=1}^p \\Phi\\big(x_{ij} \\mid f_\\theta(z_i)_j\\big),
 
 where :math:`f_\\theta` is an MLP decoder, :math:`p_\\lambda` one of the priors of
-:mod:`models.priors` (standard normal, learnable mixture of Gaussians, VampPrior of Tomczak &
-Welling 2018) and :math:`\\Phi` one of the observation models of :mod:`models.likelihoods`
+:mod:`pyro_lvm.models.priors` (standard normal, learnable mixture of Gaussians, VampPrior of Tomczak &
+Welling 2018) and :math:`\\Phi` one of the observation models of :mod:`pyro_lvm.models.likelihoods`
 (Bernoulli; Gaussian with a scale floor, Mattei & Frellsen 2018; Student-t, Takahashi et al.
 2018). Only observed entries (``mask``) enter :math:`\\log p(x_i \\mid z_i)`.
 
@@ -224,7 +224,7 @@ class DLVM(_AmortizedGaussianGuideMixin, PyroModule):
         ``K`` of the VampPrior.
     scale_floor : float
         Lower bound of Gaussian / Student-t observation scales (see
-        :mod:`models.likelihoods`; default 1e-3).
+        :mod:`pyro_lvm.models.likelihoods`; default 1e-3).
     gaussian_scale : {"per_dimension", "decoder", "fixed"}
         How the Gaussian scale is parameterized.
     df_bounds : (float, float)
@@ -425,7 +425,7 @@ class DLVM(_AmortizedGaussianGuideMixin, PyroModule):
         the widest of the data, the decoder's output and hidden layers, and what the prior's
         ``log_prob`` materializes (``2 K`` for a mixture / VampPrior with ``K`` components,
         see :class:`models.priors.DiagonalGaussianMixture`). The chunk planners of
-        :mod:`inference.evaluate` and :mod:`inference.diagnostics` read this hint."""
+        :mod:`pyro_lvm.inference.evaluate` and :mod:`pyro_lvm.inference.diagnostics` read this hint."""
         widths = [self.data_dim, self.latent_dim, int(self.likelihood.output_dim)]
         widths += [m.out_features for m in self.decoder.modules() if isinstance(m, torch.nn.Linear)]
         widths += [m.out_features for m in self.encoder.modules() if isinstance(m, torch.nn.Linear)]

@@ -60,8 +60,8 @@ from pyro.distributions import constraints
 from pyro.nn import PyroModule, PyroParam, pyro_method
 from tqdm.auto import tqdm
 
-from models import validation
-from models.base import unique_module_name
+from pyro_lvm.models import validation
+from pyro_lvm.models.base import unique_module_name
 
 __all__ = ["FactorAnalysis", "PPCA"]
 

@@ -1,4 +1,4 @@
-"""Small multilayer perceptrons shared by the encoders and decoders of :mod:`models.dlvm`.
+"""Small multilayer perceptrons shared by the encoders and decoders of :mod:`pyro_lvm.models.dlvm`.
 
 An MLP with hidden widths :math:`h_1, \\dots, h_L` computes
 

@@ -1,6 +1,6 @@
 """Render a study directory into one self-contained HTML report.
 
-Input layout (written by :mod:`studies.runner`)::
+Input layout (written by :mod:`pyro_lvm.studies.runner`)::
 
     <study_dir>/study.json          name, title, description, command line, dataset, grid, seeds,
                                     versions, git commit, device, start and finish times

@@ -38,11 +38,11 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-if __package__ in (None, ""):  # run as a script: make the repository importable
-    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+if __package__ in (None, ""):  # run as a file from a checkout: use this checkout's pyro_lvm
+    import _checkout  # noqa: F401  (studies/_checkout.py, beside this script)
 
-from studies import runner  # noqa: E402
-from studies.runner import expand_grid  # noqa: E402
+from pyro_lvm.studies import runner  # noqa: E402
+from pyro_lvm.studies.runner import expand_grid  # noqa: E402
 
 NAME = "compare_observation_models"
 DEFAULTS = dict(latent_dim=4, hidden="64x64", epochs=30, batch_size=100, lr=3e-3,

@@ -60,11 +60,11 @@ import argparse
 import pathlib
 import sys
 
-if __package__ in (None, ""):  # run as a script: make the repository importable
-    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+if __package__ in (None, ""):  # run as a file from a checkout: use this checkout's pyro_lvm
+    import _checkout  # noqa: F401  (studies/_checkout.py, beside this script)
 
-from studies import runner  # noqa: E402
-from studies.runner import expand_grid  # noqa: E402
+from pyro_lvm.studies import runner  # noqa: E402
+from pyro_lvm.studies.runner import expand_grid  # noqa: E402
 
 NAME = "compare_priors"
 PRIORS = ("normal", "mixture", "vamp")

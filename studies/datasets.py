@@ -56,7 +56,8 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
-from models.validation import check_binary, check_data, check_mask
+from pyro_lvm.models.validation import check_binary, check_data, check_mask
+from pyro_lvm.paths import checkout_root
 
 __all__ = [
     "Dataset",
@@ -70,7 +71,6 @@ __all__ = [
     "ENV_VAR",
 ]
 
-REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 #: Environment variable naming the binarized-MNIST file or the directory holding it.
 ENV_VAR = "PYRO_LVM_DATA"
 BUILTIN_DATASETS = ("digits", "binarized-mnist")
@@ -446,8 +446,8 @@ def mnist_search_paths(data_path=None) -> List[Tuple[pathlib.Path, str]]:
     """Where binarized MNIST is looked for, in order, with why each place is searched.
 
     An explicit ``data_path`` is the only place searched; otherwise ``$PYRO_LVM_DATA``
-    (when set) is the only place; otherwise the defaults: ``../shared/data`` next to the
-    repository, ``<repo>/data``, ``./data`` and ``.``.
+    (when set) is the only place; otherwise the defaults: when running from a checkout,
+    ``../shared/data`` next to it and ``<checkout>/data``; then ``./data`` and ``.``.
     """
     if data_path is not None:
         return [(pathlib.Path(data_path).expanduser(), "data_path argument (--data-path)")]
@@ -455,9 +455,12 @@ def mnist_search_paths(data_path=None) -> List[Tuple[pathlib.Path, str]]:
     if env:
         return [(pathlib.Path(env).expanduser(), f"${ENV_VAR}")]
     cwd = pathlib.Path.cwd()
-    return [
-        (REPO_ROOT.parent / "shared" / "data", "default (../shared/data next to the repository)"),
-        (REPO_ROOT / "data", "default (<repo>/data)"),
+    places = []
+    root = checkout_root()  # only a checkout has a "next to the repository"; never site-packages
+    if root is not None:
+        places += [(root.parent / "shared" / "data", "default (../shared/data next to the checkout)"),
+                   (root / "data", "default (<checkout>/data)")]
+    return places + [
         (cwd / "data", "default (./data)"),
         (cwd, "default (current directory)"),
     ]

@@ -76,9 +76,10 @@ import pyro
 import torch
 from tqdm.auto import tqdm
 
-from inference._runtime import isolated_param_store, resolve_device
-from reports.atomic import write_atomically
-from studies.datasets import SPLITS, Dataset, contaminate, load_dataset, validate_for_likelihood
+from pyro_lvm.inference._runtime import isolated_param_store, resolve_device
+from pyro_lvm.paths import DEFAULT_OUT_DIR, git_checkout_root
+from pyro_lvm.reports.atomic import write_atomically
+from pyro_lvm.studies.datasets import SPLITS, Dataset, contaminate, load_dataset, validate_for_likelihood
 
 __all__ = [
     "RunConfig",
@@ -102,7 +103,6 @@ __all__ = [
     "cli",
 ]
 
-REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 MODEL_FAMILIES = ("dlvm", "ppca", "fa")
 OBJECTIVES = ("elbo", "iwae")
 GRADIENTS = ("standard", "dreg", "stl")
@@ -368,7 +368,7 @@ def build_model(config: RunConfig, dataset: Dataset):
     if config.latent_dim < 1:
         raise ValueError(f"latent_dim must be >= 1, got {config.latent_dim}")
     if config.model in ("ppca", "fa"):
-        from models.linear import PPCA, FactorAnalysis
+        from pyro_lvm.models.linear import PPCA, FactorAnalysis
 
         if config.likelihood != "gaussian" or config.prior != "normal":
             raise ValueError(f"{config.model} is a linear-Gaussian model: use likelihood='gaussian' "
@@ -376,7 +376,7 @@ def build_model(config: RunConfig, dataset: Dataset):
         kwargs = dict(extra.get("model_kwargs", {}))
         cls = PPCA if config.model == "ppca" else FactorAnalysis
         return cls(dataset.data_dim, config.latent_dim, **kwargs)
-    from models.dlvm import DLVM
+    from pyro_lvm.models.dlvm import DLVM
 
     kwargs = dict(extra.get("model_kwargs", {}))
     for key, cast in (("activation", str), ("num_components", int), ("num_pseudo_inputs", int),
@@ -394,7 +394,7 @@ def build_model(config: RunConfig, dataset: Dataset):
 
 def build_objective(config: RunConfig):
     """The training objective of a configuration (inference.objectives)."""
-    from inference.objectives import ELBO, IWAE
+    from pyro_lvm.inference.objectives import ELBO, IWAE
 
     if config.objective not in OBJECTIVES:
         raise ValueError(f"unknown objective {config.objective!r}; use one of {OBJECTIVES}")
@@ -421,7 +421,7 @@ def run_data(config: RunConfig, dataset: Dataset) -> Dataset:
 
 def fit_pair(model, dataset: Dataset, config: RunConfig, *, objective, callbacks, device):
     """Fit ``model`` with SVI (``inference.fit.fit``); a separate function so tests can count fits."""
-    from inference.fit import fit
+    from pyro_lvm.inference.fit import fit
 
     valid = dataset.valid if dataset.valid.shape[0] else None
     kwargs = {}
@@ -454,7 +454,7 @@ def validate_study(dataset: Dataset, configs: Sequence[RunConfig]) -> None:
     configuration when the data cannot be used. A configuration whose model cannot even be
     built is *not* a data problem: it is left to fail (and be recorded) as a run.
     """
-    from models.validation import check_data
+    from pyro_lvm.models.validation import check_data
 
     if not isinstance(dataset, Dataset):
         raise StudyDataError(f"expected a studies.datasets.Dataset, got {type(dataset).__name__}")
@@ -599,7 +599,7 @@ def _image_rows(dataset: Dataset, x) -> np.ndarray:
 
 def _diagnostics(model, dataset: Dataset, config: RunConfig, device) -> Tuple[Dict[str, Any], Dict[str, np.ndarray]]:
     """k-hat per test row and latent usage (inference.diagnostics)."""
-    from inference import diagnostics
+    from pyro_lvm.inference import diagnostics
 
     x, mask = dataset.test, dataset.mask("test")
     metrics: Dict[str, Any] = {}
@@ -749,7 +749,7 @@ def _kl_warmup_callbacks(config: RunConfig, objective, notes: Optional[List[str]
             notes.append(f"warmup_epochs={config.warmup_epochs} ignored: {objective.name} has no "
                          f"KL weight to warm up")
         return []
-    from inference.objectives import KLWarmup, linear_warmup
+    from pyro_lvm.inference.objectives import KLWarmup, linear_warmup
 
     if epochs_before == 0:
         return [KLWarmup(config.warmup_epochs)]
@@ -859,8 +859,8 @@ def _copy_all_but_prior(source: torch.nn.Module, target: torch.nn.Module) -> Non
 
 
 def _evaluate_run(model, dataset: Dataset, config: RunConfig, device, notes: List[str]):
-    from inference.evaluate import elbo as heldout_elbo
-    from inference.evaluate import log_likelihood
+    from pyro_lvm.inference.evaluate import elbo as heldout_elbo
+    from pyro_lvm.inference.evaluate import log_likelihood
 
     x, mask = dataset.test, dataset.mask("test")
     K = int(config.num_eval_samples)
@@ -982,12 +982,16 @@ def _versions() -> Dict[str, str]:
 
 
 def _git_commit() -> Optional[str]:
+    """The commit of the checkout this code runs from; None for an installed copy."""
+    root = git_checkout_root()
+    if root is None:
+        return None
     try:
-        head = subprocess.run(["git", "-C", str(REPO_ROOT), "rev-parse", "HEAD"], capture_output=True,
+        head = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True,
                               text=True, timeout=10)
         if head.returncode != 0:
             return None
-        dirty = subprocess.run(["git", "-C", str(REPO_ROOT), "status", "--porcelain",
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain",
                                 "--untracked-files=no"], capture_output=True, text=True, timeout=10)
         return head.stdout.strip() + (" (with uncommitted changes)" if dirty.stdout.strip() else "")
     except (OSError, subprocess.SubprocessError):
@@ -1071,7 +1075,7 @@ def run_study(
     dataset: Union[Dataset, Any],
     configs: Sequence[RunConfig],
     *,
-    out_dir: Union[str, os.PathLike] = "reports/out",
+    out_dir: Union[str, os.PathLike] = DEFAULT_OUT_DIR,
     fresh: bool = False,
     progress: bool = True,
     render: bool = True,
@@ -1252,21 +1256,10 @@ def run_study(
                        skipped=skipped, failed=failed, findings=list(meta.get("findings") or []))
 
 
-def render_study(study_dir: Union[str, os.PathLike]) -> Optional[pathlib.Path]:
-    """Render the HTML report of a study directory (None when reports are unavailable)."""
-    try:
-        import reports
-    except ImportError as exc:  # pragma: no cover - the package is part of the project
-        print(f"no report: cannot import reports ({exc})", file=sys.stderr)
-        return None
-    render = getattr(reports, "render_report", None)
-    if render is None:
-        try:
-            from reports.render import render_report as render
-        except ImportError as exc:
-            print(f"no report: reports.render_report is not available ({exc})", file=sys.stderr)
-            return None
-    return pathlib.Path(render(study_dir))
+def render_study(study_dir: Union[str, os.PathLike]) -> pathlib.Path:
+    """Render the HTML report of a study directory and return its path."""
+    from pyro_lvm.reports import render_report
+    return pathlib.Path(render_report(study_dir))
 
 
 # ====================================================================== command line
@@ -1274,38 +1267,38 @@ def add_common_args(parser: argparse.ArgumentParser, **defaults) -> argparse.Arg
     """Flags shared by every study script; ``defaults`` override the built-in defaults."""
     d = dict(dataset="digits", latent_dim=2, hidden="64x64", epochs=10, batch_size=100, lr=1e-3,
              num_particles=5, num_eval_samples=1000, seeds=[0, 1, 2], device="cpu",
-             out_dir=str(REPO_ROOT / "reports" / "out"), warmup_epochs=0)
+             out_dir=DEFAULT_OUT_DIR, warmup_epochs=0)
     d.update(defaults)
     g = parser.add_argument_group("common study options")
     g.add_argument("--dataset", default=d["dataset"],
                    help="'digits' (bundled with scikit-learn), 'binarized-mnist', or a CSV/.npy path "
-                        "(default: %(default)s)")
+                        "(default: ./%(default)s, relative to the current directory)")
     g.add_argument("--data-path", default=None,
                    help="file or directory holding binarized_mnist.npz (or the .amat files); "
                         "default: $PYRO_LVM_DATA, then ../shared/data next to the repository")
     g.add_argument("--max-rows", type=int, default=None,
                    help="use at most this many rows per split (quick runs)")
-    g.add_argument("--latent-dim", type=int, default=d["latent_dim"], help="latent dimension d (default: %(default)s)")
+    g.add_argument("--latent-dim", type=int, default=d["latent_dim"], help="latent dimension d (default: ./%(default)s, relative to the current directory)")
     g.add_argument("--hidden", default=d["hidden"],
-                   help="hidden layer widths of encoder and decoder, e.g. 200x200 (default: %(default)s)")
-    g.add_argument("--epochs", type=int, default=d["epochs"], help="training epochs (default: %(default)s)")
-    g.add_argument("--batch-size", type=int, default=d["batch_size"], help="minibatch size (default: %(default)s)")
-    g.add_argument("--lr", type=float, default=d["lr"], help="Adam learning rate (default: %(default)s)")
+                   help="hidden layer widths of encoder and decoder, e.g. 200x200 (default: ./%(default)s, relative to the current directory)")
+    g.add_argument("--epochs", type=int, default=d["epochs"], help="training epochs (default: ./%(default)s, relative to the current directory)")
+    g.add_argument("--batch-size", type=int, default=d["batch_size"], help="minibatch size (default: ./%(default)s, relative to the current directory)")
+    g.add_argument("--lr", type=float, default=d["lr"], help="Adam learning rate (default: ./%(default)s, relative to the current directory)")
     g.add_argument("--num-particles", "-K", type=int, default=d["num_particles"],
-                   help="K of the IWAE objective (default: %(default)s)")
+                   help="K of the IWAE objective (default: ./%(default)s, relative to the current directory)")
     g.add_argument("--warmup-epochs", type=int, default=d["warmup_epochs"],
-                   help="KL warm-up epochs for the ELBO (default: %(default)s)")
+                   help="KL warm-up epochs for the ELBO (default: ./%(default)s, relative to the current directory)")
     g.add_argument("--num-eval-samples", type=int, default=d["num_eval_samples"],
-                   help="importance samples per test row for the log-likelihood estimate (default: %(default)s)")
+                   help="importance samples per test row for the log-likelihood estimate (default: ./%(default)s, relative to the current directory)")
     g.add_argument("--seeds", type=int, nargs="+", default=d["seeds"],
-                   help="seeds (replicates) of every configuration (default: %(default)s)")
+                   help="seeds (replicates) of every configuration (default: ./%(default)s, relative to the current directory)")
     g.add_argument("--device", choices=["cpu", "cuda", "auto"], default=d["device"],
-                   help="where to train and evaluate (default: %(default)s)")
+                   help="where to train and evaluate (default: ./%(default)s, relative to the current directory)")
     g.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads; small models are fastest on 1 (0: torch's default; "
-                        "default: %(default)s)")
+                        "default: ./%(default)s, relative to the current directory)")
     g.add_argument("--out-dir", default=d["out_dir"],
-                   help="studies are written to OUT_DIR/<study> (default: %(default)s)")
+                   help="studies are written to OUT_DIR/<study> (default: ./%(default)s, relative to the current directory)")
     g.add_argument("--smoke", action="store_true",
                    help="a tiny version of the study that runs in seconds (written to <study>-smoke)")
     g.add_argument("--fresh", action="store_true", help="delete earlier runs of this study first")

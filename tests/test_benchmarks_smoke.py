@@ -120,8 +120,8 @@ def test_hand_written_mirror_computes_the_library_objectives(architecture):
     if str(BENCH_DIR) not in sys.path:
         sys.path.insert(0, str(BENCH_DIR))
     common = _load("common.py")
-    from models.dlvm import DLVM
-    from inference.objectives import ELBO, IWAE
+    from pyro_lvm.models.dlvm import DLVM
+    from pyro_lvm.inference.objectives import ELBO, IWAE
     import pyro
 
     arch = dict(common.ARCHITECTURES[architecture])

@@ -5,7 +5,7 @@ import pyro.distributions as dist
 import pytest
 import torch
 
-from inference.contract import ContractError, ContractReport, check_contract
+from pyro_lvm.inference.contract import ContractError, ContractReport, check_contract
 
 N, P, D = 7, 3, 2
 

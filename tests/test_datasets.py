@@ -7,8 +7,8 @@ import pandas as pd
 import pytest
 import torch
 
-from studies import datasets
-from studies.datasets import MNIST_SHA256, Dataset, load_dataset
+from pyro_lvm.studies import datasets
+from pyro_lvm.studies.datasets import MNIST_SHA256, Dataset, load_dataset
 
 from conftest import mnist_path
 
@@ -119,13 +119,19 @@ def test_missing_mnist_lists_places_and_how_to_provide(monkeypatch, tmp_path):
     assert str(tmp_path / "nowhere") in msg and "--data-path" in msg and "PYRO_LVM_DATA" in msg
     # no argument, no variable: the default places are all listed
     monkeypatch.delenv(datasets.ENV_VAR, raising=False)
-    monkeypatch.setattr(datasets, "REPO_ROOT", tmp_path / "repo")
+    monkeypatch.setattr(datasets, "checkout_root", lambda: tmp_path / "repo")
     monkeypatch.chdir(tmp_path)
     with pytest.raises(FileNotFoundError) as err:
         load_dataset("binarized-mnist")
     msg = str(err.value)
     for place in (tmp_path / "shared" / "data", tmp_path / "repo" / "data", tmp_path / "data"):
         assert str(place) in msg
+    # an installed copy (no checkout) never looks beside its own files (site-packages)
+    monkeypatch.setattr(datasets, "checkout_root", lambda: None)
+    with pytest.raises(FileNotFoundError) as err:
+        load_dataset("binarized-mnist")
+    msg = str(err.value)
+    assert str(tmp_path / "data") in msg and "shared" not in msg and "site-packages" not in msg
     # an empty directory named by the environment variable
     monkeypatch.setenv(datasets.ENV_VAR, str(tmp_path))
     with pytest.raises(FileNotFoundError, match=r"\$PYRO_LVM_DATA"):

@@ -11,9 +11,9 @@ import pytest
 import torch
 from torch import nn
 
-from inference import diagnostics as D
-from models.dlvm import DLVM
-from models.linear import PPCA
+from pyro_lvm.inference import diagnostics as D
+from pyro_lvm.models.dlvm import DLVM
+from pyro_lvm.models.linear import PPCA
 
 
 @pytest.fixture(autouse=True)

@@ -10,9 +10,9 @@ import pytest
 import torch
 from pyro.nn import PyroModule
 
-from inference.contract import ContractError
-from inference.fit import (EarlyStopping, FitResult, NonFiniteLossError, StopFit, fit)
-from inference.objectives import log_weights
+from pyro_lvm.inference.contract import ContractError
+from pyro_lvm.inference.fit import (EarlyStopping, FitResult, NonFiniteLossError, StopFit, fit)
+from pyro_lvm.inference.objectives import log_weights
 
 N, P, D = 40, 3, 2
 

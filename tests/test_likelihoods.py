@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from scipy import special, stats
 
-from models.likelihoods import (DEFAULT_DF_BOUNDS, DEFAULT_SCALE_FLOOR, Bernoulli, Gaussian,
+from pyro_lvm.models.likelihoods import (DEFAULT_DF_BOUNDS, DEFAULT_SCALE_FLOOR, Bernoulli, Gaussian,
                                 Likelihood, StudentT, make_likelihood)
 
 P = 5

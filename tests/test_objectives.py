@@ -15,8 +15,8 @@ import torch
 from pyro.nn import PyroModule, PyroParam
 from torch.distributions import constraints
 
-from inference.fit import fit
-from inference.objectives import (
+from pyro_lvm.inference.fit import fit
+from pyro_lvm.inference.objectives import (
     ELBO,
     IWAE,
     KLWarmup,
@@ -27,7 +27,7 @@ from inference.objectives import (
     log_weights,
     trace_log_terms,
 )
-from models.linear import PPCA
+from pyro_lvm.models.linear import PPCA
 
 F64 = torch.float64
 Z_TOL = 4.0  # standard errors

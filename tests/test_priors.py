@@ -8,8 +8,8 @@ import torch
 from scipy import stats
 from scipy.special import logsumexp
 
-from models.networks import mlp
-from models.priors import (MixturePrior, Prior, StandardNormalPrior, VampPrior, make_prior)
+from pyro_lvm.models.networks import mlp
+from pyro_lvm.models.priors import (MixturePrior, Prior, StandardNormalPrior, VampPrior, make_prior)
 
 # Goodness-of-fit tests run at a fixed seed; a correct sampler fails one with probability
 # 1e-3, and the seed is fixed, so the outcome is deterministic.
@@ -263,8 +263,8 @@ def test_vamp_log_prob_with_particle_dim_matches_a_loop_over_pseudo_inputs():
     """log p(z) for z [K, B, d] (particles x rows) inside a DLVM trace equals
     log (1/C) sum_c N(z; mu(u_c), sigma(u_c)^2) computed one pseudo-input at a time,
     and its gradients reach the encoder and the pseudo-inputs identically."""
-    from inference.objectives import trace_log_terms
-    from models.dlvm import DLVM
+    from pyro_lvm.inference.objectives import trace_log_terms
+    from pyro_lvm.models.dlvm import DLVM
 
     model = DLVM(12, 3, prior="vamp", hidden=(16,), num_pseudo_inputs=7)
     x = (torch.rand(5, 12) > 0.5).float()
@@ -287,7 +287,7 @@ def test_vamp_log_prob_with_particle_dim_matches_a_loop_over_pseudo_inputs():
 
 
 def test_diagonal_gaussian_mixture_matches_torch_mixture_and_keeps_precision():
-    from models.priors import DiagonalGaussianMixture
+    from pyro_lvm.models.priors import DiagonalGaussianMixture
 
     C, d = 6, 4
     logits, loc = torch.randn(C), 5 + 3 * torch.randn(C, d)

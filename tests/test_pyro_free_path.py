@@ -15,12 +15,12 @@ import pytest
 import torch
 from torch.distributions import Bernoulli as TorchBernoulli
 
-from inference._runtime import isolated_param_store
-from inference.fit import default_optimizer, fit
-from inference.objectives import (ELBO, IWAE, log_weights, pyro_free_terms, trace_log_terms)
-from models.dlvm import DLVM
-from models.likelihoods import Bernoulli
-from models.priors import StandardNormalPrior
+from pyro_lvm.inference._runtime import isolated_param_store
+from pyro_lvm.inference.fit import default_optimizer, fit
+from pyro_lvm.inference.objectives import (ELBO, IWAE, log_weights, pyro_free_terms, trace_log_terms)
+from pyro_lvm.models.dlvm import DLVM
+from pyro_lvm.models.likelihoods import Bernoulli
+from pyro_lvm.models.priors import StandardNormalPrior
 
 PRIORS = ["normal", "mixture", "vamp"]
 LIKELIHOODS = ["bernoulli", "gaussian", "studentt"]
@@ -305,7 +305,7 @@ def test_compile_needs_the_fast_path_and_warns_for_traced_pairs():
 
 
 def test_data_validated_up_front_is_not_rechecked_per_call():
-    from models.validation import data_checked, per_call_data_checks
+    from pyro_lvm.models.validation import data_checked, per_call_data_checks
 
     model = _model("normal", "bernoulli")
     x = _data("bernoulli")

@@ -19,8 +19,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from reports import analysis, figures, render_report
-from reports import render as render_module
+from pyro_lvm.reports import analysis, figures, render_report
+from pyro_lvm.reports import render as render_module
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 DATA_URI = "data:image/png;base64,"
@@ -555,7 +555,7 @@ def test_report_shows_findings_and_run_notes(tmp_path):
 
 
 def test_khat_regions_match_diagnostics_and_labels():
-    from inference import diagnostics
+    from pyro_lvm.inference import diagnostics
 
     values = np.array([0.0, 0.49, 0.5, 0.6, 0.7, 0.7000001, 1.5, np.inf, np.nan])
     np.testing.assert_array_equal(figures.khat_regions(values),
