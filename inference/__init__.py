@@ -10,6 +10,7 @@ from pyro_lvm.inference.diagnostics import (Diagnostics, ImportanceDiagnostics, 
 from pyro_lvm.inference.evaluate import (ELBOEstimate, LogLikelihoodEstimate, ReconstructionError, elbo,
                                 evaluate, log_likelihood, reconstruction_error)
 from pyro_lvm.inference.fit import EarlyStopping, FitResult, FitState, NonFiniteLossError, StopFit, fit
+from pyro_lvm.inference.reliability import khat_threshold
 from pyro_lvm.inference.objectives import (ELBO, IWAE, KLWarmup, LogTerms, elbo_from_log_weights,
                                   iwae_from_log_weights, linear_warmup, log_weights,
                                   trace_log_terms)
@@ -23,5 +24,5 @@ __all__ = [
     "LogLikelihoodEstimate", "ELBOEstimate", "ReconstructionError",
     "importance_diagnostics", "latent_usage", "posterior_predictive_check", "amortization_gap",
     "to_inference_data", "diagnose", "Diagnostics", "ImportanceDiagnostics", "LatentUsage",
-    "resolve_device", "isolated_param_store",
+    "resolve_device", "isolated_param_store", "khat_threshold",
 ]
