@@ -27,8 +27,6 @@ Carlo objectives, ICLR.
 from __future__ import annotations
 
 import argparse
-import pathlib
-import sys
 
 if __package__ in (None, ""):  # run as a file from a checkout: use this checkout's pyro_lvm
     import _checkout  # noqa: F401  (studies/_checkout.py, beside this script)
@@ -42,26 +40,19 @@ DEFAULTS = dict(latent_dim=2, hidden="64x64", epochs=20, batch_size=100, lr=1e-2
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="compare_objectives.py",
-        description="Compare the ELBO with IWAE_K (K = 5, 50) and standard vs DReG guide "
-                    "gradients for one DLVM; writes results.csv and an HTML report.")
-    runner.add_common_args(parser, **DEFAULTS)
-    g = parser.add_argument_group("compare_objectives options")
-    g.add_argument("--ks", type=int, nargs="+", default=[1, 5, 50],
+    parser, g = runner.study_parser(
+        NAME, "Compare the ELBO with IWAE_K (K = 5, 50) and standard vs DReG guide gradients "
+              "for one DLVM; writes results.csv and an HTML report.", DEFAULTS,
+        omit=("num_particles",))  # K comes from --ks
+    g.add_argument("--ks", type=runner.positive_int, nargs="+", default=[1, 5, 50],
                    help="numbers of particles K; K = 1 is the ELBO (default: 1 5 50)")
     g.add_argument("--gradients", nargs="+", choices=["standard", "dreg"],
                    default=["standard", "dreg"],
                    help="guide-gradient estimators for K > 1 (default: standard dreg)")
     g.add_argument("--prior", choices=["normal", "mixture", "vamp"], default="normal",
                    help="prior of the DLVM (default: %(default)s)")
-    args = parser.parse_args(argv)
-    if any(k < 1 for k in args.ks):
-        parser.error(f"--ks must be positive, got {args.ks}")
-    args = runner.apply_smoke(args)
-    if args.smoke:
-        args.ks = sorted({min(k, 5) for k in args.ks})
-    return args
+    return runner.parse_study_args(parser, argv,
+                                   smoke={"ks": lambda a: sorted({min(k, 5) for k in a.ks})})
 
 
 def objective_variants(ks, gradients) -> list:

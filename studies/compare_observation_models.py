@@ -31,8 +31,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import pathlib
-import sys
 
 import numpy as np
 import pandas as pd
@@ -50,32 +48,36 @@ DEFAULTS = dict(latent_dim=4, hidden="64x64", epochs=30, batch_size=100, lr=3e-3
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="compare_observation_models.py",
-        description="Compare Gaussian and Student-t observation models of a DLVM trained on "
-                    "data with gross outliers, by the clean held-out log-likelihood.")
-    runner.add_common_args(parser, **DEFAULTS)
-    g = parser.add_argument_group("compare_observation_models options")
+    parser, g = runner.study_parser(
+        NAME, "Compare Gaussian and Student-t observation models of a DLVM trained on data "
+              "with gross outliers, by the clean held-out log-likelihood.", DEFAULTS)
     g.add_argument("--likelihoods", nargs="+", choices=["gaussian", "studentt"],
                    default=["gaussian", "studentt"], help="observation models (default: both)")
-    g.add_argument("--outlier-fraction", type=float, default=0.05,
-                   help="fraction of training rows with gross errors (default: %(default)s)")
+    g.add_argument("--outlier-fraction", type=runner.fraction, default=0.05,
+                   help="fraction of training rows with gross errors, in (0, 1) "
+                        "(default: %(default)s)")
     g.add_argument("--no-clean-baseline", action="store_true",
                    help="fit only the contaminated training data (no clean fits to compare with)")
-    g.add_argument("--outlier-scale", type=float, default=10.0,
+    g.add_argument("--outlier-scale", type=runner.positive_float, default=10.0,
                    help="size of the gross errors in standard deviations (default: %(default)s)")
     g.add_argument("--no-dequantize", action="store_true",
                    help="use the integer digits as they are instead of adding U(0, 1) noise "
                         "(densities of integer data are unbounded: not recommended)")
     g.add_argument("--objective", choices=["elbo", "iwae"], default="elbo",
                    help="training objective (default: %(default)s; IWAE uses K = --num-particles)")
-    args = parser.parse_args(argv)
-    return runner.apply_smoke(args)
+    return runner.parse_study_args(parser, argv, check=_check)
+
+
+def _check(args: argparse.Namespace):
+    if args.dataset == "binarized-mnist":
+        return ("--dataset binarized-mnist: compare_observation_models needs continuous data "
+                "(use --dataset digits or a CSV file)")
+    if args.objective == "elbo" and "num_particles" in args.given:
+        return "--num-particles/-K applies to --objective iwae only"
+    return None
 
 
 def build_grid(args: argparse.Namespace, dataset) -> list:
-    if not 0 < args.outlier_fraction < 1:
-        raise ValueError(f"--outlier-fraction must be in (0, 1), got {args.outlier_fraction}")
     k = 1 if args.objective == "elbo" else args.num_particles
     base = runner.base_config_from_args(args, model="dlvm", prior="normal",
                                         objective=args.objective, num_particles=k,
@@ -130,9 +132,6 @@ def degradation_findings(results: pd.DataFrame) -> list:
 
 
 def main(args: argparse.Namespace) -> runner.StudyResult:
-    if args.dataset == "binarized-mnist":
-        raise SystemExit("compare_observation_models needs continuous data; binarized MNIST is "
-                         "binary (use --dataset digits or a CSV file)")
     # continuous data, standardized with training statistics (constant columns dropped)
     extra = {"dequantize": True} if args.dataset == "digits" and not args.no_dequantize else {}
     dataset = runner.dataset_from_args(args, binarize=False, scale="standardize",

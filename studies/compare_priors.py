@@ -57,8 +57,6 @@ Sønderby et al. (2016), Ladder variational autoencoders, NeurIPS.
 from __future__ import annotations
 
 import argparse
-import pathlib
-import sys
 
 if __package__ in (None, ""):  # run as a file from a checkout: use this checkout's pyro_lvm
     import _checkout  # noqa: F401  (studies/_checkout.py, beside this script)
@@ -74,13 +72,10 @@ DEFAULTS = dict(latent_dim=2, hidden="64x64", epochs=30, batch_size=100, lr=1e-2
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="compare_priors.py",
-        description="Compare priors (standard normal, mixture of Gaussians, VampPrior) of a "
-                    "deep latent variable model, trained with the ELBO and with IWAE_K, over "
-                    "seeds; writes results.csv and an HTML report.")
-    runner.add_common_args(parser, **DEFAULTS)
-    g = parser.add_argument_group("compare_priors options")
+    parser, g = runner.study_parser(
+        NAME, "Compare priors (standard normal, mixture of Gaussians, VampPrior) of a deep "
+              "latent variable model, trained with the ELBO and with IWAE_K, over seeds; writes "
+              "results.csv and an HTML report.", DEFAULTS)
     g.add_argument("--priors", nargs="+", choices=PRIORS, default=list(PRIORS),
                    help="priors to compare (default: all)")
     g.add_argument("--objectives", nargs="+", choices=OBJECTIVES, default=list(OBJECTIVES),
@@ -90,28 +85,31 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "model instead of binarized digits with a Bernoulli one")
     g.add_argument("--likelihood", choices=["bernoulli", "gaussian", "studentt"], default=None,
                    help="observation model (default: bernoulli for binary data, gaussian otherwise)")
-    g.add_argument("--num-components", type=int, default=10,
+    g.add_argument("--num-components", type=runner.positive_int, default=10,
                    help="components of the mixture prior (default: %(default)s)")
-    g.add_argument("--num-pseudo-inputs", type=int, default=None,
+    g.add_argument("--num-pseudo-inputs", type=runner.positive_int, default=None,
                    help="pseudo-inputs of the VampPrior (default: 50 for digits, 500 otherwise)")
-    g.add_argument("--vamp-warm-start-epochs", type=int, default=5,
+    g.add_argument("--vamp-warm-start-epochs", type=runner.nonnegative_int, default=5,
                    help="train each VampPrior run's encoder and decoder with the standard "
                         "normal prior for this many of its epochs first (0: from random "
                         "weights; default: %(default)s, 1 with --smoke)")
-    args = parser.parse_args(argv)
-    if args.vamp_warm_start_epochs < 0:
-        parser.error(f"--vamp-warm-start-epochs must be >= 0, got {args.vamp_warm_start_epochs}")
-    args = runner.apply_smoke(args)
-    if args.smoke:  # small but exercised
-        args.vamp_warm_start_epochs = min(args.vamp_warm_start_epochs, 1)
-    return args
+    return runner.parse_study_args(
+        parser, argv, check=_check,
+        smoke={"vamp_warm_start_epochs": lambda a: min(a.vamp_warm_start_epochs, 1),
+               "num_pseudo_inputs": lambda a: min(a.num_pseudo_inputs or 10, 10)})
+
+
+def _check(args: argparse.Namespace):
+    warm = args.vamp_warm_start_epochs
+    if warm and "vamp" in args.priors and warm >= args.epochs:
+        return (f"--vamp-warm-start-epochs={warm} leaves no epoch for the VampPrior: it must be "
+                f"smaller than --epochs={args.epochs}")
+    return None
 
 
 def build_grid(args: argparse.Namespace, dataset) -> list:
     likelihood = args.likelihood or ("bernoulli" if dataset.discrete else "gaussian")
     pseudo = args.num_pseudo_inputs or (50 if dataset.name.startswith("digits") else 500)
-    if args.smoke:
-        pseudo = min(pseudo, 10)
     base = runner.base_config_from_args(
         args, model="dlvm", likelihood=likelihood,
         extra={"num_components": args.num_components, "num_pseudo_inputs": pseudo})
@@ -123,10 +121,7 @@ def build_grid(args: argparse.Namespace, dataset) -> list:
         else:  # no KL weight inside the log-mean-exp: nothing to warm up
             objectives.append({"objective": "iwae", "num_particles": args.num_particles,
                                "warmup_epochs": 0})
-    warm = int(getattr(args, "vamp_warm_start_epochs", 0) or 0)
-    if warm and "vamp" in args.priors and warm >= args.epochs:
-        raise ValueError(f"--vamp-warm-start-epochs={warm} leaves no epoch for the VampPrior: "
-                         f"it must be smaller than --epochs={args.epochs}")
+    warm = args.vamp_warm_start_epochs
     priors = [{"prior": p, "prior_warm_start_epochs": warm if p == "vamp" else 0}
               for p in args.priors]
     return expand_grid(base, seeds=args.seeds, prior=priors, objective=objectives)

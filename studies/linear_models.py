@@ -28,8 +28,6 @@ Rubin & Thayer (1982), EM algorithms for ML factor analysis, Psychometrika.
 from __future__ import annotations
 
 import argparse
-import pathlib
-import sys
 
 if __package__ in (None, ""):  # run as a file from a checkout: use this checkout's pyro_lvm
     import _checkout  # noqa: F401  (studies/_checkout.py, beside this script)
@@ -44,21 +42,24 @@ MODELS = ("ppca", "fa", "dlvm")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="linear_models.py",
-        description="Factor analysis and PPCA (exact and SVI fits, exact log-likelihood) "
-                    "against a Gaussian DLVM on continuous data; writes results.csv and an "
-                    "HTML report.")
-    runner.add_common_args(parser, **DEFAULTS)
-    g = parser.add_argument_group("linear_models options")
+    parser, g = runner.study_parser(
+        NAME, "Factor analysis and PPCA (exact and SVI fits, exact log-likelihood) against a "
+              "Gaussian DLVM on continuous data; writes results.csv and an HTML report.",
+        DEFAULTS, omit=("num_particles",))  # every SVI fit uses the one-particle ELBO
     g.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS),
                    help="model families (default: all)")
     g.add_argument("--no-dequantize", action="store_true",
                    help="use the integer digits as they are instead of adding U(0, 1) noise")
     g.add_argument("--fit-methods", nargs="+", choices=["exact", "svi"], default=["exact", "svi"],
                    help="fits of the linear models (default: both); the DLVM is always SVI")
-    args = parser.parse_args(argv)
-    return runner.apply_smoke(args)
+    return runner.parse_study_args(parser, argv, check=_check)
+
+
+def _check(args: argparse.Namespace):
+    if args.dataset == "binarized-mnist":
+        return ("--dataset binarized-mnist: linear_models needs continuous data "
+                "(use --dataset digits or a CSV file)")
+    return None
 
 
 def build_grid(args: argparse.Namespace, dataset) -> list:
@@ -74,14 +75,11 @@ def build_grid(args: argparse.Namespace, dataset) -> list:
 
 
 def main(args: argparse.Namespace) -> runner.StudyResult:
-    if args.dataset == "binarized-mnist":
-        raise SystemExit("linear_models needs continuous data; binarized MNIST is binary "
-                         "(use --dataset digits or a CSV file)")
     extra = {"dequantize": True} if args.dataset == "digits" and not args.no_dequantize else {}
     dataset = runner.dataset_from_args(args, binarize=False, scale="standardize",
                                        drop_constant=True, likelihood="gaussian", **extra)
     if args.latent_dim >= dataset.data_dim:
-        raise SystemExit(f"--latent-dim {args.latent_dim} must be below the data dimension "
+        raise ValueError(f"--latent-dim {args.latent_dim} must be below the data dimension "
                          f"{dataset.data_dim} for PPCA / factor analysis")
     configs = build_grid(args, dataset)
     description = (

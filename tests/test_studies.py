@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 import torch
 
-from pyro_lvm.studies import runner
+from pyro_lvm.studies.runner import execution, families
 from pyro_lvm.studies.datasets import Dataset, load_dataset
 from pyro_lvm.studies.runner import RunConfig, StudyDataError, expand_grid, run_study
 
@@ -21,7 +21,7 @@ STUDIES_DIR = REPO / "studies"
 #: Every study script; the coverage test fails when a script is not listed here.
 STUDY_SCRIPTS = ("compare_priors", "compare_objectives", "compare_observation_models",
                  "linear_models")
-NOT_STUDIES = {"__init__", "_checkout", "datasets", "runner"}
+NOT_STUDIES = {"__init__", "_checkout", "datasets"}
 #: Metrics that must be reproduced exactly by a resumed study (timings excluded).
 REPRODUCIBLE = ("test_log_likelihood", "test_log_likelihood_se", "test_elbo", "kl",
                 "active_units", "khat_median", "final_train_objective", "final_valid_objective")
@@ -138,7 +138,7 @@ def test_prior_warm_start_trains_both_phases(tmp_path, tiny_data, monkeypatch):
     with pytest.raises(ValueError, match="prior_warm_start_epochs"):
         base.replace(prior_warm_start_epochs=-1)
 
-    real_fit = runner.fit_pair
+    real_fit = execution.fit_pair
     fits = []
 
     def recording_fit(model, dataset, config, **kwargs):
@@ -148,7 +148,7 @@ def test_prior_warm_start_trains_both_phases(tmp_path, tiny_data, monkeypatch):
         fits[-1] += ({k: v.clone() for k, v in fitted.model.state_dict().items()},)
         return fitted
 
-    monkeypatch.setattr(runner, "fit_pair", recording_fit)
+    monkeypatch.setattr(execution, "fit_pair", recording_fit)
     result = run_study("warm", tiny_data, [config, config.replace(prior_warm_start_epochs=3),
                                            config.replace(prior="normal")],
                        out_dir=tmp_path, render=False, progress=False)
@@ -186,7 +186,7 @@ def test_prior_warm_start_trains_both_phases(tmp_path, tiny_data, monkeypatch):
 def test_interrupted_study_resumes_without_recomputing(tmp_path, tiny_data, monkeypatch):
     configs = _tiny_grid(prior=["normal"], seeds=(0, 1, 2))
     ids = [c.replace(dataset=tiny_data.name).run_id for c in configs]  # run_study names the data
-    real_fit = runner.fit_pair
+    real_fit = execution.fit_pair
     calls = []
 
     def ctrl_c_in_second_run(*args, **kwargs):
@@ -195,7 +195,7 @@ def test_interrupted_study_resumes_without_recomputing(tmp_path, tiny_data, monk
             raise KeyboardInterrupt  # Ctrl-C in the middle of the second run
         return real_fit(*args, **kwargs)
 
-    monkeypatch.setattr(runner, "fit_pair", ctrl_c_in_second_run)
+    monkeypatch.setattr(execution, "fit_pair", ctrl_c_in_second_run)
     with pytest.raises(KeyboardInterrupt):
         run_study("resume", tiny_data, configs, out_dir=tmp_path, render=False, progress=False)
     study_dir = tmp_path / "resume"
@@ -207,7 +207,7 @@ def test_interrupted_study_resumes_without_recomputing(tmp_path, tiny_data, monk
     first_result = (study_dir / "runs" / ids[0] / "result.json").read_bytes()
 
     calls.clear()
-    monkeypatch.setattr(runner, "fit_pair", lambda *a, **k: (calls.append(1), real_fit(*a, **k))[1])
+    monkeypatch.setattr(execution, "fit_pair", lambda *a, **k: (calls.append(1), real_fit(*a, **k))[1])
     resumed = run_study("resume", tiny_data, configs, out_dir=tmp_path, render=False, progress=False)
     assert len(calls) == 2  # only the unfinished runs were fit
     assert resumed.skipped == ids[:1] and resumed.executed == ids[1:]
@@ -216,7 +216,7 @@ def test_interrupted_study_resumes_without_recomputing(tmp_path, tiny_data, monk
     assert (table["status"] == "ok").all()
 
     # the same table as an uninterrupted study (CPU fits are seeded and reproducible)
-    monkeypatch.setattr(runner, "fit_pair", real_fit)
+    monkeypatch.setattr(execution, "fit_pair", real_fit)
     straight = run_study("resume", tiny_data, configs, out_dir=tmp_path / "straight",
                          render=False, progress=False)
     reference = pd.read_csv(tmp_path / "straight" / "resume" / "results.csv")
@@ -228,7 +228,7 @@ def test_interrupted_study_resumes_without_recomputing(tmp_path, tiny_data, monk
     again = run_study("resume", tiny_data, configs, out_dir=tmp_path, render=False, progress=False)
     assert again.executed == [] and len(again.skipped) == 3
     calls.clear()
-    monkeypatch.setattr(runner, "fit_pair", lambda *a, **k: (calls.append(1), real_fit(*a, **k))[1])
+    monkeypatch.setattr(execution, "fit_pair", lambda *a, **k: (calls.append(1), real_fit(*a, **k))[1])
     run_study("resume", tiny_data, configs[:1], out_dir=tmp_path, render=False, progress=False,
               fresh=True)
     assert len(calls) == 1 and [p.name for p in (study_dir / "runs").iterdir()] == ids[:1]
@@ -241,7 +241,7 @@ def finished_study(tmp_path_factory, tiny_data):
     named like the compare_priors smoke study so the bad-data tests can aim at it."""
     out = tmp_path_factory.mktemp("reports")
     configs = _tiny_grid(seeds=(0,), prior=["normal", "no-such-prior"]) + _tiny_grid(seeds=(7,))
-    real_objective = runner.build_objective
+    real_objective = families.build_objective
 
     def diverging(config):
         objective = real_objective(config)
@@ -259,7 +259,7 @@ def finished_study(tmp_path_factory, tiny_data):
         return objective
 
     mp = pytest.MonkeyPatch()
-    mp.setattr(runner, "build_objective", diverging)
+    mp.setattr(families, "build_objective", diverging)
     try:
         result = run_study("compare_priors-smoke", tiny_data, configs, out_dir=out, progress=False)
     finally:
@@ -288,8 +288,8 @@ def _assert_untouched(out, before, monkeypatch, attempt):
     def no_training(*args, **kwargs):
         raise AssertionError("training started although the data are bad")
 
-    monkeypatch.setattr(runner, "fit_pair", no_training)
-    monkeypatch.setattr(runner, "fit_exact", no_training)
+    monkeypatch.setattr(execution, "fit_pair", no_training)
+    monkeypatch.setattr(execution, "fit_exact", no_training)
     attempt()
     assert _snapshot(out) == before
 

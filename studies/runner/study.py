@@ -1,0 +1,343 @@
+"""Study orchestration: validate the data against the grid, take the study's lock, resume
+from the runs on disk, execute the rest one after another, keep ``results.csv`` and
+``study.json`` current, and render the report."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pathlib
+import shlex
+import shutil
+import sys
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+import pandas as pd
+import torch
+
+from pyro_lvm.inference._runtime import isolated_param_store, resolve_device
+from pyro_lvm.paths import DEFAULT_OUT_DIR
+from pyro_lvm.studies.datasets import SPLITS, Dataset, load_dataset, validate_for_likelihood
+from pyro_lvm.studies.runner import execution, families, provenance, storage
+from pyro_lvm.studies.runner.evaluation import ARTIFACTS
+from pyro_lvm.studies.runner.results import read_result, results_frame
+from pyro_lvm.studies.runner.schema import (METRIC_COLUMNS, STATUS_COLUMNS, RunConfig,
+                                            StudyDataError)
+
+__all__ = ["StudyResult", "run_study", "validate_study", "render_study"]
+
+
+@dataclasses.dataclass
+class StudyResult:
+    """What :func:`run_study` did.
+
+    Attributes
+    ----------
+    study_dir : pathlib.Path
+    results : pandas.DataFrame
+        The results table (also in ``results.csv``).
+    report : pathlib.Path or None
+        The HTML report, when rendered.
+    executed, skipped, failed : list of str
+        Run ids run now, found finished on disk, and failed (now or before).
+    findings : list of str
+        The study's conclusions (``findings`` of :func:`run_study`).
+    """
+
+    study_dir: pathlib.Path
+    results: pd.DataFrame
+    report: Optional[pathlib.Path]
+    executed: List[str]
+    skipped: List[str]
+    failed: List[str]
+    findings: List[str] = dataclasses.field(default_factory=list)
+
+
+# ---------------------------------------------------------------------------- validation
+def validate_study(dataset: Dataset, configs: Sequence[RunConfig]) -> None:
+    """Check the data against every model of the grid before anything runs.
+
+    Raises :class:`StudyDataError` (a ValueError) naming the split, the rows/columns and the
+    configuration when the data cannot be used. A configuration whose model cannot even be
+    built is *not* a data problem: it is left to fail (and be recorded) as a run.
+    """
+    from pyro_lvm.models.validation import check_data
+
+    if not isinstance(dataset, Dataset):
+        raise StudyDataError(f"expected a studies.datasets.Dataset, got {type(dataset).__name__}")
+    p = dataset.data_dim
+    for split in SPLITS:
+        x = getattr(dataset, split)
+        if split != "valid" and x.shape[0] == 0:
+            raise StudyDataError(f"the {split} split of {dataset.name!r} is empty")
+        if x.shape[0]:
+            try:
+                check_data(x, p, name=f"{dataset.name} {split} split", mask=dataset.mask(split))
+            except ValueError as exc:
+                raise StudyDataError(str(exc)) from None
+    checked = set()
+    for config in configs:
+        key = (config.model, config.likelihood, config.prior, config.latent_dim)
+        if key not in checked:
+            checked.add(key)
+            _validate_for_config(dataset, config)
+
+
+def _validate_for_config(dataset: Dataset, config: RunConfig) -> None:
+    if config.likelihood in ("bernoulli", "gaussian", "studentt"):
+        try:
+            validate_for_likelihood(dataset, config.likelihood)
+        except ValueError as exc:
+            raise StudyDataError(f"{exc} [configuration {config.label()}]") from None
+    try:
+        with isolated_param_store():
+            model = families.build_model(config, dataset)
+    except Exception:  # a bad configuration, recorded when its run fails
+        return
+    check = getattr(model, "check_data", None)
+    if check is None:
+        return
+    for split in SPLITS:
+        x = getattr(dataset, split)
+        if x.shape[0] == 0:
+            continue
+        try:
+            check(x, mask=dataset.mask(split))
+        except ValueError as exc:
+            raise StudyDataError(
+                f"{dataset.name} {split} split cannot be modelled by {config.label()}: {exc}"
+            ) from None
+
+
+def _prepare(name: str, dataset, configs: Sequence[RunConfig]) -> Tuple[Dataset, List[RunConfig]]:
+    """The dataset and the grid, named and checked (nothing is written yet)."""
+    if not name or any(c in name for c in "/\\") or name.startswith("."):
+        raise ValueError(f"invalid study name {name!r}")
+    if not isinstance(dataset, Dataset):
+        try:
+            dataset = load_dataset(dataset)
+        except (ValueError, FileNotFoundError) as exc:
+            raise StudyDataError(str(exc)) from None
+    if not configs:
+        raise ValueError("the study has no configurations to run")
+    configs = [c.replace(study=name, dataset=dataset.name) for c in configs]
+    ids = [c.run_id for c in configs]
+    if len(set(ids)) != len(ids):
+        dup = sorted({i for i in ids if ids.count(i) > 1})
+        raise ValueError(f"the grid lists the same run more than once: {dup}")
+    for device in sorted({c.device for c in configs}):
+        resolve_device(device)  # ValueError: CUDA requested on a machine without it
+    validate_study(dataset, configs)
+    return dataset, configs
+
+
+def _check_same_data(study_dir: pathlib.Path, dataset: Dataset, old_meta) -> None:
+    old_sha = ((old_meta or {}).get("dataset") or {}).get("sha256")
+    runs_dir = study_dir / "runs"
+    if old_sha and old_sha != dataset.sha256 and runs_dir.exists() and any(runs_dir.iterdir()):
+        raise ValueError(
+            f"{study_dir} holds runs on different data (SHA-256 {old_sha[:12]}..., now "
+            f"{dataset.sha256[:12]}... for {dataset.name}); pass fresh=True (--fresh) to replace "
+            f"them or use another out_dir (--out-dir) to keep both"
+        )
+
+
+# ---------------------------------------------------------------------------- study.json
+def _study_meta(name: str, dataset: Dataset, configs: Sequence[RunConfig], *, title, description,
+                command_line, metadata, old_meta) -> Dict[str, Any]:
+    """``study.json`` at the start of an invocation; earlier invocations are kept."""
+    old_meta = old_meta if isinstance(old_meta, dict) else {}
+    previous = [i for i in old_meta.get("invocations") or [] if isinstance(i, dict)]
+    started = provenance.now()
+    meta: Dict[str, Any] = {
+        "name": name,
+        "title": title or name,
+        "description": description,
+        "command_line": command_line,
+        "dataset": {**dataset.summary(), "shape": [sum(dataset.sizes.values()), dataset.data_dim]},
+        "grid": provenance.grid_summary(configs),
+        "seeds": sorted({c.seed for c in configs}),
+        "num_runs": len(configs),
+        "config_columns": list(configs[0].to_record()),
+        "metric_columns": list(METRIC_COLUMNS),
+        "status_columns": list(STATUS_COLUMNS),
+        "artifacts": ARTIFACTS,
+        "versions": provenance.versions(),
+        "git_commit": provenance.git_commit(),
+        "device": provenance.device_info(configs),
+        "started": (previous[0].get("started") if previous else None) or started,
+        "finished": None,
+        "status": "running",
+        "invocations": previous + [{"command_line": command_line, "started": started,
+                                    "finished": None, "status": "running", "computed": []}],
+    }
+    meta.update(dict(metadata or {}))
+    return meta
+
+
+def _finish_meta(meta: Dict[str, Any], status: str, executed: List[str], skipped: List[str],
+                 frame: pd.DataFrame) -> None:
+    finished = provenance.now()
+    meta.update(finished=finished, status=status, num_executed=len(executed),
+                num_skipped=len(skipped),
+                compute_time_s=float(pd.to_numeric(frame["wall_time_s"], errors="coerce").sum()))
+    meta["invocations"][-1].update(finished=finished, status=status, computed=list(executed))
+
+
+# ---------------------------------------------------------------------------- the study
+def run_study(
+    name: str,
+    dataset: Union[Dataset, Any],
+    configs: Sequence[RunConfig],
+    *,
+    out_dir: Union[str, os.PathLike] = DEFAULT_OUT_DIR,
+    fresh: bool = False,
+    progress: bool = True,
+    render: bool = True,
+    command_line: Optional[str] = None,
+    title: Optional[str] = None,
+    description: Optional[str] = None,
+    retry_failed: bool = False,
+    on_run_end: Optional[Callable[[RunConfig, Dict[str, Any]], None]] = None,
+    metadata: Optional[Mapping[str, Any]] = None,
+    num_threads: Optional[int] = None,
+    findings: Optional[Callable[[pd.DataFrame], List[str]]] = None,
+) -> StudyResult:
+    """Run (or resume) a study and render its report.
+
+    Parameters
+    ----------
+    name : str
+        Study name; the study lives in ``<out_dir>/<name>``.
+    dataset : Dataset or anything :func:`studies.datasets.load_dataset` accepts
+    configs : sequence of RunConfig
+        The grid (see :func:`expand_grid`); ``study`` and ``dataset`` fields are filled in.
+    out_dir : path
+    fresh : bool
+        Delete earlier runs of this study first (after the data passed validation).
+    progress : bool
+        A progress bar over the runs.
+    render : bool
+        Render ``index.html`` with :func:`reports.render_report` at the end.
+    command_line, title, description : str, optional
+        Recorded in ``study.json`` for the report.
+    retry_failed : bool
+        Re-run runs recorded as failed (by default they are kept, like finished ones).
+    on_run_end : callable, optional
+        ``on_run_end(config, result)`` after each executed run (after it is saved).
+    metadata : mapping, optional
+        More entries for ``study.json`` (e.g. the primary factor of the comparison).
+    findings : callable, optional
+        ``findings(results) -> list of str``: study-specific conclusions computed from the
+        results table after the runs, stored in ``study.json`` (``"findings"``) for the
+        report and printed by the scripts.
+    num_threads : int, optional
+        CPU threads for torch during the study (restored afterwards). Small models train
+        fastest on one thread, and one thread per process avoids the oversubscription that
+        slows a shared machine down many times over; None leaves torch's setting alone.
+
+    Returns
+    -------
+    StudyResult
+
+    Raises
+    ------
+    StudyDataError
+        The data cannot be used (before anything is run or written).
+    ValueError
+        Duplicate runs in the grid, an invalid name, or a study directory holding runs on
+        different data (pass ``fresh=True`` or another ``out_dir``).
+    """
+    dataset, configs = _prepare(name, dataset, configs)
+    study_dir = pathlib.Path(out_dir) / name
+    meta_path, runs_dir = study_dir / "study.json", study_dir / "runs"
+    old_meta = None if fresh else storage.read_json(meta_path)
+    if not fresh:
+        _check_same_data(study_dir, dataset, old_meta)
+    if fresh and study_dir.exists():
+        shutil.rmtree(runs_dir, ignore_errors=True)
+        for f in ("results.csv", "study.json"):
+            (study_dir / f).unlink(missing_ok=True)
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    if command_line is None:
+        command_line = " ".join(shlex.quote(a) for a in
+                                [os.path.basename(sys.executable)] + sys.argv)
+    meta = _study_meta(name, dataset, configs, title=title, description=description,
+                       command_line=command_line, metadata=metadata, old_meta=old_meta)
+    storage.write_text(meta_path, storage.dump_json(meta))
+
+    results: Dict[str, Dict[str, Any]] = {}
+    notes: Dict[str, str] = {}
+    skipped, todo = [], []
+    for c in configs:
+        r, why = read_result(c, runs_dir / c.run_id)
+        if r is not None and not (retry_failed and r.get("status") == "failed"):
+            results[c.run_id] = r
+            skipped.append(c.run_id)
+        else:
+            todo.append(c)
+            if why:
+                notes[c.run_id] = why
+    executed: List[str] = []
+    frame = _run_all(name, study_dir, dataset, configs, todo, results, executed, notes, meta,
+                     skipped=skipped, progress=progress, num_threads=num_threads,
+                     on_run_end=on_run_end)
+    if findings is not None:
+        try:
+            meta["findings"] = [str(line) for line in findings(frame)]
+        except Exception as exc:  # a summary must not cost the runs
+            meta["findings"] = [f"(the study's summary could not be computed: "
+                                f"{type(exc).__name__}: {exc})"]
+        storage.write_text(meta_path, storage.dump_json(meta))
+    report = render_study(study_dir) if render else None
+    failed = [c.run_id for c in configs if results.get(c.run_id, {}).get("status") == "failed"]
+    return StudyResult(study_dir=study_dir, results=frame, report=report, executed=executed,
+                       skipped=skipped, failed=failed, findings=list(meta.get("findings") or []))
+
+
+def _run_all(name, study_dir, dataset, configs, todo, results, executed, notes, meta, *,
+             skipped, progress, num_threads, on_run_end) -> pd.DataFrame:
+    """Execute the runs of ``todo`` one after another, saving the table after each."""
+    from tqdm.auto import tqdm
+
+    def save_table():
+        frame = results_frame(configs, results)
+        storage.write_text(study_dir / "results.csv", frame.to_csv(index=False))
+        return frame
+
+    save_table()
+    status = "interrupted"
+    bar = tqdm(todo, desc=name, unit="run", disable=not progress, leave=True)
+    threads_before = torch.get_num_threads()
+    if num_threads:
+        torch.set_num_threads(int(num_threads))
+    meta["num_threads"] = torch.get_num_threads()
+    try:
+        for c in bar:
+            bar.set_postfix_str(c.run_id, refresh=True)
+            result = execution.execute_run(c, dataset, study_dir / "runs" / c.run_id,
+                                           notes=[notes[c.run_id]] if c.run_id in notes else None)
+            results[c.run_id] = result
+            executed.append(c.run_id)
+            save_table()
+            if result["status"] != "ok" and progress:
+                tqdm.write(f"run {c.run_id} failed: {result['error']}", file=sys.stderr)
+            if on_run_end is not None:
+                on_run_end(c, result)
+        status = "finished"
+    finally:
+        torch.set_num_threads(threads_before)
+        bar.close()
+        frame = save_table()
+        _finish_meta(meta, status, executed, skipped, frame)
+        storage.write_text(study_dir / "study.json", storage.dump_json(meta))
+        if status != "finished":
+            print(f"study {name} interrupted after {len(executed)} new run(s); re-run the same "
+                  f"command to resume ({study_dir})", file=sys.stderr)
+    return frame
+
+
+def render_study(study_dir: Union[str, os.PathLike]) -> pathlib.Path:
+    """Render the HTML report of a study directory and return its path."""
+    from pyro_lvm.reports import render_report
+    return pathlib.Path(render_report(study_dir))
