@@ -293,8 +293,8 @@ def main(args=None) -> dict:
 
     from pyro_lvm.inference.diagnostics import latent_usage
     from pyro_lvm.inference.evaluate import elbo, log_likelihood
-    from pyro_lvm.inference.fit import EarlyStopping, default_optimizer, fit
-    from pyro_lvm.inference.objectives import ELBO, IWAE, KLWarmup
+    from pyro_lvm.inference.fit import EarlyStopping, KLWarmup, default_optimizer, fit
+    from pyro_lvm.inference.objectives import ELBO, IWAE
     from pyro_lvm.models.dlvm import DLVM
 
     if args.out is None:

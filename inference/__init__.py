@@ -9,11 +9,11 @@ from pyro_lvm.inference.diagnostics import (Diagnostics, ImportanceDiagnostics, 
                                    posterior_predictive_check, to_inference_data)
 from pyro_lvm.inference.evaluate import (ELBOEstimate, LogLikelihoodEstimate, ReconstructionError, elbo,
                                 evaluate, log_likelihood, reconstruction_error)
-from pyro_lvm.inference.fit import EarlyStopping, FitResult, FitState, NonFiniteLossError, StopFit, fit
+from pyro_lvm.inference.fit import (EarlyStopping, FitResult, FitState, KLWarmup, NonFiniteLossError,
+                                    StopFit, fit, linear_warmup)
+from pyro_lvm.inference.objectives import (ELBO, IWAE, LogTerms, elbo_from_log_weights,
+                                           iwae_from_log_weights, log_weights, trace_log_terms)
 from pyro_lvm.inference.reliability import khat_threshold
-from pyro_lvm.inference.objectives import (ELBO, IWAE, KLWarmup, LogTerms, elbo_from_log_weights,
-                                  iwae_from_log_weights, linear_warmup, log_weights,
-                                  trace_log_terms)
 
 __all__ = [
     "check_contract", "ContractError", "ContractReport",

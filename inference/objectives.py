@@ -113,8 +113,6 @@ __all__ = [
     "iwae_from_log_weights",
     "ELBO",
     "IWAE",
-    "KLWarmup",
-    "linear_warmup",
 ]
 
 #: Name of the vectorized particle plate (the same name Pyro's own ELBOs use, so that
@@ -890,63 +888,3 @@ class IWAE(_Objective):
         _require_reparameterized(guide_trace, self.name)
         terms = _score(model, None, x, self.num_particles, mask, guide_trace)
         return iwae_from_log_weights(terms.log_weights), None
-
-
-# --------------------------------------------------------------------------------------
-# KL warm-up
-# --------------------------------------------------------------------------------------
-def linear_warmup(step, total_steps) -> float:
-    """Linear warm-up weight :math:`\\beta_t = \\min(1, t / T)` at step ``t >= 0`` of ``T > 0``."""
-    if isinstance(total_steps, bool) or not isinstance(total_steps, numbers.Real) \
-            or not total_steps > 0:
-        raise ValueError(f"total_steps must be a positive number, got {total_steps!r}")
-    if isinstance(step, bool) or not isinstance(step, numbers.Real) or step < 0:
-        raise ValueError(f"step must be a number >= 0, got {step!r}")
-    return float(min(1.0, step / total_steps))
-
-
-class KLWarmup:
-    """``fit`` callback: KL warm-up, :math:`\\beta` linear from 0 to 1 over ``epochs`` epochs.
-
-    Before every optimization step sets ``state.objective.beta =
-    linear_warmup(state.global_step, epochs * state.steps_per_epoch)`` (so the first step uses
-    :math:`\\beta = 0` and :math:`\\beta = 1` from step ``epochs * steps_per_epoch`` on) and
-    logs it as the ``beta`` column of the history. Needs an objective with a settable KL
-    weight (:class:`ELBO`); the objective is left at :math:`\\beta = 1` only once warm-up ends,
-    so report bounds from epochs after the warm-up (Bowman et al. 2016; Sønderby et al. 2016).
-    """
-
-    def __init__(self, epochs):
-        if isinstance(epochs, bool) or not isinstance(epochs, numbers.Real) or not epochs > 0:
-            raise ValueError(f"KLWarmup: epochs must be a positive number, got {epochs!r}")
-        self.epochs = epochs
-
-    @staticmethod
-    def _objective(state):
-        objective = getattr(state, "objective", None)
-        if not getattr(objective, "supports_beta", False):
-            raise ValueError(
-                f"KLWarmup needs an objective with a KL weight beta (inference.objectives.ELBO); "
-                f"got {type(objective).__name__}"
-                + (" (the importance-weighted bound has no KL term to weight)"
-                   if isinstance(objective, IWAE) else "")
-            )
-        return objective
-
-    def on_fit_start(self, state) -> None:
-        self._objective(state).beta = 0.0
-
-    def on_step_start(self, state) -> None:
-        objective = self._objective(state)
-        steps_per_epoch = getattr(state, "steps_per_epoch", None)
-        if not steps_per_epoch:
-            raise ValueError(f"KLWarmup: state.steps_per_epoch must be a positive integer, got "
-                             f"{steps_per_epoch!r}")
-        beta = linear_warmup(state.global_step, self.epochs * steps_per_epoch)
-        objective.beta = beta
-        log = getattr(state, "log", None)
-        if callable(log):
-            log("beta", beta)
-
-    def __repr__(self) -> str:
-        return f"KLWarmup(epochs={self.epochs})"

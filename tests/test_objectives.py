@@ -15,15 +15,13 @@ import torch
 from pyro.nn import PyroModule, PyroParam
 from torch.distributions import constraints
 
-from pyro_lvm.inference.fit import fit
+from pyro_lvm.inference.fit import KLWarmup, fit, linear_warmup
 from pyro_lvm.inference.objectives import (
     ELBO,
     IWAE,
-    KLWarmup,
     _reparameterized_surrogate,
     elbo_from_log_weights,
     iwae_from_log_weights,
-    linear_warmup,
     log_weights,
     trace_log_terms,
 )

@@ -555,12 +555,12 @@ def test_report_shows_findings_and_run_notes(tmp_path):
 
 
 def test_khat_regions_match_diagnostics_and_labels():
-    from pyro_lvm.inference import diagnostics
+    from pyro_lvm.inference.diagnostics import importance
 
     values = np.array([0.0, 0.49, 0.5, 0.6, 0.7, 0.7000001, 1.5, np.inf, np.nan])
     np.testing.assert_array_equal(figures.khat_regions(values),
-                                  diagnostics._khat_category(values))
-    assert figures.KHAT_THRESHOLDS == (diagnostics.KHAT_GOOD, diagnostics.KHAT_OK)
+                                  importance._khat_category(values))
+    assert figures.KHAT_THRESHOLDS == (importance.KHAT_GOOD, importance.KHAT_OK)
     assert analysis.metric_label("khat_bad_frac") == "fraction of test rows with k̂ > 0.7"
     assert analysis.metric_label("khat_ok_frac") == "fraction of test rows with 0.5 ≤ k̂ ≤ 0.7"
     # the figure copes with undetermined k-hats (all of one configuration's, even)

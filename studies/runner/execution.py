@@ -229,25 +229,9 @@ def _kl_warmup_callbacks(config: RunConfig, objective, notes: Optional[List[str]
             notes.append(f"warmup_epochs={config.warmup_epochs} ignored: {objective.name} has no "
                          f"KL weight to warm up")
         return []
-    from pyro_lvm.inference.objectives import KLWarmup, linear_warmup
+    from pyro_lvm.inference.fit import KLWarmup
 
-    if epochs_before == 0:
-        return [KLWarmup(config.warmup_epochs)]
-
-    class ContinuedKLWarmup(KLWarmup):
-        """beta = linear_warmup(steps of the earlier phase + this fit's step)."""
-
-        def on_fit_start(self, state) -> None:
-            self._objective(state)  # fails early for an objective without a KL weight
-
-        def on_step_start(self, state) -> None:
-            objective = self._objective(state)
-            steps_per_epoch = int(state.steps_per_epoch)
-            objective.beta = linear_warmup(state.global_step + epochs_before * steps_per_epoch,
-                                           self.epochs * steps_per_epoch)
-            state.log("beta", objective.beta)
-
-    return [ContinuedKLWarmup(config.warmup_epochs)]
+    return [KLWarmup(config.warmup_epochs, start_epoch=epochs_before)]
 
 
 def _fit_svi(model, dataset: Dataset, config: RunConfig, device, notes: List[str],

@@ -1,0 +1,474 @@
+"""The fitting loop: :func:`fit` checks its arguments and builds a :class:`FitRun`, which
+starts (or resumes) the fit and runs epochs of :func:`~pyro_lvm.inference.fit.step.train_step`
+with the callbacks, validation and checkpoints around them."""
+from __future__ import annotations
+
+import inspect
+import math
+import numbers
+import pathlib
+import time
+from typing import Callable, Iterable, List, Optional
+
+import pyro
+import torch
+from tqdm import tqdm
+
+from pyro_lvm.inference._runtime import isolated_param_store, resolve_device, resolve_pair
+from pyro_lvm.inference.contract import check_contract
+from pyro_lvm.inference.fit import checkpoint as ckpt
+from pyro_lvm.inference.fit.callbacks import HOOKS, check_callbacks
+from pyro_lvm.inference.fit.forensics import raise_non_finite
+from pyro_lvm.inference.fit.state import (FitResult, FitState, StopFit, all_finite,
+                                          history_frame)
+from pyro_lvm.inference.fit.step import ObjectiveAdapter, optimizer_factory, train_step
+from pyro_lvm.models.validation import check_data, check_mask
+
+__all__ = ["fit", "FitRun"]
+
+#: Rows used by the contract check that runs before training (cheap: the check only needs
+#: the structure of the pair, not all the data).
+_CONTRACT_CHECK_ROWS = 16
+
+
+def _check_int(value, name: str, minimum: int) -> int:
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def _check_positive(value, name: str, allow_none: bool = False) -> Optional[float]:
+    if value is None and allow_none:
+        return None
+    if (not isinstance(value, numbers.Real) or isinstance(value, bool)
+            or not math.isfinite(value) or value <= 0):
+        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+    return float(value)
+
+
+def _module_dtype(module) -> Optional[torch.dtype]:
+    if module is None:
+        return None
+    for tensor in list(module.parameters()) + list(module.buffers()):
+        if tensor.is_floating_point():
+            return tensor.dtype
+    return None
+
+
+def _prepare_data(pair, data, mask, *, name: str, dtype, data_dim):
+    x = check_data(data, data_dim, name=name, min_rows=1, mask=mask, dtype=dtype)
+    mask_t = None
+    if mask is not None:
+        mask_t = torch.as_tensor(check_mask(mask, tuple(x.shape), name=name))
+    own_check = getattr(pair, "check_data", None)
+    if callable(own_check):
+        try:
+            accepts_name = "name" in inspect.signature(own_check).parameters
+        except (TypeError, ValueError):
+            accepts_name = False
+        checked = (own_check(x, mask=mask_t, name=name) if accepts_name
+                   else own_check(x, mask=mask_t))
+        if isinstance(checked, torch.Tensor):
+            x = checked if dtype is None else checked.to(dtype)
+    return x, mask_t
+
+
+class FitRun:
+    """One fit in progress: its data on the device, objective, optimizer, callbacks, history
+    and checkpoint. :meth:`run` takes it from the start (or a checkpoint) to the end."""
+
+    def __init__(self, *, pair, guide, model_fn, guide_fn, module, objective, x, mask,
+                 x_valid, valid_mask, epochs, batch_size, seed, device, callbacks,
+                 make_optimizer, clip_norm, checkpoint, progress, check_pair):
+        self.pair, self.guide, self.module = pair, guide, module
+        self.model_fn, self.guide_fn = model_fn, guide_fn
+        self.device, self.seed, self.epochs, self.batch_size = device, seed, epochs, batch_size
+        self.clip_norm, self.progress, self.check_pair = clip_norm, progress, check_pair
+        self.callbacks, self.make_optimizer = callbacks, make_optimizer
+        self.num_data = int(x.shape[0])
+        self.adapter = ObjectiveAdapter(objective, model_fn, guide_fn, self.num_data)
+        if module is not None:
+            module.to(device)
+        self.x = x.to(device)
+        self.mask = None if mask is None else mask.to(device)
+        self.x_valid = None if x_valid is None else x_valid.to(device)
+        self.valid_mask = None if valid_mask is None else valid_mask.to(device)
+        self.steps_per_epoch = math.ceil(self.num_data / batch_size)
+        self.config = {"num_data": self.num_data, "data_dim": int(x.shape[1]),
+                       "batch_size": batch_size, "objective_name": self.adapter.name,
+                       "seed": seed, "data_fingerprint": ckpt.fingerprint(self.x),
+                       "has_module": module is not None}
+        self.ckpt_path = None if checkpoint is None else pathlib.Path(checkpoint)
+        self.payload = None
+        if self.ckpt_path is not None and self.ckpt_path.exists():
+            self.payload = ckpt.load_checkpoint(self.ckpt_path, self.config)
+            if self.payload["epochs_completed"] > epochs:
+                raise ValueError(f"checkpoint {str(self.ckpt_path)!r} already holds "
+                                 f"{self.payload['epochs_completed']} epochs but epochs={epochs}; "
+                                 f"ask for at least as many epochs or delete the file")
+        self.state = FitState(steps_per_epoch=self.steps_per_epoch, num_epochs=epochs, model=pair,
+                              module=module, objective=objective, num_data=self.num_data,
+                              batch_size=batch_size, device=device,
+                              has_validation=self.x_valid is not None)
+        self.hooks = {h: [getattr(cb, h) for cb in callbacks if callable(getattr(cb, h, None))]
+                      for h in HOOKS}
+        self.batch_generator = torch.Generator()
+        self.step_losses: List[float] = []
+        self.step_objectives: List[float] = []
+        self.start_epoch, self.elapsed_before = 0, 0.0
+        self.stopped, self.stop_reason = False, None
+        self.pending_optimizer_state = None
+        self.finite_snapshot = None  # (epoch index, FitState.snapshot()) known to be finite
+        self.fit_start = time.perf_counter()
+        self.bar = None
+
+    # -- small services used by the step and the forensics ---------------------------------
+    def elapsed(self) -> float:
+        return self.elapsed_before + time.perf_counter() - self.fit_start
+
+    def torch_rng_state(self) -> dict:
+        return ckpt.torch_rng_state(self.device)
+
+    def non_finite(self, exc_or_loss, **where) -> None:
+        raise_non_finite(self, exc_or_loss, **where)
+
+    def start_optimizer(self, params: List[torch.Tensor], epoch: int) -> None:
+        """Build the optimizer over ``params`` (restoring a checkpoint's optimizer state)."""
+        state = self.state
+        state.params = params
+        if not params:
+            raise ValueError("the pair has no trainable parameters (no module parameter and no "
+                             "pyro.param site was found)")
+        state.optimizer = self.make_optimizer(params)
+        if not isinstance(state.optimizer, torch.optim.Optimizer):
+            raise TypeError(f"optimizer(params) must return a torch.optim.Optimizer, got "
+                            f"{type(state.optimizer).__name__}")
+        if self.pending_optimizer_state is not None:
+            state.optimizer.load_state_dict(self.pending_optimizer_state)
+            self.pending_optimizer_state = None
+        if self.finite_snapshot is None:
+            self.finite_snapshot = (epoch, state.snapshot())
+
+    # -- start, resume, checkpoint ----------------------------------------------------------
+    def _start(self) -> None:
+        """Seed a new fit, or restore everything from the checkpoint."""
+        payload, state = self.payload, self.state
+        if payload is None:
+            pyro.set_rng_seed(self.seed)
+            self.batch_generator.manual_seed(self.seed)
+            return
+        if self.module is not None and payload["module_state"] is not None:
+            self.module.load_state_dict(payload["module_state"])
+        saved_store = payload["param_store"]
+        if saved_store["params"]:
+            pyro.get_param_store().set_state({
+                "params": {n: t.to(self.device).requires_grad_(True)
+                           for n, t in saved_store["params"].items()},
+                "constraints": dict(saved_store["constraints"])})
+        ckpt.set_rng_state(payload["rng"], self.device)
+        self.batch_generator.set_state(payload["rng"]["batch_generator"])
+        state.history = [dict(row) for row in payload["history"]]
+        state.global_step = payload["global_step"]
+        self.step_losses = list(payload["step_losses"])
+        self.step_objectives = list(payload["step_objectives"])
+        self.start_epoch = payload["epochs_completed"]
+        self.elapsed_before = payload["elapsed_s"]
+        self.stopped, self.stop_reason = payload["stopped_early"], payload["stop_reason"]
+        self.pending_optimizer_state = payload["optimizer"]
+
+    def _save_checkpoint(self, epochs_completed: int) -> None:
+        state, module = self.state, self.module
+        owned = set() if module is None else {id(p) for p in module.parameters()}
+        store = pyro.get_param_store()
+        extra = {n: p for n, p in store.named_parameters() if id(p) not in owned}
+        rng = ckpt.rng_state(self.device)
+        rng["batch_generator"] = self.batch_generator.get_state()
+        ckpt.save_checkpoint(self.ckpt_path, {
+            "format": ckpt.CHECKPOINT_FORMAT, "version": ckpt.CHECKPOINT_VERSION,
+            "config": self.config, "epochs_completed": epochs_completed,
+            "global_step": state.global_step,
+            "module_state": None if module is None else {
+                k: v.detach().cpu() for k, v in module.state_dict().items()},
+            "param_store": {"params": {n: p.detach().cpu() for n, p in extra.items()},
+                            "constraints": {n: store._constraints[n] for n in extra}},
+            "optimizer": None if state.optimizer is None else state.optimizer.state_dict(),
+            "history": state.history, "step_losses": self.step_losses,
+            "step_objectives": self.step_objectives, "rng": rng, "elapsed_s": self.elapsed(),
+            "stopped_early": self.stopped, "stop_reason": self.stop_reason,
+            "callbacks": [cb.state_dict() if callable(getattr(cb, "state_dict", None)) else None
+                          for cb in self.callbacks],
+        })
+
+    def _check_pair(self) -> None:
+        rows = min(self.num_data, _CONTRACT_CHECK_ROWS)
+        fork_devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=fork_devices):
+            check_contract(self.pair, self.x[:rows], None if self.mask is None else self.mask[:rows],
+                           guide=self.guide,
+                           require_reparameterized=self.adapter.requires_reparameterized)
+
+    # -- the loop ---------------------------------------------------------------------------
+    def _call_hooks(self, name: str) -> Optional[StopFit]:
+        try:
+            for hook in self.hooks[name]:
+                hook(self.state)
+        except StopFit as exc:
+            return exc
+        return None
+
+    def _train_epoch(self, epoch: int):
+        """The epoch's steps; returns ``(sum of the per-row bounds, rows seen, StopFit or
+        None)``."""
+        state, batch_size = self.state, self.batch_size
+        order = torch.randperm(self.num_data, generator=self.batch_generator)
+        order_dev = order.to(self.device)
+        bound_sum, rows_seen = 0.0, 0
+        epoch_clock, last_postfix = time.perf_counter(), 0.0
+        try:
+            for step in range(self.steps_per_epoch):
+                state.step = step
+                for hook in self.hooks["on_step_start"]:
+                    hook(state)
+                idx = order_dev[step * batch_size:(step + 1) * batch_size]
+                xb = self.x.index_select(0, idx)
+                mb = None if self.mask is None else self.mask.index_select(0, idx)
+                loss_value = train_step(self, xb, mb, order[step * batch_size:(step + 1) * batch_size],
+                                        epoch=epoch, step=step)
+                rows = int(idx.shape[0])
+                state.loss = loss_value
+                state.step_objective = -loss_value / self.num_data
+                self.step_losses.append(loss_value)
+                self.step_objectives.append(state.step_objective)
+                # -loss * |B| / N = sum of the batch's per-row bounds
+                bound_sum += -loss_value * rows / self.num_data
+                rows_seen += rows
+                for hook in self.hooks["on_step_end"]:
+                    hook(state)
+                if self.bar is not None:
+                    last_postfix = self._show_step(epoch, bound_sum, rows_seen, epoch_clock,
+                                                   last_postfix)
+        except StopFit as exc:
+            return bound_sum, rows_seen, exc
+        return bound_sum, rows_seen, None
+
+    def _show_step(self, epoch, bound_sum, rows_seen, epoch_clock, last_postfix) -> float:
+        self.bar.update(1)
+        now = time.perf_counter()
+        if now - last_postfix <= 0.5:
+            return last_postfix
+        self.bar.set_postfix_str(
+            f"epoch {epoch + 1}/{self.epochs} objective {bound_sum / rows_seen:.4g} "
+            f"{rows_seen / max(now - epoch_clock, 1e-9):.0f} rows/s", refresh=False)
+        return now
+
+    def _valid_objective(self) -> float:
+        if self.x_valid is None:
+            return math.nan
+        total = 0.0
+        for start in range(0, self.x_valid.shape[0], self.batch_size):
+            chunk = self.x_valid[start:start + self.batch_size]
+            chunk_mask = (None if self.valid_mask is None
+                          else self.valid_mask[start:start + self.batch_size])
+            total += self.adapter.eval_sum(chunk, chunk_mask)
+        return total / self.x_valid.shape[0]
+
+    def _end_epoch(self, epoch: int, bound_sum: float, rows_seen: int, stop_exc) -> None:
+        """History row, ``on_epoch_end`` hooks, checkpoint."""
+        state = self.state
+        valid_value = self._valid_objective()
+        row = {"epoch": epoch + 1, "step": state.global_step,
+               "train_objective": bound_sum / rows_seen, "valid_objective": valid_value,
+               "time_s": self.elapsed()}
+        row.update(state.current_row)
+        state.current_row = row
+        state.history.append(row)
+        stop_exc = stop_exc or self._call_hooks("on_epoch_end")
+        row["time_s"] = self.elapsed()
+        if stop_exc is not None:
+            self.stopped, self.stop_reason = True, str(stop_exc)
+        if self.bar is not None:
+            valid_text = "" if self.x_valid is None else f" valid {valid_value:.4g}"
+            self.bar.set_postfix_str(f"epoch {epoch + 1}/{self.epochs} objective "
+                                     f"{row['train_objective']:.4g}{valid_text}")
+        if self.ckpt_path is not None:
+            self._save_checkpoint(epoch + 1)
+
+    def _run_epoch(self, epoch: int) -> bool:
+        """One epoch; returns False when the fit stopped before any step of it."""
+        state = self.state
+        state.epoch, state.step, state.current_row = epoch, 0, {}
+        if state.params:
+            # A copy per epoch for the rare case of parameters stepped to non-finite values
+            # (possible with custom optimizers); kept only while finite.
+            snapshot = state.snapshot()
+            if all_finite(snapshot):
+                self.finite_snapshot = (epoch, snapshot)
+        stop_exc = self._call_hooks("on_epoch_start")
+        bound_sum, rows_seen = 0.0, 0
+        if stop_exc is None:
+            bound_sum, rows_seen, stop_exc = self._train_epoch(epoch)
+        else:
+            # the epoch's order is drawn even when no step follows (as an uninterrupted fit)
+            torch.randperm(self.num_data, generator=self.batch_generator)
+        if rows_seen == 0:  # stopped before any step of this epoch
+            self.stopped, self.stop_reason = True, str(stop_exc) if stop_exc else None
+            return False
+        self._end_epoch(epoch, bound_sum, rows_seen, stop_exc)
+        return True
+
+    def run(self) -> FitResult:
+        with isolated_param_store() as store_state:
+            self._start()
+            if self.check_pair:
+                self._check_pair()
+            self._call_hooks_strict("on_fit_start")
+            if self.payload is not None:
+                for cb, cb_state in zip(self.callbacks, self.payload["callbacks"]):
+                    if cb_state is not None and callable(getattr(cb, "load_state_dict", None)):
+                        cb.load_state_dict(cb_state)
+            if self.progress and not self.stopped and self.start_epoch < self.epochs:
+                self.bar = tqdm(total=self.epochs * self.steps_per_epoch,
+                                initial=self.start_epoch * self.steps_per_epoch,
+                                desc=f"fit {self.adapter.name}", unit="step", dynamic_ncols=True)
+            try:
+                for epoch in range(self.start_epoch, self.epochs):
+                    if self.stopped or not self._run_epoch(epoch):
+                        break
+            finally:
+                if self.bar is not None:
+                    self.bar.close()
+            self._call_hooks_strict("on_fit_end")
+        return FitResult(
+            model=self.pair, history=history_frame(self.state.history),
+            objective_name=self.adapter.name, device=self.device, seed=self.seed,
+            elapsed_s=self.elapsed(), stopped_early=self.stopped, stop_reason=self.stop_reason,
+            step_losses=self.step_losses, step_objectives=self.step_objectives,
+            param_store_state=store_state, num_data=self.num_data, batch_size=self.batch_size,
+            checkpoint=None if self.ckpt_path is None else str(self.ckpt_path))
+
+    def _call_hooks_strict(self, name: str) -> None:
+        for hook in self.hooks[name]:
+            hook(self.state)
+
+
+def fit(pair, data, objective=None, epochs: int = 10, batch_size: int = 128, lr: float = 1e-3,
+        seed: int = 0, device="auto", validation=None, callbacks: Optional[Iterable] = None,
+        mask=None, valid_mask=None, guide: Optional[Callable] = None, progress: bool = True,
+        checkpoint=None, clip_norm: Optional[float] = None, optimizer=None,
+        check_pair: bool = True) -> FitResult:
+    """Fit a model/guide pair by minibatch stochastic variational inference.
+
+    Maximizes the objective's bound :math:`\\sum_i \\mathcal{L}_i` with minibatch estimates
+    :math:`\\frac{N}{|B|}\\sum_{i\\in B}\\widehat{\\mathcal{L}}_i` (each epoch visits every row
+    once in a fresh random order; the last, smaller batch is kept and scaled by
+    :math:`N/|B|` too).
+
+    Parameters
+    ----------
+    pair : PyroModule with ``.model``/``.guide``, ``(model, guide)`` tuple, or model callable
+        Anything keeping the contract ``model(x, mask=None)`` / ``guide(x, mask=None)``.
+        Parameters may live in a module (moved with ``.to(device)``) or be ``pyro.param``
+        statements (created inside this fit's own parameter store; see ``FitResult``; create
+        their initial values on ``x.device``, e.g. ``lambda: x.new_zeros(p)``, for GPU fits).
+    data : array-like or tensor, shape (N, p)
+        Training data; validated (NaN/inf, width against ``pair.data_dim``, numeric) and by
+        the pair's own ``check_data(x, mask=None)`` when it has one, before any step. Data
+        are cast to the module's floating dtype (``model.double()`` fits in float64).
+    objective : optional
+        A pyro-lvm objective (``inference.objectives.ELBO()``, ``IWAE(K)``...) or a
+        ``pyro.infer.ELBO`` instance. Default: :class:`inference.objectives.ELBO` (one particle).
+    epochs : int
+        Total number of epochs (when resuming from ``checkpoint``, including the saved ones).
+    batch_size : int
+        Rows per minibatch (``batch_size >= N`` is full-batch gradient ascent).
+    lr : float
+        Learning rate of the default optimizer, ``torch.optim.Adam`` (Kingma & Ba 2015), with
+        torch's fused kernel where available (:func:`default_optimizer`).
+    seed : int
+        Seeds Pyro/torch/numpy/random (``pyro.set_rng_seed``) and the minibatch order. On CPU
+        the same seed gives bit-for-bit the same history (except ``time_s``) and parameters.
+    device : {"auto", "cpu", "cuda", "cuda:N"} or torch.device
+        Where to fit; the module and the data are moved there.
+    validation : array-like, optional
+        Held-out rows; the bound per row on them is computed after every epoch (no gradient,
+        in chunks of ``batch_size``).
+    callbacks : iterable, optional
+        Objects with any of ``on_fit_start``, ``on_epoch_start``, ``on_step_start``,
+        ``on_step_end``, ``on_epoch_end``, ``on_fit_end`` taking a :class:`FitState`; raise
+        :class:`StopFit` to stop. Callbacks with ``state_dict``/``load_state_dict`` are
+        saved in the checkpoint.
+    mask, valid_mask : bool array-like of the data's shape, optional
+        Observed entries (True); missing entries may hold NaN. Passed to model and guide.
+    guide : callable, optional
+        The guide, when ``pair`` is a bare model callable.
+    progress : bool
+        Show a tqdm bar (epochs x steps) with the running objective and rows per second.
+    checkpoint : str or path, optional
+        File to save the fit to after every epoch (atomically: module ``state_dict``, extra
+        ``pyro.param`` values, optimizer state, history, RNG states, callbacks). If the file
+        exists when ``fit`` starts, the fit resumes from it; on CPU the result is identical to
+        an uninterrupted run. After Ctrl-C the last completed epoch is on disk. A checkpoint of
+        a fit that was stopped early (``StopFit``, ``EarlyStopping``) or has all ``epochs``
+        returns at once. The file is a pickle: load only checkpoints you wrote.
+    clip_norm : float, optional
+        Clip the gradient's global 2-norm to this value.
+    optimizer : callable, optional
+        ``params -> torch.optim.Optimizer``, or an optimizer class (called with ``lr=lr``).
+    check_pair : bool
+        Run :func:`inference.check_contract` on the first rows before training (with its own
+        random state, so the fit's draws are unaffected). Disable only for pairs the check
+        cannot handle.
+
+    Returns
+    -------
+    FitResult
+
+    Raises
+    ------
+    ValueError
+        Bad arguments, bad data (before any step), a pair breaking the contract
+        (:class:`inference.contract.ContractError`), an unusable checkpoint.
+    NonFiniteLossError
+        A non-finite loss or gradient; no step is taken with it, the parameters are those
+        after the last finite step, and the message names epoch, step, site and data row.
+
+    Notes
+    -----
+    ``train_objective`` is the average of the minibatch estimates over the epoch, with the
+    parameters changing as it goes; for a bound *at* the final parameters evaluate the pair
+    again (``valid_objective`` on held-out rows is computed at the end of each epoch).
+    """
+    # -- arguments ------------------------------------------------------------------------
+    epochs = _check_int(epochs, "epochs", 1)
+    batch_size = _check_int(batch_size, "batch_size", 1)
+    lr = _check_positive(lr, "lr")
+    seed = _check_int(seed, "seed", 0)
+    clip_norm = _check_positive(clip_norm, "clip_norm", allow_none=True)
+    callbacks = check_callbacks(callbacks)
+    model_fn, guide_fn, module = resolve_pair(pair, guide)
+    if module is None and isinstance(getattr(model_fn, "__self__", None), torch.nn.Module):
+        module = model_fn.__self__  # (m.model, m.guide): still move and checkpoint m
+    dev = resolve_device(device)
+    if objective is None:
+        from pyro_lvm.inference.objectives import ELBO
+
+        objective = ELBO()
+    # -- data: everything is validated before the first step ------------------------------
+    dtype = _module_dtype(module)
+    data_dim = getattr(pair, "data_dim", None)
+    data_dim = int(data_dim) if isinstance(data_dim, numbers.Integral) else None
+    x, train_mask = _prepare_data(pair, data, mask, name="data", dtype=dtype, data_dim=data_dim)
+    x_valid = valid_mask_t = None
+    if validation is not None:
+        x_valid, valid_mask_t = _prepare_data(pair, validation, valid_mask, name="validation",
+                                              dtype=dtype or x.dtype,
+                                              data_dim=data_dim or int(x.shape[1]))
+    elif valid_mask is not None:
+        raise ValueError("valid_mask was given without validation data")
+    run = FitRun(pair=pair, guide=guide, model_fn=model_fn, guide_fn=guide_fn, module=module,
+                 objective=objective, x=x, mask=train_mask, x_valid=x_valid,
+                 valid_mask=valid_mask_t, epochs=epochs, batch_size=batch_size, seed=seed,
+                 device=dev, callbacks=callbacks, make_optimizer=optimizer_factory(optimizer, lr),
+                 clip_norm=clip_norm, checkpoint=checkpoint, progress=progress,
+                 check_pair=check_pair)
+    return run.run()
