@@ -438,7 +438,7 @@ def test_checkpoint_resume_after_ctrl_c_equals_an_uninterrupted_run(kind, tmp_pa
     with pytest.raises(KeyboardInterrupt):
         fit(pair(), x, checkpoint=path, callbacks=[InterruptAt(2)], **settings)
     assert path.exists()
-    assert torch.load(path, weights_only=False)["epochs_completed"] == 2
+    assert torch.load(path, weights_only=True)["epochs_completed"] == 2
     resumed_pair = make_pair(123) if kind == "module" else pair()  # other init: must be loaded
     resumed = fit(resumed_pair, x, checkpoint=path, **settings)
     pd.testing.assert_frame_equal(resumed.history.drop(columns="time_s"),

@@ -6,11 +6,11 @@ from __future__ import annotations
 import inspect
 import math
 import numbers
-import pathlib
 import time
 from typing import Callable, Iterable, List, Optional
 
 import pyro
+import pyro.poutine as poutine
 import torch
 from tqdm import tqdm
 
@@ -21,7 +21,8 @@ from pyro_lvm.inference.fit.callbacks import HOOKS, check_callbacks
 from pyro_lvm.inference.fit.forensics import raise_non_finite
 from pyro_lvm.inference.fit.state import (FitResult, FitState, StopFit, all_finite,
                                           history_frame)
-from pyro_lvm.inference.fit.step import ObjectiveAdapter, optimizer_factory, train_step
+from pyro_lvm.inference.fit.step import (ObjectiveAdapter, collect_params, optimizer_factory,
+                                         optimizer_name, train_step)
 from pyro_lvm.models.validation import check_data, check_mask
 
 __all__ = ["fit", "FitRun"]
@@ -73,32 +74,43 @@ def _prepare_data(pair, data, mask, *, name: str, dtype, data_dim):
     return x, mask_t
 
 
+def _prepare_inputs(pair, module, data, mask, validation, valid_mask):
+    """Training and validation data (and masks) validated before the first step, in the
+    module's floating dtype."""
+    dtype = _module_dtype(module)
+    data_dim = getattr(pair, "data_dim", None)
+    data_dim = int(data_dim) if isinstance(data_dim, numbers.Integral) else None
+    x, train_mask = _prepare_data(pair, data, mask, name="data", dtype=dtype, data_dim=data_dim)
+    x_valid = valid_mask_t = None
+    if validation is not None:
+        x_valid, valid_mask_t = _prepare_data(pair, validation, valid_mask, name="validation",
+                                              dtype=dtype or x.dtype,
+                                              data_dim=data_dim or int(x.shape[1]))
+    elif valid_mask is not None:
+        raise ValueError("valid_mask was given without validation data")
+    return x, train_mask, x_valid, valid_mask_t
+
+
 class FitRun:
     """One fit in progress: its data on the device, objective, optimizer, callbacks, history
     and checkpoint. :meth:`run` takes it from the start (or a checkpoint) to the end."""
 
     def __init__(self, *, pair, guide, model_fn, guide_fn, module, objective, x, mask,
                  x_valid, valid_mask, epochs, batch_size, seed, device, callbacks,
-                 make_optimizer, clip_norm, checkpoint, progress, check_pair):
+                 optimizer, lr, clip_norm, checkpoint, progress, check_pair):
         self.pair, self.guide, self.module = pair, guide, module
         self.model_fn, self.guide_fn = model_fn, guide_fn
         self.device, self.seed, self.epochs, self.batch_size = device, seed, epochs, batch_size
         self.clip_norm, self.progress, self.check_pair = clip_norm, progress, check_pair
-        self.callbacks, self.make_optimizer = callbacks, make_optimizer
+        self.callbacks, self.make_optimizer = callbacks, optimizer_factory(optimizer, lr)
         self.num_data = int(x.shape[0])
         self.adapter = ObjectiveAdapter(objective, model_fn, guide_fn, self.num_data)
-        if module is not None:
-            module.to(device)
-        self.x = x.to(device)
-        self.mask = None if mask is None else mask.to(device)
-        self.x_valid = None if x_valid is None else x_valid.to(device)
-        self.valid_mask = None if valid_mask is None else valid_mask.to(device)
-        self.steps_per_epoch = math.ceil(self.num_data / batch_size)
         self.config = {"num_data": self.num_data, "data_dim": int(x.shape[1]),
-                       "batch_size": batch_size, "objective_name": self.adapter.name,
-                       "seed": seed, "data_fingerprint": ckpt.fingerprint(self.x),
-                       "has_module": module is not None}
-        self.ckpt_path = None if checkpoint is None else pathlib.Path(checkpoint)
+                       "batch_size": batch_size, "objective_name": self.adapter.name, "lr": lr,
+                       "optimizer": optimizer_name(optimizer), "seed": seed,
+                       "data_fingerprint": ckpt.fingerprint(x), "has_module": module is not None}
+        # a checkpoint is read (and refused) before anything moves
+        self.ckpt_path = None if checkpoint is None else ckpt.check_path(checkpoint)
         self.payload = None
         if self.ckpt_path is not None and self.ckpt_path.exists():
             self.payload = ckpt.load_checkpoint(self.ckpt_path, self.config)
@@ -106,6 +118,13 @@ class FitRun:
                 raise ValueError(f"checkpoint {str(self.ckpt_path)!r} already holds "
                                  f"{self.payload['epochs_completed']} epochs but epochs={epochs}; "
                                  f"ask for at least as many epochs or delete the file")
+        if module is not None:
+            module.to(device)
+        self.x = x.to(device)
+        self.mask = None if mask is None else mask.to(device)
+        self.x_valid = None if x_valid is None else x_valid.to(device)
+        self.valid_mask = None if valid_mask is None else valid_mask.to(device)
+        self.steps_per_epoch = math.ceil(self.num_data / batch_size)
         self.state = FitState(steps_per_epoch=self.steps_per_epoch, num_epochs=epochs, model=pair,
                               module=module, objective=objective, num_data=self.num_data,
                               batch_size=batch_size, device=device,
@@ -151,7 +170,9 @@ class FitRun:
 
     # -- start, resume, checkpoint ----------------------------------------------------------
     def _start(self) -> None:
-        """Seed a new fit, or restore everything from the checkpoint."""
+        """Seed a new fit, or restore the module and the bookkeeping from the checkpoint (the
+        parameter-store values, the optimizer and the random states follow once the pair has
+        created its parameters: :meth:`_restore_parameters`, :meth:`_restore_random_state`)."""
         payload, state = self.payload, self.state
         if payload is None:
             pyro.set_rng_seed(self.seed)
@@ -159,14 +180,6 @@ class FitRun:
             return
         if self.module is not None and payload["module_state"] is not None:
             self.module.load_state_dict(payload["module_state"])
-        saved_store = payload["param_store"]
-        if saved_store["params"]:
-            pyro.get_param_store().set_state({
-                "params": {n: t.to(self.device).requires_grad_(True)
-                           for n, t in saved_store["params"].items()},
-                "constraints": dict(saved_store["constraints"])})
-        ckpt.set_rng_state(payload["rng"], self.device)
-        self.batch_generator.set_state(payload["rng"]["batch_generator"])
         state.history = [dict(row) for row in payload["history"]]
         state.global_step = payload["global_step"]
         self.step_losses = list(payload["step_losses"])
@@ -176,21 +189,58 @@ class FitRun:
         self.stopped, self.stop_reason = payload["stopped_early"], payload["stop_reason"]
         self.pending_optimizer_state = payload["optimizer"]
 
+    def _collect_parameters(self) -> List[torch.Tensor]:
+        """The tensors to optimize, found like Pyro's SVI does (whatever a loss evaluation
+        touches, module parameters included) from one loss evaluation on the first rows,
+        without gradients and with its own random stream. Doing this before the first step
+        (rather than tracing the first step) means every step, the first after a resume
+        included, runs exactly as the others: the same code path, the same draws."""
+        rows = min(self.num_data, self.batch_size)
+        xb = self.x[:rows]
+        mb = None if self.mask is None else self.mask[:rows]
+        fork_devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=fork_devices), \
+                poutine.trace(param_only=True) as capture:
+            self.adapter.eval_sum(xb, mb)
+        return collect_params(self.module, capture.trace)
+
+    def _restore_parameters(self) -> None:
+        """Copy the checkpoint's ``pyro.param`` values into the parameters the pair created
+        (constraints come from the pair's code, never from the file)."""
+        saved = self.payload["param_store"]["params"]
+        live = dict(pyro.get_param_store().named_parameters())
+        missing = sorted(set(saved) - set(live))
+        if missing:
+            raise ValueError(f"checkpoint {str(self.ckpt_path)!r} holds parameter(s) {missing} "
+                             f"that the pair did not create; it was written by another pair")
+        with torch.no_grad():
+            for name, value in saved.items():
+                if live[name].shape != value.shape:
+                    raise ValueError(
+                        f"checkpoint {str(self.ckpt_path)!r}: parameter {name!r} has shape "
+                        f"{tuple(value.shape)} there, {tuple(live[name].shape)} in the pair")
+                live[name].copy_(value)
+
+    def _restore_random_state(self) -> None:
+        """The random states of the checkpoint, set last before the loop so that nothing run
+        while starting up (contract check, callbacks' ``on_fit_start``) shifts them."""
+        if self.payload is not None:
+            ckpt.set_rng_state(self.payload["rng"], self.device)
+            self.batch_generator.set_state(self.payload["rng"]["batch_generator"])
+
     def _save_checkpoint(self, epochs_completed: int) -> None:
         state, module = self.state, self.module
         owned = set() if module is None else {id(p) for p in module.parameters()}
         store = pyro.get_param_store()
-        extra = {n: p for n, p in store.named_parameters() if id(p) not in owned}
         rng = ckpt.rng_state(self.device)
         rng["batch_generator"] = self.batch_generator.get_state()
         ckpt.save_checkpoint(self.ckpt_path, {
             "format": ckpt.CHECKPOINT_FORMAT, "version": ckpt.CHECKPOINT_VERSION,
             "config": self.config, "epochs_completed": epochs_completed,
             "global_step": state.global_step,
-            "module_state": None if module is None else {
-                k: v.detach().cpu() for k, v in module.state_dict().items()},
-            "param_store": {"params": {n: p.detach().cpu() for n, p in extra.items()},
-                            "constraints": {n: store._constraints[n] for n in extra}},
+            "module_state": None if module is None else dict(module.state_dict()),
+            "param_store": {"params": {n: p for n, p in store.named_parameters()
+                                       if id(p) not in owned}},
             "optimizer": None if state.optimizer is None else state.optimizer.state_dict(),
             "history": state.history, "step_losses": self.step_losses,
             "step_objectives": self.step_objectives, "rng": rng, "elapsed_s": self.elapsed(),
@@ -321,11 +371,16 @@ class FitRun:
             self._start()
             if self.check_pair:
                 self._check_pair()
+            params = self._collect_parameters()
+            if self.payload is not None:
+                self._restore_parameters()
+            self.start_optimizer(params, self.start_epoch)
             self._call_hooks_strict("on_fit_start")
             if self.payload is not None:
                 for cb, cb_state in zip(self.callbacks, self.payload["callbacks"]):
                     if cb_state is not None and callable(getattr(cb, "load_state_dict", None)):
                         cb.load_state_dict(cb_state)
+            self._restore_random_state()
             if self.progress and not self.stopped and self.start_epoch < self.epochs:
                 self.bar = tqdm(total=self.epochs * self.steps_per_epoch,
                                 initial=self.start_epoch * self.steps_per_epoch,
@@ -406,10 +461,14 @@ def fit(pair, data, objective=None, epochs: int = 10, batch_size: int = 128, lr:
     checkpoint : str or path, optional
         File to save the fit to after every epoch (atomically: module ``state_dict``, extra
         ``pyro.param`` values, optimizer state, history, RNG states, callbacks). If the file
-        exists when ``fit`` starts, the fit resumes from it; on CPU the result is identical to
-        an uninterrupted run. After Ctrl-C the last completed epoch is on disk. A checkpoint of
-        a fit that was stopped early (``StopFit``, ``EarlyStopping``) or has all ``epochs``
-        returns at once. The file is a pickle: load only checkpoints you wrote.
+        exists when ``fit`` starts, the fit resumes from it; on CPU the result is bit-for-bit
+        that of an uninterrupted run (every step, the first after a resume included, takes the
+        same path with the same random state). A resume with another ``lr``, ``optimizer``,
+        objective, ``batch_size``, ``seed`` or data is refused, naming both values. After
+        Ctrl-C the last completed epoch is on disk. A checkpoint of a fit that was stopped
+        early (``StopFit``, ``EarlyStopping``) or has all ``epochs`` returns at once. The file
+        holds only tensors, numbers, strings, lists and dicts and is read with
+        ``torch.load(weights_only=True)``: reading it never runs code.
     clip_norm : float, optional
         Clip the gradient's global 2-norm to this value.
     optimizer : callable, optional
@@ -453,22 +512,12 @@ def fit(pair, data, objective=None, epochs: int = 10, batch_size: int = 128, lr:
         from pyro_lvm.inference.objectives import ELBO
 
         objective = ELBO()
-    # -- data: everything is validated before the first step ------------------------------
-    dtype = _module_dtype(module)
-    data_dim = getattr(pair, "data_dim", None)
-    data_dim = int(data_dim) if isinstance(data_dim, numbers.Integral) else None
-    x, train_mask = _prepare_data(pair, data, mask, name="data", dtype=dtype, data_dim=data_dim)
-    x_valid = valid_mask_t = None
-    if validation is not None:
-        x_valid, valid_mask_t = _prepare_data(pair, validation, valid_mask, name="validation",
-                                              dtype=dtype or x.dtype,
-                                              data_dim=data_dim or int(x.shape[1]))
-    elif valid_mask is not None:
-        raise ValueError("valid_mask was given without validation data")
+    x, train_mask, x_valid, valid_mask_t = _prepare_inputs(pair, module, data, mask, validation,
+                                                           valid_mask)
     run = FitRun(pair=pair, guide=guide, model_fn=model_fn, guide_fn=guide_fn, module=module,
                  objective=objective, x=x, mask=train_mask, x_valid=x_valid,
                  valid_mask=valid_mask_t, epochs=epochs, batch_size=batch_size, seed=seed,
-                 device=dev, callbacks=callbacks, make_optimizer=optimizer_factory(optimizer, lr),
+                 device=dev, callbacks=callbacks, optimizer=optimizer, lr=lr,
                  clip_norm=clip_norm, checkpoint=checkpoint, progress=progress,
                  check_pair=check_pair)
     return run.run()

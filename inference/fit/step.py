@@ -2,6 +2,7 @@
 over pyro-lvm and Pyro objectives, the optimizer, the parameters a pair trains."""
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from typing import Dict, List, Optional
@@ -13,7 +14,7 @@ import torch
 from pyro_lvm.models.validation import data_checked
 
 __all__ = ["ObjectiveAdapter", "default_optimizer", "optimizer_factory", "collect_params",
-           "param_names", "train_step"]
+           "param_names", "optimizer_name", "train_step"]
 
 
 class ObjectiveAdapter:
@@ -156,6 +157,19 @@ def optimizer_factory(optimizer, lr: float):
                     f"optimizer class, got {type(optimizer).__name__}")
 
 
+def optimizer_name(optimizer) -> str:
+    """A description of fit's ``optimizer`` argument that is the same in every process (a
+    resumed fit must use the optimizer of the fit that wrote the checkpoint)."""
+    if optimizer is None:
+        return "Adam (default_optimizer)"
+    if isinstance(optimizer, functools.partial):
+        keywords = ", ".join(f"{k}={v!r}" for k, v in sorted(optimizer.keywords.items()))
+        return f"partial({optimizer_name(optimizer.func)}, {keywords})"
+    name = getattr(optimizer, "__qualname__", None) or type(optimizer).__qualname__
+    module = getattr(optimizer, "__module__", None) or type(optimizer).__module__
+    return f"{module}.{name}"
+
+
 def train_step(run, xb: torch.Tensor, mb: Optional[torch.Tensor], batch_rows: torch.Tensor,
                *, epoch: int, step: int) -> float:
     """One optimizer step on the minibatch ``xb`` (rows ``batch_rows`` of the training data);
@@ -166,24 +180,14 @@ def train_step(run, xb: torch.Tensor, mb: Optional[torch.Tensor], batch_rows: to
     objective adapter, module and ``clip_norm``."""
     state = run.state
     rng_before = run.torch_rng_state()
-    if state.optimizer is not None:
-        state.optimizer.zero_grad(set_to_none=True)
-    first_step = state.optimizer is None
+    state.optimizer.zero_grad(set_to_none=True)
     try:
-        if first_step:
-            # Like Pyro's SVI: the parameters are whatever the first loss evaluation touches
-            # (module ones included).
-            with poutine.trace(param_only=True) as capture:
-                loss = run.adapter.train_loss(xb, mb)
-        else:
-            loss = run.adapter.train_loss(xb, mb)
+        loss = run.adapter.train_loss(xb, mb)
     except ValueError as exc:
         # Distribution validation rejects NaN parameters with a ValueError: locate the site
         # (other ValueErrors re-raise).
         run.non_finite(exc, epoch=epoch, step=step, xb=xb, mb=mb, batch_rows=batch_rows,
                        rng_before=rng_before)
-    if first_step:
-        run.start_optimizer(collect_params(run.module, capture.trace), epoch)
     grads = [p.grad for p in state.params if p.grad is not None]
     grad_norm = torch.nn.utils.get_total_norm(grads).to(loss)
     loss_value, norm_value = torch.stack([loss.reshape(()), grad_norm]).tolist()
