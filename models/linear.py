@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from dataclasses import dataclass, field
 from typing import List, Optional, Tuple
 
 import numpy as np
@@ -63,7 +64,7 @@ from tqdm.auto import tqdm
 from pyro_lvm.models import validation
 from pyro_lvm.models.base import unique_module_name
 
-__all__ = ["FactorAnalysis", "PPCA"]
+__all__ = ["FactorAnalysis", "PPCA", "GaussianConditional"]
 
 _LOG_2PI = math.log(2.0 * math.pi)
 # Rows of a masked batch processed at once when per-row d x d factors are gathered;
@@ -320,6 +321,61 @@ class _LinearGaussianLVM(PyroModule):
         return torch.distributions.MultivariateNormal(
             loc, scale_tril=torch.linalg.cholesky(cov)[inverse])
 
+    @torch.no_grad()
+    def conditional(self, x, mask, *, covariance: bool = True) -> "GaussianConditional":
+        r"""Exact conditional distribution of each row's missing entries given its observed ones.
+
+        For a row with observed coordinates :math:`o` and missing :math:`m` (``mask`` False),
+        :math:`x_m \mid x_o \sim \mathcal{N}(\mu_m + C_{mo} C_{oo}^{-1}(x_o - \mu_o),\;
+        C_{mm} - C_{mo} C_{oo}^{-1} C_{om})` with :math:`C = W W^\top + \Psi` (the Schur
+        complement). It is computed through the latent posterior given the observed entries,
+        :math:`z \mid x_o \sim \mathcal{N}(m_o, \Sigma_o)` (:meth:`posterior`), since
+        :math:`x_m = W_m z + \mu_m + \varepsilon_m` with :math:`\varepsilon_m \perp z`:
+
+        .. math::
+
+            E[x_m \mid x_o] = W_m m_o + \mu_m, \qquad
+            \operatorname{Cov}(x_m \mid x_o) = W_m \Sigma_o W_m^\top + \Psi_m,
+
+        one :math:`d \times d` factor per missingness pattern and no :math:`p \times p` inverse.
+
+        Parameters
+        ----------
+        x : array-like or tensor ``[n, p]``
+            Data; entries where ``mask`` is False are ignored (may be NaN).
+        mask : bool array-like ``[n, p]``
+            True = observed. Every row needs at least one observed entry.
+        covariance : bool
+            Also form the ``[n, p, p]`` covariance (memory :math:`n p^2`); the mean, the
+            variances and :meth:`GaussianConditional.sample` never need it.
+
+        Returns
+        -------
+        GaussianConditional
+            ``mean`` ``[n, p]`` (observed entries equal to ``x``, missing ones the conditional
+            mean), ``variance`` ``[n, p]`` (0 at observed entries), ``covariance``
+            ``[n, p, p]`` or None (rows/columns of observed entries are 0), ``mask``, and
+            ``sample(num_draws, seed)`` drawing completed rows ``[M, n, p]``.
+        """
+        if mask is None:
+            raise ValueError(f"{type(self).__name__}.conditional needs mask= (bool, True = "
+                             f"observed) marking the entries to condition on")
+        x, mask, dtype = self._check_eval_input(x, mask)
+        post = self.posterior(x, mask)
+        W, mu, psi = self._params(dtype)
+        missing = (~mask).to(dtype)
+        completed = torch.where(mask, x, post.mean @ W.T + mu)
+        # W Sigma_o W^T diagonal: ||(W L_o)_j||^2 row-wise, with Sigma_o = L_o L_o^T
+        WL = torch.einsum("pd,nde->npe", W, post.scale_tril)
+        variance = (WL.pow(2).sum(-1) + psi) * missing
+        cov = None
+        if covariance:
+            cov = WL @ WL.transpose(-1, -2) + torch.diag_embed(psi.expand_as(x))
+            cov = cov * missing.unsqueeze(-1) * missing.unsqueeze(-2)
+        return GaussianConditional(mean=completed, variance=variance, covariance=cov, mask=mask,
+                                   _loading=W, _location=mu, _noise_variance=psi,
+                                   _posterior=post)
+
     def covariance(self) -> torch.Tensor:
         r"""Marginal covariance :math:`C = W W^\top + \Psi`, ``[p, p]`` (detached)."""
         with torch.no_grad():
@@ -510,6 +566,43 @@ class _LinearGaussianLVM(PyroModule):
             )
         self.set_guide_to_posterior()
         return self
+
+
+@dataclass
+class GaussianConditional:
+    """Exact Gaussian conditional of the missing entries of each row (see
+    :meth:`FactorAnalysis.conditional`). Tensors are ``[n, p]`` (``covariance`` ``[n, p, p]``);
+    observed entries carry their data value, variance 0 and covariance 0."""
+
+    mean: torch.Tensor
+    variance: torch.Tensor
+    covariance: Optional[torch.Tensor]
+    mask: torch.Tensor
+    _loading: torch.Tensor = field(repr=False)
+    _location: torch.Tensor = field(repr=False)
+    _noise_variance: torch.Tensor = field(repr=False)
+    _posterior: torch.distributions.MultivariateNormal = field(repr=False)
+
+    @torch.no_grad()
+    def sample(self, num_draws: int, seed: Optional[int] = None) -> torch.Tensor:
+        r"""``num_draws`` completed data sets ``[M, n, p]``: observed entries as given, missing
+        ones drawn exactly from :math:`p(x_m \mid x_o)` as
+        :math:`W_m z + \mu_m + \Psi_m^{1/2}\varepsilon`, :math:`z \sim p(z \mid x_o)`
+        (a ``torch.Generator`` seeded with ``seed``, or torch's global RNG when None)."""
+        if isinstance(num_draws, bool) or not isinstance(num_draws, (int, np.integer)) \
+                or num_draws < 1:
+            raise ValueError(f"num_draws must be a positive integer, got {num_draws!r}")
+        post, W, psi = self._posterior, self._loading, self._noise_variance
+        gen = None
+        if seed is not None:
+            gen = torch.Generator(device=W.device).manual_seed(int(seed))
+        n, d = post.mean.shape
+        eps_z = torch.randn((num_draws, n, d), generator=gen, dtype=W.dtype, device=W.device)
+        eps_x = torch.randn((num_draws,) + tuple(self.mean.shape), generator=gen,
+                            dtype=W.dtype, device=W.device)
+        z = post.mean + (post.scale_tril @ eps_z.unsqueeze(-1)).squeeze(-1)
+        draws = z @ W.T + self._location + eps_x * psi.sqrt()
+        return torch.where(self.mask, self.mean, draws)
 
 
 def _ppca_closed_form(S: torch.Tensor, q: int, who: str = "PPCA"):
