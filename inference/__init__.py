@@ -9,6 +9,11 @@ from pyro_lvm.inference.diagnostics import (Diagnostics, ImportanceDiagnostics, 
                                    posterior_predictive_check, to_inference_data)
 from pyro_lvm.inference.evaluate import (ELBOEstimate, LogLikelihoodEstimate, ReconstructionError, elbo,
                                 evaluate, log_likelihood, reconstruction_error)
+from pyro_lvm.inference.impute import (ConditionalLogLikelihood, Imputation,
+                                       conditional_log_likelihood, impute, imputation_error,
+                                       interval_coverage, missing_mask)
+from pyro_lvm.inference.rubin import (RubinPooled, pooled_column_mean, pooled_regression,
+                                      rubin_pool)
 from pyro_lvm.inference.fit import (EarlyStopping, FitResult, FitState, KLWarmup, NonFiniteLossError,
                                     StopFit, fit, linear_warmup)
 from pyro_lvm.inference.objectives import (ELBO, IWAE, LogTerms, elbo_from_log_weights,
@@ -25,4 +30,7 @@ __all__ = [
     "importance_diagnostics", "latent_usage", "posterior_predictive_check", "amortization_gap",
     "to_inference_data", "diagnose", "Diagnostics", "ImportanceDiagnostics", "LatentUsage",
     "resolve_device", "isolated_param_store", "khat_threshold",
+    "impute", "Imputation", "conditional_log_likelihood", "ConditionalLogLikelihood",
+    "missing_mask", "imputation_error", "interval_coverage",
+    "rubin_pool", "RubinPooled", "pooled_column_mean", "pooled_regression",
 ]
