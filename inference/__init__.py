@@ -9,6 +9,7 @@ from pyro_lvm.inference.diagnostics import (Diagnostics, ImportanceDiagnostics, 
                                    posterior_predictive_check, to_inference_data)
 from pyro_lvm.inference.evaluate import (ELBOEstimate, LogLikelihoodEstimate, ReconstructionError, elbo,
                                 evaluate, log_likelihood, reconstruction_error)
+from pyro_lvm.inference.amputation import ampute
 from pyro_lvm.inference.impute import (ConditionalLogLikelihood, Imputation,
                                        conditional_log_likelihood, impute, imputation_error,
                                        interval_coverage, missing_mask)
@@ -31,6 +32,6 @@ __all__ = [
     "to_inference_data", "diagnose", "Diagnostics", "ImportanceDiagnostics", "LatentUsage",
     "resolve_device", "isolated_param_store", "khat_threshold",
     "impute", "Imputation", "conditional_log_likelihood", "ConditionalLogLikelihood",
-    "missing_mask", "imputation_error", "interval_coverage",
+    "missing_mask", "imputation_error", "interval_coverage", "ampute",
     "rubin_pool", "RubinPooled", "pooled_column_mean", "pooled_regression",
 ]

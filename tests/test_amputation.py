@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from pyro_lvm.studies.amputation import ampute
+from pyro_lvm.inference.amputation import ampute
 
 
 @pytest.fixture(scope="module")

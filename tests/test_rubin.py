@@ -6,7 +6,7 @@ import pytest
 import scipy.stats
 
 from pyro_lvm.inference import pooled_column_mean, pooled_regression, rubin_pool
-from pyro_lvm.studies.amputation import ampute
+from pyro_lvm.inference.amputation import ampute
 
 
 def test_rubin_pool_hand_computed():
