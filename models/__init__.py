@@ -6,7 +6,8 @@
   :mod:`pyro_lvm.models.likelihoods` and :mod:`pyro_lvm.models.networks`.
 """
 from pyro_lvm.models.dlvm import DLVM, LectureDLVM
-from pyro_lvm.models.likelihoods import Bernoulli, Gaussian, Likelihood, StudentT, make_likelihood
+from pyro_lvm.models.likelihoods import (Bernoulli, Binomial, Categorical, Gaussian, Likelihood,
+                                         NegativeBinomial, Poisson, StudentT, make_likelihood)
 from pyro_lvm.models.linear import PPCA, FactorAnalysis
 from pyro_lvm.models.networks import mlp
 from pyro_lvm.models.priors import MixturePrior, Prior, StandardNormalPrior, VampPrior, make_prior
@@ -16,5 +17,6 @@ __all__ = [
     "FactorAnalysis", "PPCA", "DLVM", "LectureDLVM",
     "Prior", "StandardNormalPrior", "MixturePrior", "VampPrior", "make_prior",
     "Likelihood", "Bernoulli", "Gaussian", "StudentT", "make_likelihood",
+    "Poisson", "NegativeBinomial", "Binomial", "Categorical",
     "mlp", "check_data", "check_mask", "check_binary",
 ]

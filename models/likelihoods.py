@@ -46,10 +46,12 @@ from pyro.nn import PyroModule
 from torch import nn
 
 from .priors import inverse_softplus
-from .validation import check_binary
+from .validation import check_binary, check_counts
 
 __all__ = ["Likelihood", "Bernoulli", "Gaussian", "StudentT", "make_likelihood",
-           "LIKELIHOOD_NAMES", "DEFAULT_SCALE_FLOOR", "DEFAULT_DF_BOUNDS"]
+           "LIKELIHOOD_NAMES", "DEFAULT_SCALE_FLOOR", "DEFAULT_DF_BOUNDS",
+           "Poisson", "NegativeBinomial", "Binomial", "Categorical", "OneHotGroups",
+           "DEFAULT_DISPERSION_BOUNDS"]
 
 #: Default lower bound on Gaussian / Student-t scales. For data on a unit scale
 #: (standardized columns) it caps the log density at ``-log(1e-3) - log(2 pi)/2 = 5.99``
@@ -69,6 +71,10 @@ LIKELIHOOD_NAMES = {
     "bernoulli": "bernoulli", "binary": "bernoulli",
     "gaussian": "gaussian", "normal": "gaussian",
     "studentt": "studentt", "student_t": "studentt", "student-t": "studentt", "t": "studentt",
+    "poisson": "poisson",
+    "negbinomial": "negbinomial", "negative_binomial": "negbinomial", "nb": "negbinomial",
+    "binomial": "binomial",
+    "categorical": "categorical",
 }
 
 
@@ -403,9 +409,11 @@ class StudentT(Likelihood):
 
 def make_likelihood(spec: Union[str, Likelihood], data_dim: Optional[int] = None,
                     **options) -> Likelihood:
-    """Build an observation model from a name (``"bernoulli"``, ``"gaussian"``, ``"studentt"``;
-    aliases in :data:`LIKELIHOOD_NAMES`) with constructor ``options``, or check and bind a
-    given :class:`Likelihood` instance to ``data_dim``."""
+    """Build an observation model from a name (``"bernoulli"``, ``"gaussian"``, ``"studentt"``,
+    ``"poisson"``, ``"negbinomial"``, ``"binomial"`` (needs ``total_count=``),
+    ``"categorical"`` (needs ``groups=``); aliases in :data:`LIKELIHOOD_NAMES`) with
+    constructor ``options``, or check and bind a given :class:`Likelihood` instance to
+    ``data_dim``."""
     if isinstance(spec, Likelihood):
         if options:
             raise ValueError(f"options {sorted(options)} cannot be applied to a likelihood instance")
@@ -415,9 +423,365 @@ def make_likelihood(spec: Union[str, Likelihood], data_dim: Optional[int] = None
             f"unknown likelihood {spec!r}; use one of {sorted(set(LIKELIHOOD_NAMES))} or a "
             f"models.likelihoods.Likelihood instance"
         )
-    cls = {"bernoulli": Bernoulli, "gaussian": Gaussian, "studentt": StudentT}[
-        LIKELIHOOD_NAMES[spec.lower()]]
+    cls = {"bernoulli": Bernoulli, "gaussian": Gaussian, "studentt": StudentT,
+           "poisson": Poisson, "negbinomial": NegativeBinomial, "binomial": Binomial,
+           "categorical": Categorical}[LIKELIHOOD_NAMES[spec.lower()]]
     try:
         return cls(data_dim=data_dim, **options)
     except TypeError as exc:
         raise ValueError(f"bad option for the {cls.__name__} likelihood: {exc}") from None
+
+
+# ====================================================================== count and category models
+#: Default interval for the negative binomial's inverse dispersion :math:`r` (``total_count``
+#: in torch): the variance is :math:`\\mu + \\mu^2 / r`. Below: as :math:`r \\to 0` all mass
+#: goes to 0 and ``lgamma(r)`` blows up. Above: the float32 log-density involves
+#: ``lgamma(x + r) - lgamma(r)``, whose rounding error grows like :math:`r \\log r` times the
+#: float32 epsilon (about 4e-4 nat at r = 1e3); at r = 1000 a negative binomial with mean 16
+#: has variance 16.26, practically Poisson.
+DEFAULT_DISPERSION_BOUNDS = (1e-2, 1e3)
+
+
+class _DiscreteLikelihood(Likelihood):
+    """Observation models of counts or categories: a log probability, at most 0 per row."""
+
+    def log_density_upper_bound(self) -> float:
+        return 0.0
+
+
+class Poisson(_DiscreteLikelihood):
+    """:math:`x_j \\mid z \\sim \\mathrm{Poisson}(\\exp \\eta_j)`: the decoder outputs log-rates.
+
+    :math:`\\log \\Phi_j = x_j \\eta_j - e^{\\eta_j} - \\log x_j!`. The data must be
+    non-negative integers (:meth:`check_data` names the rows and columns that are not).
+    """
+
+    params_per_dim = 1
+    name = "poisson"
+
+    def __init__(self, data_dim: Optional[int] = None):
+        super().__init__(data_dim)
+        self._finish_init()
+
+    def distribution(self, decoder_output):
+        (log_rate,) = self.split(decoder_output)
+        return dist.Poisson(log_rate.exp())
+
+    def mean(self, decoder_output):
+        return self.split(decoder_output)[0].exp()
+
+    def check_data(self, x, mask=None):
+        check_counts(x, mask=mask, model="Poisson")
+
+    def extra_repr(self) -> str:
+        return f"data_dim={self.data_dim}"
+
+
+class NegativeBinomial(_DiscreteLikelihood):
+    """:math:`x_j \\mid z \\sim \\mathrm{NB}(\\mu_j(z), r_j)` with mean :math:`\\mu_j = e^{\\eta_j}`
+    and variance :math:`\\mu_j + \\mu_j^2 / r_j` (the mean / inverse-dispersion form used for
+    counts by scVI, Lopez et al. 2018):
+
+    .. math:: \\Phi_j(x) = \\frac{\\Gamma(x + r)}{x!\\,\\Gamma(r)}
+              \\Big(\\frac{r}{r + \\mu}\\Big)^r \\Big(\\frac{\\mu}{r + \\mu}\\Big)^x,
+
+    scored as torch's ``NegativeBinomial(total_count=r, logits=log mu - log r)``.
+
+    Parameters
+    ----------
+    dispersion : {"per_dimension", "decoder"}
+        ``"per_dimension"``: one learnable :math:`r_j` per column (scVI's "gene" dispersion);
+        ``"decoder"``: :math:`r_j(z)` is a second decoder output.
+    dispersion_bounds : (float, float)
+        :math:`r = r_{lo} + (r_{hi} - r_{lo})\\,\\operatorname{sigmoid}(\\rho)`, default
+        :data:`DEFAULT_DISPERSION_BOUNDS` (why bounded: see there).
+    init_dispersion : float
+        Initial :math:`r_j` for ``"per_dimension"`` (default 10).
+
+    References
+    ----------
+    Lopez, R., Regier, J., Cole, M. B., Jordan, M. I. & Yosef, N. (2018). Deep generative
+    modeling for single-cell transcriptomics. Nature Methods 15, 1053-1058.
+    """
+
+    name = "negbinomial"
+    DISPERSION_MODES = ("per_dimension", "decoder")
+
+    def __init__(self, dispersion: str = "per_dimension",
+                 dispersion_bounds: Sequence[float] = DEFAULT_DISPERSION_BOUNDS,
+                 init_dispersion: float = 10.0, data_dim: Optional[int] = None):
+        super().__init__(data_dim)
+        if dispersion not in self.DISPERSION_MODES:
+            raise ValueError(f"negative binomial dispersion must be one of "
+                             f"{self.DISPERSION_MODES}, got {dispersion!r}")
+        try:
+            lo, hi = (float(v) for v in dispersion_bounds)
+        except (TypeError, ValueError):
+            raise ValueError(f"dispersion_bounds must be a pair (low, high), got "
+                             f"{dispersion_bounds!r}") from None
+        if not (0 < lo < hi and math.isfinite(hi)):
+            raise ValueError(f"dispersion_bounds must satisfy 0 < low < high < inf, got "
+                             f"{dispersion_bounds!r}")
+        if dispersion == "per_dimension" and not (lo < init_dispersion < hi):
+            raise ValueError(f"init_dispersion={init_dispersion!r} must lie strictly inside "
+                             f"dispersion_bounds={dispersion_bounds!r}")
+        self.dispersion_mode = dispersion
+        self.dispersion_bounds = (lo, hi)
+        self.init_dispersion = float(init_dispersion)
+        self.params_per_dim = 2 if dispersion == "decoder" else 1
+        self._finish_init()
+
+    def _build(self, data_dim: int) -> None:
+        if self.dispersion_mode == "per_dimension":
+            lo, hi = self.dispersion_bounds
+            u = (self.init_dispersion - lo) / (hi - lo)
+            self.raw_dispersion = nn.Parameter(torch.full((data_dim,), math.log(u / (1 - u))))
+
+    def params(self, decoder_output) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(mean, r)``, each ``[..., p]``."""
+        if self.data_dim is None:
+            raise ValueError("NegativeBinomial likelihood: data_dim is not set; call .bind(data_dim)")
+        parts = self.split(decoder_output)
+        raw = parts[1] if self.dispersion_mode == "decoder" else self.raw_dispersion
+        lo, hi = self.dispersion_bounds
+        r = lo + (hi - lo) * torch.sigmoid(raw)
+        return parts[0].exp(), r.expand_as(parts[0])
+
+    def distribution(self, decoder_output):
+        log_mean = self.split(decoder_output)[0]
+        _, r = self.params(decoder_output)
+        return dist.NegativeBinomial(total_count=r, logits=log_mean - r.log())
+
+    def mean(self, decoder_output):
+        return self.split(decoder_output)[0].exp()
+
+    def check_data(self, x, mask=None):
+        check_counts(x, mask=mask, model="negative binomial")
+
+    def extra_repr(self) -> str:
+        return (f"data_dim={self.data_dim}, dispersion={self.dispersion_mode!r}, "
+                f"dispersion_bounds={self.dispersion_bounds}")
+
+
+class Binomial(_DiscreteLikelihood):
+    """:math:`x_j \\mid z \\sim \\mathrm{Binomial}(n_j, \\operatorname{sigmoid}(\\eta_j))` with a
+    known number of trials :math:`n_j` (``total_count``); the decoder outputs logits.
+
+    The 8x8 digits' pixel intensities 0..16 are counts of 16 (each pixel counts the inked
+    cells of a 4x4 block of the original 32x32 bitmap), so ``total_count=16`` fits them.
+
+    Parameters
+    ----------
+    total_count : int or sequence of int
+        :math:`n`, one for every column or one per column (required).
+    """
+
+    params_per_dim = 1
+    name = "binomial"
+
+    def __init__(self, total_count=None, data_dim: Optional[int] = None):
+        super().__init__(data_dim)
+        if total_count is None:
+            raise ValueError("the binomial likelihood needs total_count, the known number of "
+                             "trials (e.g. likelihood_options={'total_count': 16} for digits)")
+        n = torch.as_tensor(total_count, dtype=torch.get_default_dtype())
+        if n.dim() > 1 or n.numel() < 1 or not bool(((n >= 1) & (n == n.round())).all()):
+            raise ValueError(f"total_count must be a positive integer or one per column, got "
+                             f"{total_count!r}")
+        self._total_count = n
+        self._finish_init()
+
+    def _build(self, data_dim: int) -> None:
+        n = self._total_count
+        if n.dim() == 1 and n.shape[0] not in (1, data_dim):
+            raise ValueError(f"total_count must be a scalar or have {data_dim} entries, got "
+                             f"{n.shape[0]}")
+        self.register_buffer("total_count", n.expand(data_dim).clone())
+
+    def distribution(self, decoder_output):
+        (logits,) = self.split(decoder_output)
+        return dist.Binomial(total_count=self.total_count.to(logits.dtype).expand_as(logits),
+                             logits=logits)
+
+    def mean(self, decoder_output):
+        return self.total_count * torch.sigmoid(self.split(decoder_output)[0])
+
+    def check_data(self, x, mask=None):
+        check_counts(x, mask=mask, total_count=self.total_count, model="binomial")
+
+    def extra_repr(self) -> str:
+        n = self.total_count.unique().tolist() if self.data_dim else None
+        return f"data_dim={self.data_dim}, total_count={n[0] if n and len(n) == 1 else n}"
+
+
+class OneHotGroups(dist.TorchDistribution):
+    """Independent categorical variables, each written as a group of one-hot columns: batch
+    shape ``[..., p]`` (one factor per column) so that ``.mask(mask).to_event(1)`` works as for
+    the other observation models.
+
+    For column :math:`j` in group :math:`g(j)`, ``log_prob(x)[..., j]`` is
+    :math:`x_j \\log \\pi_j` with :math:`\\pi = \\operatorname{softmax}` of the logits within
+    the group; summed over a group's columns this is the log probability of its one-hot row.
+
+    Parameters
+    ----------
+    logits : tensor ``[..., p]``
+    group_index : LongTensor ``[p]``
+        The group of each column, 0..G-1.
+    num_groups : int
+    """
+
+    arg_constraints = {"logits": dist.constraints.real}
+    support = dist.constraints.boolean
+
+    def __init__(self, logits: torch.Tensor, group_index: torch.Tensor, num_groups: int,
+                 validate_args=None):
+        self.logits = logits
+        self.group_index = group_index
+        self.num_groups = int(num_groups)
+        super().__init__(logits.shape, torch.Size(), validate_args=validate_args)
+
+    def _group_reduce(self, values: torch.Tensor, how: str) -> torch.Tensor:
+        """Per-group ``"amax"`` or ``"sum"`` of ``values`` ``[..., p]``, giving ``[..., G]``."""
+        index = self.group_index.expand(values.shape)
+        shape = values.shape[:-1] + (self.num_groups,)
+        if how == "sum":
+            return values.new_zeros(shape).scatter_add(-1, index, values)
+        return values.new_full(shape, -math.inf).scatter_reduce(-1, index, values, "amax")
+
+    @property
+    def log_probs(self) -> torch.Tensor:
+        """:math:`\\log \\pi_j`, the log-softmax of the logits within each group, ``[..., p]``."""
+        shift = self._group_reduce(self.logits.detach(), "amax")[..., self.group_index]
+        shifted = self.logits - shift
+        log_norm = self._group_reduce(shifted.exp(), "sum").log()[..., self.group_index]
+        return shifted - log_norm
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return self.log_probs.exp()
+
+    def expand(self, batch_shape, _instance=None):
+        new = self._get_checked_instance(OneHotGroups, _instance)
+        batch_shape = torch.Size(batch_shape)
+        new.logits = self.logits.expand(batch_shape)
+        new.group_index, new.num_groups = self.group_index, self.num_groups
+        super(OneHotGroups, new).__init__(batch_shape, torch.Size(), validate_args=False)
+        new._validate_args = self._validate_args
+        return new
+
+    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        if self._validate_args:
+            self._validate_sample(value)
+        return value * self.log_probs
+
+    def sample(self, sample_shape=torch.Size()) -> torch.Tensor:
+        """One category per group (Gumbel-max), returned one-hot, ``sample_shape + [..., p]``."""
+        with torch.no_grad():
+            log_probs = self.log_probs.expand(torch.Size(sample_shape) + self.batch_shape)
+            u = torch.rand_like(log_probs).clamp(min=torch.finfo(log_probs.dtype).tiny)
+            perturbed = log_probs - (-u.log()).log()
+            best = self._group_reduce(perturbed, "amax")[..., self.group_index]
+            return (perturbed == best).to(log_probs.dtype)
+
+
+def _group_index(groups, data_dim: int) -> Tuple[torch.Tensor, int]:
+    """Column -> group map from sizes of consecutive blocks or lists of column indices."""
+    groups = list(groups)
+    if not groups:
+        raise ValueError("categorical groups must not be empty")
+    if all(isinstance(g, int) and not isinstance(g, bool) for g in groups):
+        if any(g < 2 for g in groups) or sum(groups) != data_dim:
+            raise ValueError(f"categorical group sizes {groups} must each be >= 2 and sum to "
+                             f"data_dim={data_dim}")
+        index = torch.repeat_interleave(torch.arange(len(groups)), torch.tensor(groups))
+        return index, len(groups)
+    index = torch.full((data_dim,), -1, dtype=torch.long)
+    for g, cols in enumerate(groups):
+        try:
+            cols = [int(c) for c in cols]
+        except (TypeError, ValueError):
+            raise ValueError(f"categorical groups must be sizes (ints) or lists of column "
+                             f"indices, got {groups!r}") from None
+        if len(cols) < 2:
+            raise ValueError(f"categorical group {g} has {len(cols)} column(s); a group needs >= 2")
+        for c in cols:
+            if not 0 <= c < data_dim:
+                raise ValueError(f"categorical group {g} names column {c}, outside 0..{data_dim - 1}")
+            if index[c] >= 0:
+                raise ValueError(f"column {c} is in categorical groups {int(index[c])} and {g}")
+            index[c] = g
+    missing = (index < 0).nonzero().flatten().tolist()
+    if missing:
+        raise ValueError(f"columns {missing} are in no categorical group; every column must be "
+                         f"in exactly one")
+    return index, len(groups)
+
+
+class Categorical(_DiscreteLikelihood):
+    """A product of categorical (one-draw multinomial) variables, each coded as a group of
+    one-hot columns: for group :math:`g` with columns :math:`C_g`,
+
+    .. math:: \\log \\Phi_g(x) = \\sum_{j \\in C_g} x_j \\log \\operatorname{softmax}_{C_g}(\\eta)_j,
+
+    the decoder giving one logit per column. A mask must keep or drop whole groups.
+
+    Parameters
+    ----------
+    groups : sequence of int, or sequence of sequences of int
+        Sizes of consecutive column blocks (``[3, 2]``: columns 0-2 and 3-4), or the column
+        indices of each group; every column in exactly one group of at least 2 columns.
+        ``pandas.get_dummies`` of categorical columns gives this layout.
+    """
+
+    params_per_dim = 1
+    name = "categorical"
+
+    def __init__(self, groups=None, data_dim: Optional[int] = None):
+        super().__init__(data_dim)
+        if groups is None:
+            raise ValueError("the categorical likelihood needs groups: the sizes of consecutive "
+                             "one-hot column blocks or the column indices of each group")
+        self._groups = groups
+        self._finish_init()
+
+    def _build(self, data_dim: int) -> None:
+        index, self.num_groups = _group_index(self._groups, data_dim)
+        self.register_buffer("group_index", index)
+
+    def distribution(self, decoder_output):
+        (logits,) = self.split(decoder_output)
+        return OneHotGroups(logits, self.group_index, self.num_groups)
+
+    def mean(self, decoder_output):
+        return self.distribution(decoder_output).mean
+
+    def check_data(self, x, mask=None):
+        check_binary(x, name="data", mask=mask)
+        index = self.group_index.to(x.device)
+        if mask is not None:
+            observed = mask.to(x.dtype)
+            per_group = OneHotGroups(observed, index, self.num_groups)._group_reduce(observed, "sum")
+            sizes = torch.bincount(index, minlength=self.num_groups).to(x.dtype)
+            partial = (per_group > 0) & (per_group < sizes)
+            if bool(partial.any()):
+                r, g = partial.nonzero()[0].tolist()
+                raise ValueError(
+                    f"mask drops only part of categorical group {g} (columns "
+                    f"{(index == g).nonzero().flatten().tolist()}) in row {r}; a category is "
+                    f"observed or missing as a whole")
+            x = x * observed
+        counts = OneHotGroups(x, index, self.num_groups)._group_reduce(x, "sum")
+        bad = counts != 1
+        if mask is not None:
+            bad &= per_group > 0
+        if bool(bad.any()):
+            rows, gs = bad.nonzero().T.tolist()
+            where = ", ".join(f"(row {r}, columns {(index == g).nonzero().flatten().tolist()})"
+                              for r, g in list(zip(rows, gs))[:5])
+            raise ValueError(
+                f"data has {len(rows)} categorical group(s) that are not one-hot (exactly one 1 "
+                f"per group) at {where}; check the groups or the encoding")
+
+    def extra_repr(self) -> str:
+        return f"data_dim={self.data_dim}, num_groups={getattr(self, 'num_groups', None)}"

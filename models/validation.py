@@ -13,7 +13,8 @@ import numpy as np
 import torch
 from pyro.infer.util import is_validation_enabled
 
-__all__ = ["check_data", "check_mask", "check_binary", "data_checked", "per_call_data_checks"]
+__all__ = ["check_data", "check_mask", "check_binary", "check_counts", "data_checked",
+           "per_call_data_checks"]
 
 _STATE = threading.local()
 
@@ -108,8 +109,9 @@ def check_data(
         if not np.all(np.isin(vals, [0, 1])):
             raise ValueError(
                 f"{name} has integer dtype {arr.dtype} with values other than 0/1 "
-                f"(e.g. {vals[~np.isin(vals, [0, 1])][:3].tolist()}); pass floating point data, "
-                f"or 0/1 data for binary models"
+                f"(e.g. {vals[~np.isin(vals, [0, 1])][:3].tolist()}); pass floating point data "
+                f"(counts too: x.astype(float) for a Poisson, negative binomial or binomial "
+                f"model), or 0/1 data for binary models"
             )
     arr = arr.astype(np.float64, copy=False)
     if not arr.flags.writeable:
@@ -214,3 +216,26 @@ def check_binary(x: torch.Tensor, *, name: str = "data", allow_fractional: bool 
             f"binarize the data, use a Gaussian/Student-t likelihood"
             + ("" if allow_fractional else ", or pass allow_fractional=True for values in [0, 1]")
         )
+
+
+def check_counts(x: torch.Tensor, *, name: str = "data", total_count=None,
+                 mask: Optional[torch.Tensor] = None, model: str = "count") -> None:
+    """Raise ValueError unless every observed entry of ``x`` is a non-negative integer and, when
+    ``total_count`` (a number or a per-column tensor) is given, at most ``total_count``. The
+    message names the first offending (row, column) pairs."""
+    observed = None if mask is None else mask.bool()
+    checks = [((x < 0) | (x != torch.round(x)), "that are not non-negative integers",
+               "count models need counts (use a Gaussian/Student-t likelihood for continuous data)")]
+    if total_count is not None:
+        limit = torch.as_tensor(total_count, dtype=x.dtype, device=x.device)
+        checks.append((x > limit, "above total_count",
+                       "set total_count to the largest possible count"))
+    for bad, what, hint in checks:
+        if observed is not None:
+            bad = bad & observed
+        if bool(bad.any()):
+            b = bad.detach().cpu().numpy()
+            raise ValueError(
+                f"{name} has {int(b.sum())} value(s) {what} for a {model} observation model, "
+                f"at {_first_bad(b)} (e.g. {x[bad][:3].tolist()}); {hint}"
+            )
