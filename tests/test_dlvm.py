@@ -219,7 +219,7 @@ def test_constructor_errors():
     with pytest.raises(ValueError, match="unknown prior"):
         DLVM(4, 2, prior="flat")
     with pytest.raises(ValueError, match="unknown likelihood"):
-        DLVM(4, 2, likelihood="poisson")
+        DLVM(4, 2, likelihood="zipf")
     with pytest.raises(ValueError, match="unknown activation"):
         DLVM(4, 2, activation="swish2")
     with pytest.raises(ValueError, match="latent_dim"):
