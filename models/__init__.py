@@ -2,6 +2,7 @@
 
 - :mod:`pyro_lvm.models.linear`: factor analysis and probabilistic PCA (exact marginal and posterior,
   closed-form / EM fits).
+- :mod:`pyro_lvm.models.poisson_pca`: Poisson PCA, a linear latent model for counts.
 - :mod:`pyro_lvm.models.dlvm`: deep latent variable models (VAEs) built from :mod:`pyro_lvm.models.priors`,
   :mod:`pyro_lvm.models.likelihoods` and :mod:`pyro_lvm.models.networks`.
 """
@@ -9,12 +10,13 @@ from pyro_lvm.models.dlvm import DLVM, LectureDLVM
 from pyro_lvm.models.likelihoods import (Bernoulli, Binomial, Categorical, Gaussian, Likelihood,
                                          NegativeBinomial, Poisson, StudentT, make_likelihood)
 from pyro_lvm.models.linear import PPCA, FactorAnalysis
+from pyro_lvm.models.poisson_pca import PoissonPCA
 from pyro_lvm.models.networks import mlp
 from pyro_lvm.models.priors import MixturePrior, Prior, StandardNormalPrior, VampPrior, make_prior
 from pyro_lvm.models.validation import check_binary, check_data, check_mask
 
 __all__ = [
-    "FactorAnalysis", "PPCA", "DLVM", "LectureDLVM",
+    "FactorAnalysis", "PPCA", "PoissonPCA", "DLVM", "LectureDLVM",
     "Prior", "StandardNormalPrior", "MixturePrior", "VampPrior", "make_prior",
     "Likelihood", "Bernoulli", "Gaussian", "StudentT", "make_likelihood",
     "Poisson", "NegativeBinomial", "Binomial", "Categorical",

@@ -175,7 +175,7 @@ def test_make_likelihood():
     assert isinstance(t, StudentT) and t.output_dim == 12
     assert make_likelihood(g, 4) is g
     with pytest.raises(ValueError, match="unknown likelihood"):
-        make_likelihood("poisson", 4)
+        make_likelihood("zipf", 4)
     with pytest.raises(ValueError, match="bad option"):
         make_likelihood("bernoulli", 4, scale_floor=0.1)
     with pytest.raises(ValueError, match="cannot be applied"):
