@@ -163,7 +163,7 @@ def parse(parser: argparse.ArgumentParser, args) -> argparse.Namespace:
 def setup_runtime(args: argparse.Namespace) -> torch.device:
     """Apply ``--threads`` (``--smoke`` defaults to 1) to torch and to the BLAS thread pools of
     numpy/scikit-learn (threadpoolctl), and return the device of ``--device``."""
-    from pyro_lvm.inference._runtime import resolve_device
+    from pyro_lvm.inference.engine import resolve_device
 
     threads = getattr(args, "threads", None)
     if threads is None and getattr(args, "smoke", False):

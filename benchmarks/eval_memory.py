@@ -88,7 +88,7 @@ def main(args=None) -> dict:
         args.rows, args.num_samples = 200, 100
 
     from pyro_lvm.inference.evaluate import log_likelihood
-    from pyro_lvm.inference._runtime import resolve_device
+    from pyro_lvm.inference.engine import resolve_device
     from pyro_lvm.models.dlvm import DLVM
 
     device = resolve_device(args.device)

@@ -159,7 +159,8 @@ def _time(fn, device):
 
 
 def run_once(model, hand, x, args, device, validate: bool) -> dict:
-    from pyro_lvm.inference.evaluate import default_max_elements, log_likelihood
+    from pyro_lvm.inference.engine import default_max_elements
+    from pyro_lvm.inference.evaluate import log_likelihood
 
     budget = args.max_elements or default_max_elements(device)
     draws = x.shape[0] * args.num_samples
@@ -208,7 +209,7 @@ def main(args=None) -> dict:
         args = build_parser().parse_args(args)
     if args.smoke:
         args.rows, args.num_samples, args.repeats = 100, 50, 2
-    from pyro_lvm.inference._runtime import resolve_device
+    from pyro_lvm.inference.engine import resolve_device
     from pyro_lvm.models.dlvm import DLVM
 
     if args.threads:

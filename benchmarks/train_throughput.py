@@ -171,7 +171,7 @@ def _plain_loop(params, rows, loss_fn, args, device, fused: bool = False) -> dic
 
 
 def run_loop(model, rows, objective, args, device) -> dict:
-    from pyro_lvm.inference._runtime import isolated_param_store
+    from pyro_lvm.inference.engine import isolated_param_store
 
     model.to(device)
     with isolated_param_store():
@@ -195,7 +195,7 @@ def run_hand(mirror, rows, spec, args, device, fused: bool = False) -> dict:
 def same_objective_check(model, mirror, objective, spec, x, num_data, seed) -> dict:
     """Loss and gradients of the library objective and the hand-written one on the same
     minibatch with the same noise draws (same seed); returns the relative differences."""
-    from pyro_lvm.inference._runtime import isolated_param_store
+    from pyro_lvm.inference.engine import isolated_param_store
 
     kind, k, gradient = spec
     model.zero_grad(set_to_none=True)

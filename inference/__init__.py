@@ -2,7 +2,7 @@
 
 Everything here takes any object keeping the model/guide contract (see the README).
 """
-from pyro_lvm.inference._runtime import isolated_param_store, resolve_device
+from pyro_lvm.inference.engine import isolated_param_store, resolve_device
 from pyro_lvm.inference.contract import ContractError, ContractReport, check_contract
 from pyro_lvm.inference.diagnostics import (Diagnostics, ImportanceDiagnostics, LatentUsage, amortization_gap,
                                    diagnose, importance_diagnostics, latent_usage,

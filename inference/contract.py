@@ -37,7 +37,7 @@ try:  # recent torch wraps a mixture's component support in its own constraint c
 except ImportError:  # pragma: no cover - older torch
     _WRAPPING_CONSTRAINTS = (constraints.independent,)
 
-from pyro_lvm.inference._runtime import isolated_param_store, resolve_pair
+from pyro_lvm.inference.engine import isolated_param_store, resolve_pair
 from pyro_lvm.inference.objectives import DATA_PLATE, PARTICLE_PLATE, trace_log_terms
 
 __all__ = ["ContractError", "ContractReport", "check_contract"]
@@ -185,13 +185,13 @@ def check_contract(pair, x, mask=None, *, guide=None, require_reparameterized: b
     The pair is run once as written (guide, then model replayed on the guide's draws) and once
     through :func:`inference.objectives.trace_log_terms` with two particles vectorized in
     ``pyro.plate("num_particles_vectorized", 2, dim=-2)``. Parameters created by the run live
-    in a throw-away parameter store (:func:`inference._runtime.isolated_param_store`), so the
+    in a throw-away parameter store (:func:`inference.engine.isolated_param_store`), so the
     check leaves no trace in the global store.
 
     Parameters
     ----------
     pair : object with ``.model``/``.guide``, ``(model, guide)`` tuple, or a model callable
-        The pair to check (see :func:`inference._runtime.resolve_pair`).
+        The pair to check (see :func:`inference.engine.resolve_pair`).
     x : torch.Tensor, shape (n, p)
         A few rows of data (the data plate must have size ``n``).
     mask : torch.Tensor of bool, optional

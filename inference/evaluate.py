@@ -70,7 +70,7 @@ import math
 import time
 from dataclasses import dataclass
 from types import SimpleNamespace
-from typing import Any, Dict, Iterator, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
 import pandas as pd
@@ -81,10 +81,9 @@ from pyro.poutine.util import site_is_subsample
 import torch
 from tqdm.auto import tqdm
 
-from pyro_lvm.models.validation import check_data
-from pyro_lvm.inference._runtime import (isolated_param_store, release_host_memory, resolve_device,
-                                resolve_pair)
-from pyro_lvm.inference.objectives import log_weights, trace_log_terms
+from pyro_lvm.inference import engine
+from pyro_lvm.inference.engine import StreamingImportanceStats, check_int
+from pyro_lvm.inference.objectives import trace_log_terms
 
 __all__ = [
     "LogLikelihoodEstimate",
@@ -94,39 +93,8 @@ __all__ = [
     "elbo",
     "reconstruction_error",
     "evaluate",
-    "plan_chunks",
     "NoReconstructionError",
-    "StreamingImportanceStats",
-    "DEFAULT_MAX_ELEMENTS",
-    "default_max_elements",
-    "distribution_eval_width",
-    "pair_eval_width",
 ]
-
-#: Default element budget per chunk: particles x rows x max(data_dim, latent_dim).
-#: 2**25 float32 elements are 128 MiB per full-size tensor; a Bernoulli decoder keeps a few
-#: such tensors alive at once, so one chunk needs well under 1 GiB.
-DEFAULT_MAX_ELEMENTS = 2 ** 25
-
-#: Largest default budget on a GPU (2**30 float32 elements = 4 GiB per full-size tensor).
-_MAX_GPU_ELEMENTS = 2 ** 30
-
-
-def default_max_elements(device) -> int:
-    """Default chunk budget for ``device``.
-
-    CPU: :data:`DEFAULT_MAX_ELEMENTS`. CUDA: a sixty-fourth of the free device memory in
-    elements (a decoder keeps a few full-size float32 tensors alive, so a chunk then takes
-    about a quarter of the free memory), between ``DEFAULT_MAX_ELEMENTS`` and 2**30. Larger
-    chunks matter on a GPU: each vectorized pass has a fixed Python cost (Pyro's traces) that
-    a fast device otherwise waits on.
-    """
-    device = torch.device(device)
-    if device.type != "cuda":
-        return DEFAULT_MAX_ELEMENTS
-    free, _total = torch.cuda.mem_get_info(device)
-    return int(min(_MAX_GPU_ELEMENTS, max(DEFAULT_MAX_ELEMENTS, free // 64)))
-
 
 #: Above this many particle-row draws a progress bar is shown when ``progress=None``.
 _PROGRESS_THRESHOLD = 10_000_000
@@ -135,162 +103,6 @@ _LN2 = math.log(2.0)
 
 IS_LABEL = "IS estimate of log p(x) (IWAE_K lower bound in expectation)"
 ELBO_LABEL = "ELBO (lower bound on log p(x))"
-
-
-# ----------------------------------------------------------------------------- streaming math
-class StreamingImportanceStats:
-    """Per-row streaming summaries of log importance weights, fed chunk by chunk.
-
-    Keeps, for ``num_rows`` rows, the running maximum :math:`m` of the log weights, the
-    rescaled sums :math:`S_1 = \\sum_k e^{\\log w_k - m}` and
-    :math:`S_2 = \\sum_k e^{2(\\log w_k - m)}`, and shifted first and second moments of the
-    log weights themselves (for the ELBO, :math:`K^{-1} \\sum_k \\log w_k`). Memory is
-    O(num_rows) whatever the number of particles; accumulation is in float64.
-
-    Parameters
-    ----------
-    num_rows : int
-    device : torch.device, optional
-    """
-
-    def __init__(self, num_rows: int, device=None):
-        kw = dict(dtype=torch.float64, device=device)
-        self.num_rows = int(num_rows)
-        self.count = 0
-        self.max = torch.full((num_rows,), -math.inf, **kw)
-        self.sum_w = torch.zeros(num_rows, **kw)       # S_1
-        self.sum_w2 = torch.zeros(num_rows, **kw)      # S_2
-        self._shift: Optional[torch.Tensor] = None     # per-row shift for the log-weight moments
-        self.sum_lw = torch.zeros(num_rows, **kw)
-        self.sum_lw2 = torch.zeros(num_rows, **kw)
-
-    def update(self, log_w: torch.Tensor) -> None:
-        """Add a chunk of log weights of shape ``[particles, num_rows]``."""
-        if log_w.dim() != 2 or log_w.shape[1] != self.num_rows:
-            raise ValueError(
-                f"expected log weights of shape [particles, {self.num_rows}], got {tuple(log_w.shape)}"
-            )
-        lw = log_w.detach().to(self.max.device, torch.float64)
-        chunk_max = lw.max(dim=0).values
-        new_max = torch.maximum(self.max, chunk_max)
-        # Rows whose weights are all zero so far (max = -inf) have nothing to rescale.
-        ref = torch.where(torch.isfinite(new_max), new_max, torch.zeros_like(new_max))
-        rescale = torch.exp(self.max - ref)
-        self.sum_w = self.sum_w * rescale + torch.exp(lw - ref).sum(dim=0)
-        self.sum_w2 = self.sum_w2 * rescale ** 2 + torch.exp(2.0 * (lw - ref)).sum(dim=0)
-        self.max = new_max
-        if self._shift is None:
-            # Shifting by the first chunk's mean avoids cancellation in sum(lw^2) - sum(lw)^2/K.
-            mean0 = lw.mean(dim=0)
-            self._shift = torch.where(torch.isfinite(mean0), mean0, torch.zeros_like(mean0))
-        centered = lw - self._shift
-        self.sum_lw = self.sum_lw + centered.sum(dim=0)
-        self.sum_lw2 = self.sum_lw2 + (centered ** 2).sum(dim=0)
-        self.count += lw.shape[0]
-
-    def result(self) -> Dict[str, np.ndarray]:
-        """Per-row results as float64 numpy arrays (see :meth:`result_tensors`)."""
-        return {k: v.cpu().numpy() for k, v in self.result_tensors().items()}
-
-    def result_tensors(self) -> Dict[str, torch.Tensor]:
-        """Per-row results as float64 tensors on the accumulator's device (no host sync).
-
-        Keys: ``log_px`` (log-mean-exp of the weights), ``se`` (delta-method se, NaN for
-        K = 1), ``ess`` (Kong's effective sample size), ``elbo`` (mean log weight) and
-        ``elbo_se`` (its standard error, NaN for K = 1).
-        """
-        if self.count == 0:
-            raise ValueError("no log weights were added")
-        K = float(self.count)
-        log_px = self.max + torch.log(self.sum_w) - math.log(K)
-        ess = self.sum_w ** 2 / self.sum_w2
-        if self.count > 1:
-            # se^2 = (K/ESS - 1)/(K - 1) is Var_hat(w) / (K wbar^2) with the K/(K-1) correction;
-            # clamp tiny negative rounding errors (equal weights give exactly ESS = K).
-            se = torch.sqrt(torch.clamp((K / ess - 1.0) / (K - 1.0), min=0.0))
-            var_lw = (self.sum_lw2 - self.sum_lw ** 2 / K) / (K - 1.0)
-            elbo_se = torch.sqrt(torch.clamp(var_lw, min=0.0) / K)
-        else:
-            se = torch.full_like(log_px, math.nan)
-            elbo_se = torch.full_like(log_px, math.nan)
-        elbo_val = self._shift + self.sum_lw / K
-        return dict(log_px=log_px, se=se, ess=ess, elbo=elbo_val, elbo_se=elbo_se)
-
-
-def distribution_eval_width(fn) -> int:
-    """Elements per draw that evaluating ``fn.log_prob`` keeps alive, beyond the value itself.
-
-    A distribution may declare it as an integer attribute ``eval_width`` (e.g.
-    :class:`models.priors.DiagonalGaussianMixture`). A ``MixtureSameFamily`` without one
-    broadcasts each draw against all ``C`` components, ``C x event size`` elements per draw.
-    Wrappers (``Independent``, ``MaskedDistribution``, ...) are looked through. 0 when
-    nothing is known.
-    """
-    seen = 0
-    while fn is not None and seen < 16:
-        declared = getattr(fn, "eval_width", None)
-        if isinstance(declared, int) and not isinstance(declared, bool):
-            return max(0, declared)
-        if isinstance(fn, torch.distributions.MixtureSameFamily):
-            components = int(fn.mixture_distribution.logits.shape[-1])
-            return components * max(1, int(torch.Size(fn.event_shape).numel()))
-        fn = getattr(fn, "base_dist", None)
-        seen += 1
-    return 0
-
-
-def pair_eval_width(pair) -> int:
-    """The optional per-draw cost hint ``pair.eval_width`` (0 when absent).
-
-    A model/guide pair whose log densities materialize tensors wider than its data and
-    latent values per draw (a mixture prior over ``C`` components, a wide decoder) can
-    declare the widest as ``eval_width`` (an int, elements per particle and row); the
-    chunk planners of :mod:`pyro_lvm.inference.evaluate` and :mod:`pyro_lvm.inference.diagnostics` then
-    budget ``particles x rows x eval_width`` elements per chunk.
-    """
-    hint = getattr(pair, "eval_width", None)
-    if hint is None:
-        return 0
-    if callable(hint):
-        hint = hint()
-    if isinstance(hint, bool) or not isinstance(hint, (int, np.integer)) or int(hint) < 1:
-        raise ValueError(f"pair.eval_width must be a positive integer (elements per draw), "
-                         f"got {hint!r}")
-    return int(hint)
-
-
-def plan_chunks(num_rows: int, num_samples: int, width: int, *,
-                max_elements: int = DEFAULT_MAX_ELEMENTS,
-                batch_size: Optional[int] = None,
-                chunk_size: Optional[int] = None) -> Tuple[int, int]:
-    """Choose ``(rows_per_chunk, particles_per_chunk)`` so that
-    particles x rows x width <= ``max_elements``.
-
-    Particles are favored (an amortized encoder runs once per chunk of rows, so more
-    particles per call means less encoder work per draw); rows fill the rest of the budget.
-    ``batch_size`` (rows) and ``chunk_size`` (particles), when given, are used as they are
-    and only the other one is derived. A single particle of a single row is always allowed,
-    even when it alone exceeds the budget.
-    """
-    for name, value in (("num_rows", num_rows), ("num_samples", num_samples), ("width", width),
-                        ("max_elements", max_elements)):
-        if int(value) < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value}")
-    for name, value in (("batch_size", batch_size), ("chunk_size", chunk_size)):
-        if value is not None and (int(value) != value or int(value) < 1):
-            raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
-    per_draw = int(width)
-    if chunk_size is not None:
-        particles = min(int(chunk_size), num_samples)
-    elif batch_size is not None:
-        particles = min(num_samples, max(1, max_elements // (min(int(batch_size), num_rows) * per_draw)))
-    else:
-        particles = min(num_samples, max(1, max_elements // per_draw))
-    if batch_size is not None:
-        rows = min(int(batch_size), num_rows)
-    else:
-        rows = min(num_rows, max(1, max_elements // (particles * per_draw)))
-    return rows, particles
 
 
 # ----------------------------------------------------------------------------- result types
@@ -507,73 +319,6 @@ class ReconstructionError:
         return self.summary()
 
 
-# ----------------------------------------------------------------------------- shared setup
-def _module_dtype(module: Optional[torch.nn.Module]) -> Optional[torch.dtype]:
-    if module is None:
-        return None
-    for t in list(module.parameters()) + list(module.buffers()):
-        if t.is_floating_point():
-            return t.dtype
-    return None
-
-
-def _check_positive_int(name: str, value, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return int(value)
-
-
-def _validate(pair, module, data, mask, dtype):
-    data_dim = getattr(pair, "data_dim", None)
-    data_dim = int(data_dim) if isinstance(data_dim, (int, np.integer)) else None
-    x = check_data(data, data_dim, name="data", mask=mask, dtype=dtype)
-    mask_t = None
-    if mask is not None:
-        m = mask.detach().cpu().numpy() if isinstance(mask, torch.Tensor) else np.asarray(mask)
-        mask_t = torch.as_tensor(m.astype(bool))
-    own_check = getattr(pair, "check_data", None)
-    if callable(own_check):
-        checked = own_check(x) if mask_t is None else own_check(x, mask=mask_t)
-        if isinstance(checked, torch.Tensor):
-            x = checked
-    return x, mask_t
-
-
-@contextlib.contextmanager
-def _evaluation_context(pair, data, *, mask, device, guide, seed, param_state) -> Iterator[SimpleNamespace]:
-    """Resolve the pair, validate and move data, isolate the param store and the RNG,
-    switch to eval mode and no_grad; restore the module's training flag afterwards."""
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
-        raise ValueError(f"seed must be an integer, got {seed!r}")
-    dev = resolve_device(device)
-    model_fn, guide_fn, module = resolve_pair(pair, guide)
-    x, mask_t = _validate(pair, module, data, mask, _module_dtype(module))
-    if module is not None:
-        module.to(dev)
-    x = x.to(dev)
-    mask_t = None if mask_t is None else mask_t.to(dev)
-    if param_state is None and module is None:
-        # Plain-function pairs keep their parameters in the global param store: evaluate a
-        # snapshot of it (so nothing here can change it); PyroModule pairs carry their own.
-        param_state = pyro.get_param_store().get_state()
-    if param_state is not None:
-        param_state = {"params": {k: v.detach().to(dev) for k, v in param_state["params"].items()},
-                       "constraints": dict(param_state["constraints"])}
-    was_training = module.training if module is not None else None
-    rng_devices = [dev.index if dev.index is not None else torch.cuda.current_device()] \
-        if dev.type == "cuda" else []
-    try:
-        with isolated_param_store(param_state), torch.no_grad(), \
-                torch.random.fork_rng(devices=rng_devices):
-            if module is not None:
-                module.eval()
-            yield SimpleNamespace(model_fn=model_fn, guide_fn=guide_fn, module=module, x=x,
-                                  mask=mask_t, device=dev, seed=int(seed))
-    finally:
-        if module is not None and was_training:
-            module.train()
-
-
 def _probe(model_fn, guide_fn, x, mask) -> SimpleNamespace:
     """One particle on one row: per-draw tensor width and whether the observations are discrete."""
     terms = trace_log_terms(model_fn, guide_fn, x[:1], 1, None if mask is None else mask[:1])
@@ -587,7 +332,7 @@ def _probe(model_fn, guide_fn, x, mask) -> SimpleNamespace:
             value = site["value"]
             if isinstance(value, torch.Tensor):
                 width = max(width, int(value.numel()))
-            width = max(width, distribution_eval_width(site["fn"]))
+            width = max(width, engine.distribution_eval_width(site["fn"]))
             if trace is terms.model_trace and site["is_observed"]:
                 observed_fns.append((site["fn"], value))
                 try:
@@ -686,31 +431,26 @@ def _stream(ctx, num_samples: int, rows: int, particles: int, progress, desc: st
     show = _show_progress(progress, n * num_samples, row_chunks * particle_chunks)
     check_every = 1 if ctx.device.type == "cpu" else _CHECK_EVERY_CHUNKS
     bad_rows = torch.zeros(n, dtype=torch.bool, device=ctx.device)
-    results = []
-    chunk_index = 0
+    results, stats = [], None
     with contextlib.ExitStack() as stack, \
             tqdm(total=n * num_samples, desc=desc, unit="draw", unit_scale=True,
                  disable=not show, leave=False) as bar:
-        for start in range(0, n, rows):
-            xb = ctx.x[start:start + rows]
-            mb = None if ctx.mask is None else ctx.mask[start:start + rows]
-            stats = StreamingImportanceStats(xb.shape[0], device=ctx.device)
-            done = 0
-            while done < num_samples:
-                k = min(particles, num_samples - done)
-                lw = log_weights(ctx.model_fn, ctx.guide_fn, xb, k, mb)
-                bad_rows[start:start + xb.shape[0]] |= (torch.isnan(lw) | (lw == math.inf)).any(0)
-                chunk_index += 1
-                if chunk_index == 1 and validate_first_only:
-                    stack.enter_context(pyro.validation_enabled(False))
-                if chunk_index % check_every == 0:
-                    _raise_if_invalid(bad_rows)
-                stats.update(lw)
-                done += k
-                bar.update(k * xb.shape[0])
-            results.append(stats.result_tensors())
-            if ctx.device.type == "cpu":
-                release_host_memory()
+        chunks = engine.stream_log_weights(ctx.model_fn, ctx.guide_fn, ctx.x, ctx.mask,
+                                           num_samples, rows, particles)
+        for chunk_index, (start, stop, lw) in enumerate(chunks, 1):
+            if stats is None or stats.row_start != start:
+                if stats is not None:
+                    results.append(stats.result_tensors())
+                stats = StreamingImportanceStats(stop - start, device=ctx.device)
+                stats.row_start = start
+            bad_rows[start:stop] |= (torch.isnan(lw) | (lw == math.inf)).any(0)
+            if chunk_index == 1 and validate_first_only:
+                stack.enter_context(pyro.validation_enabled(False))
+            if chunk_index % check_every == 0:
+                _raise_if_invalid(bad_rows)
+            stats.update(lw)
+            bar.update(lw.shape[0] * (stop - start))
+        results.append(stats.result_tensors())
     _raise_if_invalid(bad_rows)
     return {key: torch.cat([r[key] for r in results]).cpu().numpy() for key in results[0]}
 
@@ -772,19 +512,19 @@ def _elbo_from_stream(ctx, raw, num_samples, exact) -> ELBOEstimate:
 
 def _run_is(pair, data, num_samples, *, chunk_size, batch_size, mask, device, seed, progress,
             guide, max_elements, param_state, desc, need_exact=True):
-    num_samples = _check_positive_int("num_samples", num_samples)
+    num_samples = check_int(num_samples, "num_samples")
     if max_elements is not None:
-        max_elements = _check_positive_int("max_elements", max_elements)
+        max_elements = check_int(max_elements, "max_elements")
     t0 = time.perf_counter()
-    with _evaluation_context(pair, data, mask=mask, device=device, guide=guide, seed=seed,
-                             param_state=param_state) as ctx:
+    with engine.session(pair, data, mask=mask, device=device, guide=guide, seed=seed,
+                        param_state=param_state) as ctx:
         if max_elements is None:
-            max_elements = default_max_elements(ctx.device)
+            max_elements = engine.default_max_elements(ctx.device)
         probe = _probe(ctx.model_fn, ctx.guide_fn, ctx.x, ctx.mask)
-        width = max(probe.width, pair_eval_width(pair))
-        rows, particles = plan_chunks(ctx.x.shape[0], num_samples, width,
-                                      max_elements=max_elements, batch_size=batch_size,
-                                      chunk_size=chunk_size)
+        width = max(probe.width, engine.pair_eval_width(pair))
+        rows, particles = engine.plan_chunks(ctx.x.shape[0], num_samples, width,
+                                             max_elements=max_elements, batch_size=batch_size,
+                                             chunk_size=chunk_size)
         validate_first_only = is_validation_enabled() and _data_in_support(pair, probe, ctx)
         torch.manual_seed(ctx.seed)  # after the probe, so the probe never shifts the stream
         raw = _stream(ctx, num_samples, rows, particles, progress, desc, validate_first_only)
@@ -951,16 +691,15 @@ def reconstruction_error(pair, data, *, mask=None, device="auto", batch_size: Op
     """
     if method not in ("auto", "reconstruct", "likelihood_mean"):
         raise ValueError(f"method must be 'auto', 'reconstruct' or 'likelihood_mean', got {method!r}")
-    with _evaluation_context(pair, data, mask=mask, device=device, guide=guide, seed=seed,
-                             param_state=param_state) as ctx:
-        torch.manual_seed(ctx.seed)
+    with engine.session(pair, data, mask=mask, device=device, guide=guide, seed=seed,
+                        param_state=param_state) as ctx:
         own = getattr(pair, "reconstruct", None)
         if method == "reconstruct" and not callable(own):
             raise ValueError(f"method='reconstruct' but {type(pair).__name__} has no reconstruct(x)")
         use_own = callable(own) and method != "likelihood_mean"
         own_takes_mask = use_own and _accepts_mask(own)
         n, p = ctx.x.shape
-        rows = batch_size or max(1, min(n, DEFAULT_MAX_ELEMENTS // (8 * p)))
+        rows = batch_size or max(1, min(n, engine.default_max_elements(ctx.device) // (8 * p)))
         is_binary = _is_binary(ctx.x, ctx.mask) if binary is None else bool(binary)
         mse_parts, ce_parts = [], []
         ce_ok = is_binary

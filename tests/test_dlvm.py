@@ -13,7 +13,7 @@ from pyro.infer import SVI, Trace_ELBO
 from scipy import stats
 
 from conftest import requires_cuda
-from pyro_lvm.inference._runtime import isolated_param_store
+from pyro_lvm.inference.engine import isolated_param_store
 from pyro_lvm.inference.contract import check_contract
 from pyro_lvm.inference.fit import fit
 from pyro_lvm.inference.objectives import log_weights, trace_log_terms

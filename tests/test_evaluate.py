@@ -16,8 +16,9 @@ import pytest
 import torch
 from scipy import stats
 
-from pyro_lvm.inference.evaluate import (DEFAULT_MAX_ELEMENTS, StreamingImportanceStats, default_max_elements,
-                                elbo, evaluate, log_likelihood, plan_chunks, reconstruction_error)
+from pyro_lvm.inference.engine import (DEFAULT_MAX_ELEMENTS, StreamingImportanceStats,
+                                       default_max_elements, pair_eval_width, plan_chunks)
+from pyro_lvm.inference.evaluate import elbo, evaluate, log_likelihood, reconstruction_error
 from pyro_lvm.models.dlvm import DLVM
 from pyro_lvm.models.linear import PPCA, FactorAnalysis
 
@@ -546,7 +547,6 @@ def test_cuda_estimate_agrees_with_cpu():
 def test_planner_budgets_a_vamp_prior_and_encodes_pseudo_inputs_once_per_chunk():
     """The VampPrior's [particles, rows, C] component matrix is budgeted (pair.eval_width),
     and the encoder sees the pseudo-inputs once per vectorized chunk, not once per particle."""
-    from pyro_lvm.inference.evaluate import log_likelihood, pair_eval_width
 
     model = DLVM(10, 2, prior="vamp", hidden=(8,), num_pseudo_inputs=50)
     assert pair_eval_width(model) == 100
@@ -570,7 +570,6 @@ def test_planner_budgets_a_vamp_prior_and_encodes_pseudo_inputs_once_per_chunk()
 
 
 def test_pair_eval_width_hint_is_validated_and_shrinks_chunks():
-    from pyro_lvm.inference.evaluate import log_likelihood, pair_eval_width
 
     class Hinted:
         def __init__(self, hint):
@@ -587,7 +586,7 @@ def test_release_host_memory_returns_freed_heap_blocks_to_the_os():
     import ctypes.util
     import platform
 
-    from pyro_lvm.inference._runtime import release_host_memory
+    from pyro_lvm.inference.engine import release_host_memory
 
     release_host_memory()  # a no-op where there is no glibc; must not fail
     if platform.system() != "Linux" or "c" not in (ctypes.util.find_library("c") or ""):

@@ -11,7 +11,7 @@ from sklearn.decomposition import PCA
 from sklearn.decomposition import FactorAnalysis as SkFactorAnalysis
 from threadpoolctl import threadpool_limits
 
-from pyro_lvm.inference._runtime import isolated_param_store
+from pyro_lvm.inference.engine import isolated_param_store
 from pyro_lvm.inference.objectives import log_weights, trace_log_terms
 from pyro_lvm.models.linear import PPCA, FactorAnalysis
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch.distributions import Bernoulli as TorchBernoulli
 
-from pyro_lvm.inference._runtime import isolated_param_store
+from pyro_lvm.inference.engine import isolated_param_store
 from pyro_lvm.inference.fit import default_optimizer, fit
 from pyro_lvm.inference.objectives import (ELBO, IWAE, log_weights, pyro_free_terms, trace_log_terms)
 from pyro_lvm.models.dlvm import DLVM

@@ -13,10 +13,8 @@ import torch
 
 
 from pyro_lvm.inference.objectives import trace_log_terms
-from pyro_lvm.inference.diagnostics._common import (_check_int, _check_positive, _chunk_sizes,
-                                                    _draw_width, _flatten_event, _guide_sites,
-                                                    _log_weight_matrix, _prepare, _progress,
-                                                    _seeded)
+from pyro_lvm.inference import engine
+from pyro_lvm.inference.diagnostics._common import (_check_int, _check_positive, _chunk_sizes, _flatten_event, _guide_sites, _prepare, _progress, _seeded)
 from pyro_lvm.inference.diagnostics.latent import _unwrap_independent
 
 
@@ -93,9 +91,10 @@ def _site_init(fn, value: torch.Tensor, event: torch.Size):
 
 def _elbo_per_row(model_fn, guide_fn, x, mask, num_particles: int) -> Tuple[np.ndarray, np.ndarray]:
     """ELBO per row (mean of log weights) and its Monte Carlo standard error."""
-    width = _draw_width(model_fn, guide_fn, x, mask, probe_rows=None)
-    _, particle_chunk = _chunk_sizes(x.shape[0], num_particles, width, x.shape[0])
-    log_w = _log_weight_matrix(model_fn, guide_fn, x, mask, num_particles, particle_chunk).double()
+    width = engine.draw_width(model_fn, guide_fn, x, mask, probe_rows=None)
+    _, particle_chunk = _chunk_sizes(x.shape[0], num_particles, width, x.shape[0], x.device)
+    log_w = engine.log_weight_matrix(model_fn, guide_fn, x, mask, num_particles,
+                                     particle_chunk).double()
     return (log_w.mean(0).cpu().numpy(),
             (log_w.std(0) / math.sqrt(num_particles)).cpu().numpy())
 

@@ -14,9 +14,8 @@ import torch
 
 
 from pyro_lvm.inference.objectives import trace_log_terms
-from pyro_lvm.inference.diagnostics._common import (_check_int, _chunk_sizes, _draw_width,
-                                                    _flatten_event, _guide_sites, _latent_labels,
-                                                    _observed_data_site, _prepare, _seeded)
+from pyro_lvm.inference import engine
+from pyro_lvm.inference.diagnostics._common import (_check_int, _chunk_sizes, _flatten_event, _guide_sites, _latent_labels, _observed_data_site, _prepare, _seeded)
 from pyro_lvm.inference.diagnostics.bundle import Diagnostics
 from pyro_lvm.inference.diagnostics.importance import ImportanceDiagnostics, _logsumexp, _weight_summaries, importance_diagnostics
 from pyro_lvm.inference.diagnostics.latent import LatentUsage, latent_usage
@@ -143,8 +142,8 @@ def to_inference_data(pair, data, *, rows=None, num_draws: int = 200, loglik=Non
         xs = prep.x[index]
         ms = None if prep.mask is None else prep.mask[index]
         obs_site = _observed_data_site(prep.model_fn, xs, ms)
-        width = max(p, _draw_width(prep.model_fn, prep.guide_fn, xs, ms, prep.pair))
-        _, particle_chunk = _chunk_sizes(len(rows), num_draws, width, len(rows))
+        width = max(p, engine.draw_width(prep.model_fn, prep.guide_fn, xs, ms, prep.pair))
+        _, particle_chunk = _chunk_sizes(len(rows), num_draws, width, len(rows), prep.device)
         draws: Dict[str, List[torch.Tensor]] = {}
         events: Dict[str, torch.Size] = {}
         log_lik, log_w = [], []

@@ -204,7 +204,7 @@ def importance_diagnostics(pair, data, num_samples: int = 1000, *, mask=None, de
 
     Parameters
     ----------
-    pair : model/guide pair (see :func:`inference._runtime.resolve_pair`)
+    pair : model/guide pair (see :func:`inference.engine.resolve_pair`)
     data : array-like, shape (n, p)
     num_samples : int
         K, importance samples per row. k-hat is unreliable with fewer than about 100

@@ -15,9 +15,8 @@ from torch.distributions import kl_divergence
 
 
 from pyro_lvm.inference.objectives import trace_log_terms
-from pyro_lvm.inference.diagnostics._common import (_check_int, _check_positive, _chunk_sizes,
-                                                    _draw_width, _flatten_event, _guide_sites,
-                                                    _latent_labels, _prepare, _progress, _seeded)
+from pyro_lvm.inference import engine
+from pyro_lvm.inference.diagnostics._common import (_check_int, _check_positive, _chunk_sizes, _flatten_event, _guide_sites, _latent_labels, _prepare, _progress, _seeded)
 
 
 def _unwrap_independent(fn) -> Tuple[Any, int]:
@@ -264,8 +263,8 @@ def latent_usage(pair, data, *, threshold: float = 0.01, collapse_threshold: flo
         if num_samples is None:
             num_samples = 100 if needs_mc else 1
 
-        width = _draw_width(prep.model_fn, prep.guide_fn, x, prep.mask, prep.pair)
-        rows_per_batch, _ = _chunk_sizes(n, num_samples, width, batch_size)
+        width = engine.draw_width(prep.model_fn, prep.guide_fn, x, prep.mask, prep.pair)
+        rows_per_batch, _ = _chunk_sizes(n, num_samples, width, batch_size, prep.device)
         means, kl_rows, kl_rows_var = [], [], []
         kl_dim_sum: Dict[str, torch.Tensor] = {}
         kl_dim_var: Dict[str, torch.Tensor] = {}

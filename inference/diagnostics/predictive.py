@@ -14,10 +14,7 @@ import torch
 
 
 from pyro_lvm.inference.objectives import PARTICLE_PLATE
-from pyro_lvm.inference.diagnostics._common import (_BUILTIN_STATISTICS, _ELEMENT_BUDGET,
-                                                    _MIN_WIDTH, _Prepared, _check_int,
-                                                    _observed_data_site, _prepare, _progress,
-                                                    _seeded)
+from pyro_lvm.inference.diagnostics._common import (_BUILTIN_STATISTICS, _chunk_sizes, _Prepared, _check_int, _observed_data_site, _prepare, _progress, _seeded)
 
 
 def _vectorized(fn: Callable, num: int) -> Callable:
@@ -228,7 +225,7 @@ def posterior_predictive_check(pair, data, *, kind: str = "prior", num_replicate
         plan = _StatisticPlan(statistics, observed_x, weight, prep.feature_names, max_features, rng)
         site = _observed_data_site(prep.model_fn, prep.x, prep.mask)
         observed = plan.compute(observed_x.unsqueeze(0), weight)
-        chunk = max(1, min(num_replicates, _ELEMENT_BUDGET // (n * max(p, _MIN_WIDTH))))
+        chunk = _chunk_sizes(n, num_replicates, p, n, prep.device)[1]
         replicated: Dict[str, List[torch.Tensor]] = {name: [] for name in observed}
         with _progress(math.ceil(num_replicates / chunk), f"{kind} predictive check",
                        progress) as bar:

@@ -3,7 +3,6 @@ starts (or resumes) the fit and runs epochs of :func:`~pyro_lvm.inference.fit.st
 with the callbacks, validation and checkpoints around them."""
 from __future__ import annotations
 
-import inspect
 import math
 import numbers
 import time
@@ -14,7 +13,8 @@ import pyro.poutine as poutine
 import torch
 from tqdm import tqdm
 
-from pyro_lvm.inference._runtime import isolated_param_store, resolve_device, resolve_pair
+from pyro_lvm.inference import engine
+from pyro_lvm.inference.engine import check_int as _check_int
 from pyro_lvm.inference.contract import check_contract
 from pyro_lvm.inference.fit import checkpoint as ckpt
 from pyro_lvm.inference.fit.callbacks import HOOKS, check_callbacks
@@ -23,19 +23,12 @@ from pyro_lvm.inference.fit.state import (FitResult, FitState, StopFit, all_fini
                                           history_frame)
 from pyro_lvm.inference.fit.step import (ObjectiveAdapter, collect_params, optimizer_factory,
                                          optimizer_name, train_step)
-from pyro_lvm.models.validation import check_data, check_mask
 
 __all__ = ["fit", "FitRun"]
 
 #: Rows used by the contract check that runs before training (cheap: the check only needs
 #: the structure of the pair, not all the data).
 _CONTRACT_CHECK_ROWS = 16
-
-
-def _check_int(value, name: str, minimum: int) -> int:
-    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return int(value)
 
 
 def _check_positive(value, name: str, allow_none: bool = False) -> Optional[float]:
@@ -47,45 +40,16 @@ def _check_positive(value, name: str, allow_none: bool = False) -> Optional[floa
     return float(value)
 
 
-def _module_dtype(module) -> Optional[torch.dtype]:
-    if module is None:
-        return None
-    for tensor in list(module.parameters()) + list(module.buffers()):
-        if tensor.is_floating_point():
-            return tensor.dtype
-    return None
-
-
-def _prepare_data(pair, data, mask, *, name: str, dtype, data_dim):
-    x = check_data(data, data_dim, name=name, min_rows=1, mask=mask, dtype=dtype)
-    mask_t = None
-    if mask is not None:
-        mask_t = torch.as_tensor(check_mask(mask, tuple(x.shape), name=name))
-    own_check = getattr(pair, "check_data", None)
-    if callable(own_check):
-        try:
-            accepts_name = "name" in inspect.signature(own_check).parameters
-        except (TypeError, ValueError):
-            accepts_name = False
-        checked = (own_check(x, mask=mask_t, name=name) if accepts_name
-                   else own_check(x, mask=mask_t))
-        if isinstance(checked, torch.Tensor):
-            x = checked if dtype is None else checked.to(dtype)
-    return x, mask_t
-
-
 def _prepare_inputs(pair, module, data, mask, validation, valid_mask):
     """Training and validation data (and masks) validated before the first step, in the
     module's floating dtype."""
-    dtype = _module_dtype(module)
-    data_dim = getattr(pair, "data_dim", None)
-    data_dim = int(data_dim) if isinstance(data_dim, numbers.Integral) else None
-    x, train_mask = _prepare_data(pair, data, mask, name="data", dtype=dtype, data_dim=data_dim)
+    dtype = engine.module_dtype(module)
+    x, train_mask = engine.prepare_data(pair, data, mask, name="data", dtype=dtype)
     x_valid = valid_mask_t = None
     if validation is not None:
-        x_valid, valid_mask_t = _prepare_data(pair, validation, valid_mask, name="validation",
-                                              dtype=dtype or x.dtype,
-                                              data_dim=data_dim or int(x.shape[1]))
+        x_valid, valid_mask_t = engine.prepare_data(pair, validation, valid_mask,
+                                                    name="validation", dtype=dtype or x.dtype,
+                                                    data_dim=int(x.shape[1]))
     elif valid_mask is not None:
         raise ValueError("valid_mask was given without validation data")
     return x, train_mask, x_valid, valid_mask_t
@@ -125,6 +89,13 @@ class FitRun:
         self.x_valid = None if x_valid is None else x_valid.to(device)
         self.valid_mask = None if valid_mask is None else valid_mask.to(device)
         self.steps_per_epoch = math.ceil(self.num_data / batch_size)
+        # validation rows per pass: the minibatch size, within the engine's one chunk budget
+        self._valid_rows = None if x_valid is None else engine.plan_chunks(
+            int(x_valid.shape[0]), self.adapter.num_particles, int(x.shape[1]),
+            max_elements=engine.default_max_elements(device), chunk_size=self.adapter.num_particles,
+            batch_size=None)[0]
+        if self._valid_rows is not None:
+            self._valid_rows = min(self._valid_rows, batch_size)
         self.state = FitState(steps_per_epoch=self.steps_per_epoch, num_epochs=epochs, model=pair,
                               module=module, objective=objective, num_data=self.num_data,
                               batch_size=batch_size, device=device,
@@ -314,11 +285,10 @@ class FitRun:
     def _valid_objective(self) -> float:
         if self.x_valid is None:
             return math.nan
-        total = 0.0
-        for start in range(0, self.x_valid.shape[0], self.batch_size):
-            chunk = self.x_valid[start:start + self.batch_size]
-            chunk_mask = (None if self.valid_mask is None
-                          else self.valid_mask[start:start + self.batch_size])
+        total, rows = 0.0, self._valid_rows
+        for start in range(0, self.x_valid.shape[0], rows):
+            chunk = self.x_valid[start:start + rows]
+            chunk_mask = None if self.valid_mask is None else self.valid_mask[start:start + rows]
             total += self.adapter.eval_sum(chunk, chunk_mask)
         return total / self.x_valid.shape[0]
 
@@ -367,7 +337,7 @@ class FitRun:
         return True
 
     def run(self) -> FitResult:
-        with isolated_param_store() as store_state:
+        with engine.isolated_param_store() as store_state:
             self._start()
             if self.check_pair:
                 self._check_pair()
@@ -504,10 +474,10 @@ def fit(pair, data, objective=None, epochs: int = 10, batch_size: int = 128, lr:
     seed = _check_int(seed, "seed", 0)
     clip_norm = _check_positive(clip_norm, "clip_norm", allow_none=True)
     callbacks = check_callbacks(callbacks)
-    model_fn, guide_fn, module = resolve_pair(pair, guide)
+    model_fn, guide_fn, module = engine.resolve_pair(pair, guide)
     if module is None and isinstance(getattr(model_fn, "__self__", None), torch.nn.Module):
         module = model_fn.__self__  # (m.model, m.guide): still move and checkpoint m
-    dev = resolve_device(device)
+    dev = engine.resolve_device(device)
     if objective is None:
         from pyro_lvm.inference.objectives import ELBO
 

@@ -9,7 +9,7 @@ import numpy as np
 import pyro
 import torch
 
-from pyro_lvm.inference._runtime import isolated_param_store
+from pyro_lvm.inference.engine import isolated_param_store
 from pyro_lvm.studies.datasets import Dataset
 from pyro_lvm.studies.runner import families
 from pyro_lvm.studies.runner.schema import RunConfig

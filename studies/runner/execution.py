@@ -19,7 +19,7 @@ import pandas as pd
 import pyro
 import torch
 
-from pyro_lvm.inference._runtime import isolated_param_store, resolve_device
+from pyro_lvm.inference.engine import isolated_param_store, resolve_device
 from pyro_lvm.studies.datasets import Dataset, contaminate
 from pyro_lvm.studies.runner import families, storage
 from pyro_lvm.studies.runner.evaluation import evaluate_run

@@ -9,7 +9,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
-from pyro_lvm.inference._runtime import resolve_device
+from pyro_lvm.inference.engine import resolve_device
 from pyro_lvm.paths import git_checkout_root
 from pyro_lvm.studies.runner.schema import RunConfig
 

@@ -15,7 +15,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import pandas as pd
 import torch
 
-from pyro_lvm.inference._runtime import isolated_param_store, resolve_device
+from pyro_lvm.inference.engine import isolated_param_store, resolve_device
 from pyro_lvm.paths import DEFAULT_OUT_DIR
 from pyro_lvm.studies.datasets import SPLITS, Dataset, load_dataset, validate_for_likelihood
 from pyro_lvm.studies.runner import execution, families, provenance, storage
