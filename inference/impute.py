@@ -84,11 +84,9 @@ from pyro.distributions.torch_distribution import MaskedDistribution
 from pyro.poutine.util import site_is_subsample
 from tqdm.auto import tqdm
 
-from pyro_lvm.inference.evaluate import (_accepts_mask, _check_positive_int, _evaluation_context,
-                                         _probe, _raise_if_invalid, _show_progress,
-                                         default_max_elements,
-                                         pair_eval_width, plan_chunks)
-from pyro_lvm.inference._runtime import resolve_pair
+from pyro_lvm.inference.engine import (check_int, default_max_elements, pair_eval_width,
+                                       plan_chunks, resolve_pair, session)
+from pyro_lvm.inference.evaluate import _accepts_mask, _probe, _raise_if_invalid, _show_progress
 from pyro_lvm.inference.objectives import trace_log_terms
 from pyro_lvm.models.validation import check_mask
 
@@ -172,7 +170,7 @@ def _require_mask_argument(model_fn, guide_fn) -> None:
 def _check_method(method: str, num_imputations) -> int:
     if method not in ("mean", "multiple"):
         raise ValueError(f"method must be 'mean' or 'multiple', got {method!r}")
-    return _check_positive_int("num_imputations", num_imputations) if method == "multiple" else 0
+    return check_int(num_imputations, "num_imputations") if method == "multiple" else 0
 
 
 # ----------------------------------------------------------------------------- model access
@@ -372,7 +370,7 @@ def impute(pair, x, mask=None, num_samples: int = 1000, *, method: str = "mean",
         Before any work: a bad mask (shape, type, a row with no observed entry), NaN not
         marked missing, a model or guide without a ``mask`` argument, bad arguments.
     """
-    num_samples = _check_positive_int("num_samples", num_samples)
+    num_samples = check_int(num_samples, "num_samples")
     num_imputations = _check_method(method, num_imputations)
     mask_np = missing_mask(x, mask, allow_missing=allow_missing)
     model_fn, guide_fn, _ = resolve_pair(pair, guide)
@@ -380,8 +378,8 @@ def impute(pair, x, mask=None, num_samples: int = 1000, *, method: str = "mean",
     x_np = _as_numpy(x).astype(np.float64)
     t0 = time.perf_counter()
     with contextlib.ExitStack() as stack:
-        ctx = stack.enter_context(_evaluation_context(pair, x_np, mask=mask_np, device=device,
-                                                      guide=guide, seed=seed, param_state=None))
+        ctx = stack.enter_context(session(pair, x_np, mask=mask_np, device=device, guide=guide,
+                                          seed=seed))
         budget = max_elements or default_max_elements(ctx.device)
         probe = _probe(ctx.model_fn, ctx.guide_fn, ctx.x, ctx.mask)
         # the accumulators and the draws add a few [K, rows, columns] tensors per chunk
@@ -497,7 +495,7 @@ def conditional_log_likelihood(pair, x, mask, num_samples: int = 1000, *, seed: 
     :func:`impute`. Raises ValueError before any work on bad input (NaN anywhere in ``x``
     included: the held-out values must be known).
     """
-    num_samples = _check_positive_int("num_samples", num_samples)
+    num_samples = check_int(num_samples, "num_samples")
     mask_np = missing_mask(x, mask)
     x_np = _as_numpy(x).astype(np.float64)
     if not np.isfinite(x_np).all():
@@ -507,8 +505,7 @@ def conditional_log_likelihood(pair, x, mask, num_samples: int = 1000, *, seed: 
     model_fn, guide_fn, _ = resolve_pair(pair, guide)
     _require_mask_argument(model_fn, guide_fn)
     x_true_all = torch.as_tensor(x_np)
-    with _evaluation_context(pair, x_np, mask=mask_np, device=device, guide=guide, seed=seed,
-                             param_state=None) as ctx:
+    with session(pair, x_np, mask=mask_np, device=device, guide=guide, seed=seed) as ctx:
         budget = max_elements or default_max_elements(ctx.device)
         probe = _probe(ctx.model_fn, ctx.guide_fn, ctx.x, ctx.mask)
         width = 2 * max(probe.width, pair_eval_width(pair), ctx.x.shape[1])

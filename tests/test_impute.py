@@ -170,7 +170,7 @@ def test_bad_input_is_refused_before_any_work(monkeypatch):
     def fail(*a, **k):
         raise AssertionError("work started")
 
-    monkeypatch.setattr(imp, "_evaluation_context", fail)
+    monkeypatch.setattr(imp, "session", fail)
     m = _ppca()
     x = m.sample(6).numpy()
     mask = _mask(6, 6)
