@@ -14,7 +14,12 @@ import torch
 from pyro.infer.util import is_validation_enabled
 
 __all__ = ["check_data", "check_mask", "check_binary", "check_counts", "data_checked",
-           "per_call_data_checks"]
+           "per_call_data_checks", "check_magnitude", "FLOAT32_SAFE_MAX"]
+
+#: The largest |x| accepted for float32 (or narrower) models: a Gaussian or Student-t log
+#: density squares its data and sums over columns, and float32 overflows above 3.4e38,
+#: i.e. at |x| of about 1.8e19; the margin leaves room for sums over many columns.
+FLOAT32_SAFE_MAX = 1e16
 
 _STATE = threading.local()
 
@@ -131,6 +136,7 @@ def check_data(
     if mask_arr is not None:
         arr = np.where(mask_arr, arr, 0.0)
     out_dtype = dtype or src_dtype or torch.get_default_dtype()
+    check_magnitude(arr, out_dtype, name=name)
     if isinstance(x, torch.Tensor) and mask_arr is None and x.dtype == out_dtype:
         return x
     out = torch.as_tensor(arr, dtype=out_dtype)
@@ -172,7 +178,29 @@ def _check_float_tensor(x: torch.Tensor, data_dim: Optional[int], *, name: str, 
     out_dtype = dtype or x.dtype
     if mask_t is not None:
         x = torch.where(mask_t, x, torch.zeros((), dtype=x.dtype, device=x.device))
+    check_magnitude(x, out_dtype, name=name)
     return x if x.dtype == out_dtype else x.to(out_dtype)
+
+
+def check_magnitude(x, dtype: torch.dtype, *, name: str = "data") -> None:
+    """Raise ValueError when finite values of ``x`` (array or tensor, missing entries zeroed)
+    are too large for arithmetic in ``dtype`` (float32 and narrower: |x| > FLOAT32_SAFE_MAX),
+    naming their rows and columns; the data would fit with non-finite objectives."""
+    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        return
+    if isinstance(x, torch.Tensor):
+        big = x.abs() > FLOAT32_SAFE_MAX
+        if not bool(big.any()):
+            return
+        big = big.cpu().numpy()
+    else:
+        big = np.abs(x) > FLOAT32_SAFE_MAX
+        if not big.any():
+            return
+    raise ValueError(
+        f"{name} has {int(big.sum())} value(s) too large for {str(dtype).replace('torch.', '')} "
+        f"arithmetic (|x| > {FLOAT32_SAFE_MAX:g}: their squares overflow) at {_first_bad(big)}; "
+        f"rescale the data (e.g. standardize them) or fit in float64 (model.double())")
 
 
 def check_mask(mask, shape, *, name: str = "data") -> np.ndarray:

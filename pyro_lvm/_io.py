@@ -34,17 +34,31 @@ def write_atomically(path: Union[str, os.PathLike], data: Union[bytes, str]) -> 
     path = pathlib.Path(path)
     if isinstance(data, str):
         data = data.encode("utf-8")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = _create_temporary(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = _create_temporary(path)
+    except OSError as exc:
+        raise _naming(exc, path) from None
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         try:
             os.unlink(tmp)
-        except FileNotFoundError:
+        except OSError:
             pass
+        if isinstance(exc, OSError):
+            raise _naming(exc, path) from None
         raise
+
+
+def _naming(exc: OSError, path: pathlib.Path) -> OSError:
+    """The same error naming the file the caller wrote, not its temporary file: a full disk
+    or a read-only directory reads "cannot write PATH" to the user."""
+    if exc.errno is None or type(exc) not in (OSError, PermissionError, FileNotFoundError,
+                                              IsADirectoryError, NotADirectoryError):
+        return exc
+    return type(exc)(exc.errno, exc.strerror, str(path))

@@ -85,6 +85,11 @@ def _read_json(path: pathlib.Path, notes: list[str]) -> dict | None:
 
 def _read_run(run_dir: pathlib.Path, run_id: str, notes: list[str]) -> RunRecord:
     record = RunRecord(run_id=run_id)
+    if run_id in ("", ".", "..") or any(c in run_id for c in "/\\\0") or ":" in run_id:
+        # the report reads only runs inside its own study directory
+        notes.append(f"run id {run_id!r} in results.csv is not a directory name inside the "
+                     f"study; ignored.")
+        return record
     record.config = _read_json(run_dir / "config.json", notes)
     record.result = _read_json(run_dir / "result.json", notes)
     history_path = run_dir / "history.csv"

@@ -56,7 +56,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
-from pyro_lvm.models.validation import check_binary, check_data, check_mask
+from pyro_lvm.models.validation import check_binary, check_data, check_magnitude, check_mask
 from pyro_lvm.paths import checkout_root
 
 __all__ = [
@@ -572,6 +572,23 @@ def _load_mnist(data_path, binarize, scale, max_rows) -> Dataset:
 
 
 # ====================================================================== user data
+def _load_npy(path: pathlib.Path) -> np.ndarray:
+    """A numeric ``.npy`` array; never unpickles (``allow_pickle=False``)."""
+    with open(path, "rb") as handle:
+        magic = handle.read(6)
+    if magic != b"\x93NUMPY":
+        raise ValueError(f"not a NumPy .npy file: {path}")
+    try:
+        return np.load(path, allow_pickle=False)
+    except ValueError as exc:
+        if "allow_pickle" in str(exc):
+            raise ValueError(f"{path} holds Python objects, not numbers (object arrays are never "
+                             f"loaded: they could run code); save a numeric array") from None
+        raise ValueError(f"could not read {path} as a NumPy .npy file: {exc}") from None
+    except (OSError, EOFError) as exc:
+        raise ValueError(f"could not read {path} as a NumPy .npy file: {exc}") from None
+
+
 def _looks_like_path(s: str) -> bool:
     return os.sep in s or "/" in s or pathlib.Path(s).suffix != "" or pathlib.Path(s).exists()
 
@@ -583,17 +600,24 @@ def _read_table(obj, label_column, what):
     source = what
     if isinstance(obj, (str, os.PathLike)):
         path = pathlib.Path(obj).expanduser()
+        if path.is_dir():
+            raise ValueError(f"data path {path} is a directory; pass a .csv, .tsv, .txt or .npy "
+                             f"file")
         if not path.is_file():
             raise FileNotFoundError(f"data file {path} does not exist")
         suffix = path.suffix.lower()
         if suffix in (".csv", ".tsv", ".txt"):
             try:
                 obj = pd.read_csv(path, sep="\t" if suffix == ".tsv" else ",")
+            except pd.errors.EmptyDataError:
+                raise ValueError(f"{path} is empty: 0 data rows") from None
             except Exception as exc:
                 raise ValueError(f"could not read {path} as CSV: {exc}") from None
+            if len(obj) == 0:
+                raise ValueError(f"{path} has 0 data rows (a header line and nothing else)")
             source = f"CSV file {path}"
         elif suffix == ".npy":
-            obj = np.load(path, allow_pickle=False)
+            obj = _load_npy(path)
             source = f"numpy file {path}"
         else:
             raise ValueError(f"unsupported data file {path}: use .csv, .tsv, .txt or .npy")
@@ -667,6 +691,8 @@ def _load_user(data, fractions, seed, binarize, threshold, scale, likelihood, ma
             _report_nonfinite(arr_np, x_mask, cols, line_offset, source, allow_missing)
         x = check_data(arr_np, width, name=f"{name} {what}", min_rows=1 if fixed else 3,
                        mask=x_mask, dtype=torch.float64)
+        if scale in (None, "auto") and not binarize:  # stored as float32 as they are
+            check_magnitude(x, torch.float32, name=f"{name} {what}")
         if width is None:
             width = x.shape[1]
             names = cols
@@ -739,6 +765,8 @@ def _load_user(data, fractions, seed, binarize, threshold, scale, likelihood, ma
     parts, scaling = _apply_scaling(parts, method, part_masks)
     if scaling is not None:
         source += f"; {method} with training-split statistics"
+        for split in SPLITS:  # e.g. a test value far outside the training range
+            check_magnitude(parts[split], torch.float32, name=f"{name} {split} split (scaled)")
     discrete = bool(binarize) or all(np.isin(a, (0.0, 1.0)).all() for a in parts.values())
     return Dataset(
         name=name, **{s: _float32(parts[s]) for s in SPLITS}, labels=part_labels,

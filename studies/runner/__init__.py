@@ -10,6 +10,7 @@ test split. A *study* is a list of runs on one :class:`~pyro_lvm.studies.dataset
                                             the runs it computed; total compute time)
     <out_dir>/<study>/results.csv           one row per run of the grid: config, status, metrics
     <out_dir>/<study>/index.html            the report (reports.render_report)
+    <out_dir>/<study>/.lock, .lock.json     held by the one invocation writing the study
     <out_dir>/<study>/runs/<run_id>/
         config.json     the run's configuration (flat: the config columns of results.csv)
         history.csv     learning curves (epoch, step, train_objective, valid_objective, ...)
@@ -31,7 +32,10 @@ Failures. Bad *data* are caught before anything is trained or written: the datas
 validated against every model of the grid up front (:func:`validate_study`) and a
 ValueError names the problem, leaving an earlier study directory untouched. A failing
 *run* (a non-finite loss, a configuration its model rejects, any other exception) is
-recorded with status ``"failed"``, its message and traceback, and the grid goes on.
+recorded with status ``"failed"``, its message and traceback, and the grid goes on. A
+failing *disk* (full, read-only, no permission) stops the study with one line
+(:class:`StudyIOError`); the run it interrupted is redone by the next invocation. A second
+invocation on the same study refuses (:class:`StudyLocked`) or waits (``wait=True``).
 
 Modules: :mod:`.schema` (RunConfig, grids, identity), :mod:`.families` (model families:
 add your own with ``families.register_family``), :mod:`.execution` (one run),
@@ -72,12 +76,15 @@ from pyro_lvm.studies.runner.execution import execute_run, run_data
 from pyro_lvm.studies.runner.families import Family, build_model, build_objective, register_family
 from pyro_lvm.studies.runner.results import load_results
 from pyro_lvm.studies.runner.schema import METRIC_COLUMNS, RunConfig, StudyDataError, expand_grid
-from pyro_lvm.studies.runner.study import StudyResult, render_study, run_study, validate_study
+from pyro_lvm.studies.runner.lock import StudyLocked
+from pyro_lvm.studies.runner.study import (StudyIOError, StudyResult, render_study, run_study,
+                                           validate_study)
 
 __all__ = [
     "RunConfig", "expand_grid", "StudyDataError", "METRIC_COLUMNS", "ARTIFACTS",
     "Family", "register_family", "families", "build_model", "build_objective",
     "execute_run", "run_data", "run_study", "StudyResult", "validate_study", "render_study",
+    "StudyLocked", "StudyIOError",
     "load_results",
     "study_parser", "parse_study_args", "add_common_args", "dataset_from_args",
     "base_config_from_args", "study_name_from_args", "run_from_args", "finish_message", "cli",

@@ -31,7 +31,8 @@ import pandas as pd
 from pyro_lvm.paths import DEFAULT_OUT_DIR
 from pyro_lvm.studies.datasets import Dataset, load_dataset
 from pyro_lvm.studies.runner.schema import RunConfig, StudyDataError, slug
-from pyro_lvm.studies.runner.study import StudyResult, run_study
+from pyro_lvm.studies.runner.lock import StudyLocked
+from pyro_lvm.studies.runner.study import StudyIOError, StudyResult, run_study
 
 __all__ = ["study_parser", "parse_study_args", "add_common_args", "positive_int",
            "nonnegative_int", "positive_float", "fraction", "parse_hidden", "hidden_widths", "SMOKE_SETTINGS",
@@ -273,6 +274,7 @@ def run_from_args(name: str, args: argparse.Namespace, dataset: Dataset, configs
                      title=title + (" (smoke test)" if args.smoke else ""), description=description,
                      retry_failed=args.retry_failed, metadata=metadata,
                      num_threads=args.threads or None, findings=findings,
+                     wait=getattr(args, "wait", False),
                      command_line=" ".join(shlex.quote(a) for a in ["python"] + sys.argv))
 
 
@@ -295,7 +297,8 @@ def cli(main: Callable[[argparse.Namespace], Any], parse_args: Callable[[], argp
     """Entry point of a study script: problems found before training (bad or missing data,
     a study directory holding other data, CUDA unavailable) are printed as one message
     naming the problem (exit status 2), Ctrl-C exits with status 130 after saying how to
-    resume; runs finished before the interruption are kept on disk."""
+    resume; runs finished before the interruption are kept on disk. Another invocation
+    writing the study, a full or read-only disk: one line, exit status 1."""
     args = parse_args()
     try:
         main(args)
@@ -303,6 +306,9 @@ def cli(main: Callable[[argparse.Namespace], Any], parse_args: Callable[[], argp
         print("interrupted: finished runs are saved; run the same command again to resume",
               file=sys.stderr)
         raise SystemExit(130) from None
+    except (StudyLocked, StudyIOError) as exc:  # the machine, not the input: status 1
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(1) from None
     except (StudyDataError, FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None

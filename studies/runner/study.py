@@ -4,6 +4,7 @@ from the runs on disk, execute the rest one after another, keep ``results.csv`` 
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import os
 import pathlib
@@ -20,11 +21,35 @@ from pyro_lvm.paths import DEFAULT_OUT_DIR
 from pyro_lvm.studies.datasets import SPLITS, Dataset, load_dataset, validate_for_likelihood
 from pyro_lvm.studies.runner import execution, families, provenance, storage
 from pyro_lvm.studies.runner.evaluation import ARTIFACTS
+from pyro_lvm.studies.runner.lock import StudyLock
 from pyro_lvm.studies.runner.results import read_result, results_frame
 from pyro_lvm.studies.runner.schema import (METRIC_COLUMNS, STATUS_COLUMNS, RunConfig,
                                             StudyDataError)
 
-__all__ = ["StudyResult", "run_study", "validate_study", "render_study"]
+__all__ = ["StudyResult", "StudyIOError", "run_study", "validate_study", "render_study"]
+
+
+class StudyIOError(OSError):
+    """The study could not be written (disk full, read-only, no permission)."""
+
+    ADVICE = {errno.ENOSPC: "free space on that file system or pass another --out-dir",
+              errno.EROFS: "the file system is read-only: pass a writable --out-dir",
+              errno.EACCES: "no permission: make the directory writable or pass another --out-dir",
+              errno.EPERM: "not permitted: make the directory writable or pass another --out-dir"}
+
+    @classmethod
+    def from_os_error(cls, exc: OSError) -> "StudyIOError":
+        advice = cls.ADVICE.get(exc.errno, "free space or pass another --out-dir")
+        if getattr(errno, "EDQUOT", None) == exc.errno:
+            advice = "disk quota exceeded: free space or pass another --out-dir"
+        where = exc.filename if exc.filename is not None else "the study directory"
+        error = cls(exc.errno, f"cannot write {where}: {exc.strerror}; {advice} (finished runs "
+                               f"are kept; run the same command again to resume)")
+        error.filename = exc.filename
+        return error
+
+    def __str__(self) -> str:
+        return self.strerror
 
 
 @dataclasses.dataclass
@@ -202,6 +227,7 @@ def run_study(
     metadata: Optional[Mapping[str, Any]] = None,
     num_threads: Optional[int] = None,
     findings: Optional[Callable[[pd.DataFrame], List[str]]] = None,
+    wait: bool = False,
 ) -> StudyResult:
     """Run (or resume) a study and render its report.
 
@@ -235,6 +261,12 @@ def run_study(
         CPU threads for torch during the study (restored afterwards). Small models train
         fastest on one thread, and one thread per process avoids the oversubscription that
         slows a shared machine down many times over; None leaves torch's setting alone.
+    wait : bool
+        When another invocation holds the study's lock (:mod:`.lock`), wait for it instead
+        of raising :class:`~pyro_lvm.studies.runner.lock.StudyLocked`.
+
+    A study directory that cannot be written and has nothing left to compute is only read
+    (the results are returned; nothing is written).
 
     Returns
     -------
@@ -247,9 +279,62 @@ def run_study(
     ValueError
         Duplicate runs in the grid, an invalid name, or a study directory holding runs on
         different data (pass ``fresh=True`` or another ``out_dir``).
+    StudyLocked
+        Another invocation is writing the study (and ``wait`` is False).
+    StudyIOError
+        The disk is full, read-only or not writable (one line naming the path and what to
+        free or change); the run in progress is redone by the next invocation.
     """
     dataset, configs = _prepare(name, dataset, configs)
     study_dir = pathlib.Path(out_dir) / name
+    if command_line is None:
+        command_line = " ".join(shlex.quote(a) for a in
+                                [os.path.basename(sys.executable)] + sys.argv)
+    options = dict(fresh=fresh, progress=progress, render=render, command_line=command_line,
+                   title=title, description=description, retry_failed=retry_failed,
+                   on_run_end=on_run_end, metadata=metadata, num_threads=num_threads,
+                   findings=findings)
+    if not fresh and _read_only(study_dir):
+        done = _results_on_disk(study_dir, configs, retry_failed)
+        if done is not None:  # nothing to compute and nothing may be written: just read
+            frame = results_frame(configs, done)
+            report = study_dir / "index.html"
+            meta = storage.read_json(study_dir / "study.json") or {}
+            return StudyResult(study_dir, frame, report if report.exists() else None, [],
+                               list(done), [r for r, v in done.items() if v.get("status") == "failed"],
+                               list(meta.get("findings") or []))
+    try:
+        with StudyLock(study_dir, wait=wait, command_line=command_line):
+            return _run_locked(name, study_dir, dataset, configs, **options)
+    except OSError as exc:
+        if execution.is_io_failure(exc):
+            raise StudyIOError.from_os_error(exc) from None
+        raise
+
+
+def _read_only(study_dir: pathlib.Path) -> bool:
+    """Whether the study directory (or the nearest existing parent) cannot be written."""
+    path = study_dir
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return not os.access(path, os.W_OK)
+
+
+def _results_on_disk(study_dir: pathlib.Path, configs, retry_failed: bool):
+    """The verified results of every run, or None when some run would be computed."""
+    done = {}
+    for c in configs:
+        r, _ = read_result(c, study_dir / "runs" / c.run_id)
+        if r is None or (retry_failed and r.get("status") == "failed"):
+            return None
+        done[c.run_id] = r
+    return done
+
+
+def _run_locked(name, study_dir, dataset, configs, *, fresh, progress, render, command_line,
+                title, description, retry_failed, on_run_end, metadata, num_threads,
+                findings) -> StudyResult:
+    """:func:`run_study` once the study's lock is held."""
     meta_path, runs_dir = study_dir / "study.json", study_dir / "runs"
     old_meta = None if fresh else storage.read_json(meta_path)
     if not fresh:
@@ -259,9 +344,6 @@ def run_study(
         for f in ("results.csv", "study.json"):
             (study_dir / f).unlink(missing_ok=True)
     runs_dir.mkdir(parents=True, exist_ok=True)
-    if command_line is None:
-        command_line = " ".join(shlex.quote(a) for a in
-                                [os.path.basename(sys.executable)] + sys.argv)
     meta = _study_meta(name, dataset, configs, title=title, description=description,
                        command_line=command_line, metadata=metadata, old_meta=old_meta)
     storage.write_text(meta_path, storage.dump_json(meta))
@@ -307,6 +389,7 @@ def _run_all(name, study_dir, dataset, configs, todo, results, executed, notes, 
 
     save_table()
     status = "interrupted"
+    current = None
     bar = tqdm(todo, desc=name, unit="run", disable=not progress, leave=True)
     threads_before = torch.get_num_threads()
     if num_threads:
@@ -314,9 +397,11 @@ def _run_all(name, study_dir, dataset, configs, todo, results, executed, notes, 
     meta["num_threads"] = torch.get_num_threads()
     try:
         for c in bar:
+            current = study_dir / "runs" / c.run_id
             bar.set_postfix_str(c.run_id, refresh=True)
-            result = execution.execute_run(c, dataset, study_dir / "runs" / c.run_id,
+            result = execution.execute_run(c, dataset, current,
                                            notes=[notes[c.run_id]] if c.run_id in notes else None)
+            current = None
             results[c.run_id] = result
             executed.append(c.run_id)
             save_table()
@@ -325,16 +410,46 @@ def _run_all(name, study_dir, dataset, configs, todo, results, executed, notes, 
             if on_run_end is not None:
                 on_run_end(c, result)
         status = "finished"
+    except OSError as exc:
+        if execution.is_io_failure(exc):
+            status = "failed (I/O error)"
+            if current is not None:  # unfinished: redone next time; its files free some space
+                shutil.rmtree(current, ignore_errors=True)
+        raise
     finally:
         torch.set_num_threads(threads_before)
         bar.close()
-        frame = save_table()
+        frame = results_frame(configs, results)
         _finish_meta(meta, status, executed, skipped, frame)
-        storage.write_text(study_dir / "study.json", storage.dump_json(meta))
-        if status != "finished":
+        _close_study(study_dir, frame, meta, strict=status == "finished")
+        if status == "interrupted":
             print(f"study {name} interrupted after {len(executed)} new run(s); re-run the same "
                   f"command to resume ({study_dir})", file=sys.stderr)
     return frame
+
+
+def _close_study(study_dir: pathlib.Path, frame: pd.DataFrame, meta: Dict[str, Any], *,
+                 strict: bool) -> None:
+    """Write results.csv and study.json at the end of an invocation. After a failure
+    (``strict=False``) study.json must still leave the "running" state: when the atomic
+    write fails (a full disk) it is overwritten in place, which needs no new blocks."""
+    try:
+        storage.write_text(study_dir / "results.csv", frame.to_csv(index=False))
+    except OSError:
+        if strict:
+            raise
+    text = storage.dump_json(meta)
+    try:
+        storage.write_text(study_dir / "study.json", text)
+    except OSError:
+        if strict:
+            raise
+        try:
+            with open(study_dir / "study.json", "r+b") as handle:
+                handle.truncate(0)
+                handle.write(text.encode("utf-8"))
+        except OSError:
+            pass
 
 
 def render_study(study_dir: Union[str, os.PathLike]) -> pathlib.Path:
