@@ -639,7 +639,8 @@ def _read_table(obj, label_column, what):
                 else f"column {str(c)!r} (dtype {s.dtype})" for c, s in bad)
             raise ValueError(
                 f"the {source} has non-numeric column(s): {desc}; encode them as numbers (e.g. "
-                f"pandas.get_dummies), drop them, or pass label_column= for a label column"
+                f"pandas.get_dummies), drop them, or pass label_column= (--label-column) for a "
+                f"label column"
             )
         arr = df.to_numpy(dtype=np.float64, na_value=np.nan)
         line_offset = 2 if source.startswith("CSV") else None  # header line + 1-based lines
@@ -790,7 +791,8 @@ def _report_nonfinite(arr, mask, cols, line_offset, source, allow_missing):
         where.append(f"{row}, {col}: {arr[r, c]}")
     more = f" and {len(rows) - 5} more" if len(rows) > 5 else ""
     hint = ("infinite values are not missing values; fix or drop them" if allow_missing
-            else "pass allow_missing=True to treat NaN as missing (a mask), or clean the data")
+            else "pass allow_missing=True (--allow-missing) to treat NaN as missing (a mask), or "
+                  "clean the data")
     raise ValueError(f"the {source} contains {len(rows)} non-finite value(s): "
                      f"{'; '.join(where)}{more}; {hint}")
 
