@@ -9,7 +9,7 @@ from typing import Any, Dict, Optional
 import numpy as np
 import torch
 
-from pyro_lvm.reports.atomic import write_atomically
+from pyro_lvm._io import write_atomically
 
 __all__ = ["write_text", "write_bytes", "dump_json", "read_json"]
 
