@@ -178,6 +178,189 @@ def _run(fn: Callable, role: str, x: torch.Tensor, mask, replay_trace=None) -> p
 # the check
 # ----------------------------------------------------------------------------------------
 
+def _check_inputs(x, mask):
+    """``x`` a tensor with rows; ``mask`` None or a boolean tensor of its shape."""
+    if not isinstance(x, torch.Tensor):
+        raise ContractError(f"x must be a torch.Tensor of shape (n, p), got {type(x).__name__}")
+    if x.dim() < 1 or x.shape[0] < 1:
+        raise ContractError(f"x must have at least one row, got shape {tuple(x.shape)}")
+    if mask is not None:
+        if not isinstance(mask, torch.Tensor) or mask.shape != x.shape:
+            raise ContractError(
+                f"mask must be a boolean tensor of x's shape {tuple(x.shape)}, got "
+                f"{type(mask).__name__} of shape {tuple(getattr(mask, 'shape', ()))}")
+        mask = mask.bool()
+    return mask
+
+
+def _check_data_plate(model_trace, guide_trace, traces, num_rows: int) -> None:
+    """A plate named ``"data"`` at dim -1 of size ``n`` around every sample site."""
+    plates = {**_plate_sizes(guide_trace), **_plate_sizes(model_trace)}
+    if DATA_PLATE not in plates:
+        found = sorted(p for p in plates if p != PARTICLE_PLATE)
+        raise ContractError(
+            f"no plate named {DATA_PLATE!r}: wrap every sample site of model and guide in "
+            f"`with pyro.plate({DATA_PLATE!r}, x.shape[0], dim=-1):`"
+            + (f" (found plate(s) {found}; rename the one over data rows to "
+               f"{DATA_PLATE!r})" if found else " (the pair uses no plate at all)")
+        )
+    for role, trace in traces:
+        for name, site in _sample_sites(trace):
+            for frame in site["cond_indep_stack"]:
+                if frame.name != DATA_PLATE:
+                    continue
+                if frame.dim != -1:
+                    raise ContractError(
+                        f"pyro.plate({DATA_PLATE!r}) around site {name!r} in the {role} is at "
+                        f"dim={frame.dim}; it must be dim=-1 so a particle plate fits on its "
+                        f"left: pyro.plate({DATA_PLATE!r}, x.shape[0], dim=-1)")
+                if int(frame.size) != num_rows:
+                    raise ContractError(
+                        f"pyro.plate({DATA_PLATE!r}) around site {name!r} in the {role} has "
+                        f"size {int(frame.size)} but x has {num_rows} rows; use "
+                        f"pyro.plate({DATA_PLATE!r}, x.shape[0], dim=-1) (minibatch scaling "
+                        f"is done by the fitting loop, not with subsample_size)")
+    for role, trace in traces:
+        for name, site in _sample_sites(trace):
+            if not any(f.name == DATA_PLATE for f in site["cond_indep_stack"]):
+                kind = "observed" if site["is_observed"] else "latent"
+                raise ContractError(
+                    f"{kind} site {name!r} in the {role} is outside pyro.plate({DATA_PLATE!r}): "
+                    f"every sample site must be per data point (global latent variables are "
+                    f"not supported; make them parameters, or per-row latents inside the plate)")
+
+
+def _check_site_names(model_trace, guide_trace):
+    """An observed site in the model; the same latent sites in model and guide. Returns
+    ``(observed sites, model latent names, guide latent names)``."""
+    observed = {name: site for name, site in _sample_sites(model_trace) if site["is_observed"]}
+    if not observed:
+        raise ContractError(
+            "the model has no observed site: the likelihood must be a sample site with "
+            "obs=x, e.g. pyro.sample('x', dist.Normal(loc, scale).to_event(1), obs=x), "
+            "inside the data plate")
+    model_latent = [n for n, s in _sample_sites(model_trace) if not s["is_observed"]]
+    guide_latent = [n for n, s in _sample_sites(guide_trace) if not s["is_observed"]]
+    only_model = [n for n in model_latent if n not in guide_latent]
+    only_guide = [n for n in guide_latent if n not in model_latent]
+    if only_model:
+        raise ContractError(
+            f"latent site(s) {only_model} in the model have no counterpart in the guide "
+            f"(guide latent sites: {guide_latent}); the guide must sample every latent "
+            f"site of the model under the same name, otherwise it is drawn from the prior "
+            f"and the bound is wrong")
+    if only_guide:
+        where = [n for n in only_guide if n in observed]
+        raise ContractError(
+            f"latent site(s) {only_guide} in the guide have no latent counterpart in the "
+            f"model (model latent sites: {model_latent})"
+            + (f"; {where} are observed in the model and must not be sampled by the guide"
+               if where else "; check the site names"))
+    return observed, model_latent, guide_latent
+
+
+def _check_latent_families(model_trace, guide_trace, guide_latent, *,
+                           require_reparameterized: bool, check_support: bool):
+    """Reparameterizable guide latents (when required) on the prior's support. Returns
+    ``(latent event shapes, guide distribution names, non-reparameterized sites)``."""
+    latent_sites = {}
+    guide_distributions = {}
+    non_reparam = []
+    for name in guide_latent:
+        gsite = guide_trace.nodes[name]
+        fn = gsite["fn"]
+        latent_sites[name] = tuple(getattr(fn, "event_shape", ()))
+        base = fn
+        while hasattr(base, "base_dist"):  # Independent / Masked / Expanded wrappers
+            base = base.base_dist
+        guide_distributions[name] = type(base).__name__
+        if not getattr(fn, "has_rsample", False):
+            non_reparam.append(name)
+    if non_reparam and require_reparameterized:
+        raise ContractError(
+            f"latent site(s) {non_reparam} in the guide use distribution(s) "
+            f"{[guide_distributions[n] for n in non_reparam]} without rsample (not "
+            f"reparameterizable); the pathwise ELBO/IWAE gradients need reparameterized "
+            f"latents. Use a continuous relaxation, a reparameterizable guide family, or "
+            f"an objective with score-function gradients (e.g. pyro.infer.Trace_ELBO)")
+    if check_support:
+        for name in guide_latent:
+            gfn, mfn = guide_trace.nodes[name]["fn"], model_trace.nodes[name]["fn"]
+            try:
+                gsupport, msupport = gfn.support, mfn.support
+            except NotImplementedError:
+                continue
+            if _is_unbounded(msupport):
+                continue
+            value = guide_trace.nodes[name]["value"]
+            inside = msupport.check(value)
+            if _is_unbounded(gsupport) or not bool(torch.all(inside)):
+                raise ContractError(
+                    f"latent site {name!r}: the guide's {guide_distributions[name]} has support "
+                    f"{_base_constraint(gsupport)} but the model's prior has support "
+                    f"{_base_constraint(msupport)}; guide draws outside the prior's support "
+                    f"give log p = -inf. Use a guide distribution on the prior's support "
+                    f"(e.g. LogNormal or a TransformedDistribution for positive latents)")
+    return latent_sites, guide_distributions, non_reparam
+
+
+def _check_batch_shapes(traces, num_rows: int) -> None:
+    """The data plate is the only batch dimension of every site."""
+    for role, trace in traces:
+        try:
+            trace.compute_log_prob()
+        except Exception as exc:
+            raise ContractError(
+                f"computing the log-densities of the {role}'s sites failed with "
+                f"{type(exc).__name__}: {exc}") from exc
+    for role, trace in traces:
+        for name, site in _sample_sites(trace):
+            if role == "guide" and site["is_observed"]:
+                continue
+            fn = site["fn"]
+            batch_shape = tuple(getattr(fn, "batch_shape", ()))
+            log_prob_shape = tuple(site["log_prob"].shape)
+            if batch_shape != (num_rows,) or log_prob_shape != (num_rows,):
+                event_shape = tuple(getattr(fn, "event_shape", ()))
+                hint = ""
+                if len(batch_shape) > 1:
+                    hint = (f"; declare the per-row dim(s) as event dims with "
+                            f".to_event({len(batch_shape) - 1})")
+                raise ContractError(
+                    f"site {name!r} in the {role} has batch shape {batch_shape} (event shape "
+                    f"{event_shape}, log_prob shape {log_prob_shape}); the data plate must be "
+                    f"the only batch dimension, i.e. batch shape ({num_rows},) = [.., n] with "
+                    f"n = x.shape[0]{hint}")
+
+
+def _check_particle_plate(model_fn, guide_fn, x, mask, num_rows: int) -> None:
+    """Every site broadcasts with a particle plate on the left of the data plate."""
+    try:
+        terms = trace_log_terms(model_fn, guide_fn, x, num_particles=_CHECK_PARTICLES,
+                                mask=mask)
+    except Exception as exc:
+        raise ContractError(
+            f"the pair does not broadcast with a particle dimension on the left: running it "
+            f"inside pyro.plate({PARTICLE_PLATE!r}, {_CHECK_PARTICLES}, dim=-2) failed with "
+            f"{type(exc).__name__}: {exc}. Latent draws then have shape [K, n, ...]; write "
+            f"code that works on leading batch dims (e.g. z @ W.T rather than W @ z.T, "
+            f"x.shape[-1] rather than x.shape[1], .expand on the right dims)"
+        ) from exc
+    expected = (_CHECK_PARTICLES, num_rows)
+    for role, trace in (("guide", terms.guide_trace), ("model", terms.model_trace)):
+        for name, site in _sample_sites(trace):
+            if role == "guide" and site["is_observed"]:
+                continue
+            shape = tuple(site["log_prob"].shape)
+            if shape != expected:
+                raise ContractError(
+                    f"with {_CHECK_PARTICLES} particles vectorized on the left, site {name!r} "
+                    f"in the {role} has log_prob shape {shape}, expected {expected} = "
+                    f"[particles, n]; the site ignores the particle dimension (e.g. a "
+                    f"distribution built with .expand([n, ...]) or reshaped with x.shape[0]); "
+                    f"let the plates broadcast instead")
+
+
 def check_contract(pair, x, mask=None, *, guide=None, require_reparameterized: bool = True,
                    check_support: bool = True) -> ContractReport:
     """Run a model/guide pair on ``x`` and verify that it keeps the pyro-lvm contract.
@@ -224,181 +407,21 @@ def check_contract(pair, x, mask=None, *, guide=None, require_reparameterized: b
         dimension on the left.
     """
     model_fn, guide_fn, _module = resolve_pair(pair, guide)
-    if not isinstance(x, torch.Tensor):
-        raise ContractError(f"x must be a torch.Tensor of shape (n, p), got {type(x).__name__}")
-    if x.dim() < 1 or x.shape[0] < 1:
-        raise ContractError(f"x must have at least one row, got shape {tuple(x.shape)}")
-    if mask is not None:
-        if not isinstance(mask, torch.Tensor) or mask.shape != x.shape:
-            raise ContractError(
-                f"mask must be a boolean tensor of x's shape {tuple(x.shape)}, got "
-                f"{type(mask).__name__} of shape {tuple(getattr(mask, 'shape', ()))}")
-        mask = mask.bool()
+    mask = _check_inputs(x, mask)
     num_rows = int(x.shape[0])
-
     _check_signature(model_fn, "model")
     _check_signature(guide_fn, "guide")
-
     with isolated_param_store():
         guide_trace = _run(guide_fn, "guide", x, mask)
         model_trace = _run(model_fn, "model", x, mask, replay_trace=guide_trace)
         traces = (("guide", guide_trace), ("model", model_trace))
-
-        # -- the data plate ---------------------------------------------------------------
-        plates = {**_plate_sizes(guide_trace), **_plate_sizes(model_trace)}
-        if DATA_PLATE not in plates:
-            found = sorted(p for p in plates if p != PARTICLE_PLATE)
-            raise ContractError(
-                f"no plate named {DATA_PLATE!r}: wrap every sample site of model and guide in "
-                f"`with pyro.plate({DATA_PLATE!r}, x.shape[0], dim=-1):`"
-                + (f" (found plate(s) {found}; rename the one over data rows to "
-                   f"{DATA_PLATE!r})" if found else " (the pair uses no plate at all)")
-            )
-        for role, trace in traces:
-            for name, site in _sample_sites(trace):
-                for frame in site["cond_indep_stack"]:
-                    if frame.name != DATA_PLATE:
-                        continue
-                    if frame.dim != -1:
-                        raise ContractError(
-                            f"pyro.plate({DATA_PLATE!r}) around site {name!r} in the {role} is at "
-                            f"dim={frame.dim}; it must be dim=-1 so a particle plate fits on its "
-                            f"left: pyro.plate({DATA_PLATE!r}, x.shape[0], dim=-1)")
-                    if int(frame.size) != num_rows:
-                        raise ContractError(
-                            f"pyro.plate({DATA_PLATE!r}) around site {name!r} in the {role} has "
-                            f"size {int(frame.size)} but x has {num_rows} rows; use "
-                            f"pyro.plate({DATA_PLATE!r}, x.shape[0], dim=-1) (minibatch scaling "
-                            f"is done by the fitting loop, not with subsample_size)")
-
-        # -- every site inside it -----------------------------------------------------------
-        for role, trace in traces:
-            for name, site in _sample_sites(trace):
-                if not any(f.name == DATA_PLATE for f in site["cond_indep_stack"]):
-                    kind = "observed" if site["is_observed"] else "latent"
-                    raise ContractError(
-                        f"{kind} site {name!r} in the {role} is outside pyro.plate({DATA_PLATE!r}): "
-                        f"every sample site must be per data point (global latent variables are "
-                        f"not supported; make them parameters, or per-row latents inside the plate)")
-
-        # -- observed and latent sites match ------------------------------------------------
-        observed = {name: site for name, site in _sample_sites(model_trace) if site["is_observed"]}
-        if not observed:
-            raise ContractError(
-                "the model has no observed site: the likelihood must be a sample site with "
-                "obs=x, e.g. pyro.sample('x', dist.Normal(loc, scale).to_event(1), obs=x), "
-                "inside the data plate")
-        model_latent = [n for n, s in _sample_sites(model_trace) if not s["is_observed"]]
-        guide_latent = [n for n, s in _sample_sites(guide_trace) if not s["is_observed"]]
-        only_model = [n for n in model_latent if n not in guide_latent]
-        only_guide = [n for n in guide_latent if n not in model_latent]
-        if only_model:
-            raise ContractError(
-                f"latent site(s) {only_model} in the model have no counterpart in the guide "
-                f"(guide latent sites: {guide_latent}); the guide must sample every latent "
-                f"site of the model under the same name, otherwise it is drawn from the prior "
-                f"and the bound is wrong")
-        if only_guide:
-            where = [n for n in only_guide if n in observed]
-            raise ContractError(
-                f"latent site(s) {only_guide} in the guide have no latent counterpart in the "
-                f"model (model latent sites: {model_latent})"
-                + (f"; {where} are observed in the model and must not be sampled by the guide"
-                   if where else "; check the site names"))
-
-        # -- reparameterization and support -------------------------------------------------
-        latent_sites = {}
-        guide_distributions = {}
-        non_reparam = []
-        for name in guide_latent:
-            gsite = guide_trace.nodes[name]
-            fn = gsite["fn"]
-            latent_sites[name] = tuple(getattr(fn, "event_shape", ()))
-            base = fn
-            while hasattr(base, "base_dist"):  # Independent / Masked / Expanded wrappers
-                base = base.base_dist
-            guide_distributions[name] = type(base).__name__
-            if not getattr(fn, "has_rsample", False):
-                non_reparam.append(name)
-        if non_reparam and require_reparameterized:
-            raise ContractError(
-                f"latent site(s) {non_reparam} in the guide use distribution(s) "
-                f"{[guide_distributions[n] for n in non_reparam]} without rsample (not "
-                f"reparameterizable); the pathwise ELBO/IWAE gradients need reparameterized "
-                f"latents. Use a continuous relaxation, a reparameterizable guide family, or "
-                f"an objective with score-function gradients (e.g. pyro.infer.Trace_ELBO)")
-        if check_support:
-            for name in guide_latent:
-                gfn, mfn = guide_trace.nodes[name]["fn"], model_trace.nodes[name]["fn"]
-                try:
-                    gsupport, msupport = gfn.support, mfn.support
-                except NotImplementedError:
-                    continue
-                if _is_unbounded(msupport):
-                    continue
-                value = guide_trace.nodes[name]["value"]
-                inside = msupport.check(value)
-                if _is_unbounded(gsupport) or not bool(torch.all(inside)):
-                    raise ContractError(
-                        f"latent site {name!r}: the guide's {guide_distributions[name]} has support "
-                        f"{_base_constraint(gsupport)} but the model's prior has support "
-                        f"{_base_constraint(msupport)}; guide draws outside the prior's support "
-                        f"give log p = -inf. Use a guide distribution on the prior's support "
-                        f"(e.g. LogNormal or a TransformedDistribution for positive latents)")
-
-        # -- batch shape: the data plate is the only batch dimension ------------------------
-        for role, trace in traces:
-            try:
-                trace.compute_log_prob()
-            except Exception as exc:
-                raise ContractError(
-                    f"computing the log-densities of the {role}'s sites failed with "
-                    f"{type(exc).__name__}: {exc}") from exc
-        for role, trace in traces:
-            for name, site in _sample_sites(trace):
-                if role == "guide" and site["is_observed"]:
-                    continue
-                fn = site["fn"]
-                batch_shape = tuple(getattr(fn, "batch_shape", ()))
-                log_prob_shape = tuple(site["log_prob"].shape)
-                if batch_shape != (num_rows,) or log_prob_shape != (num_rows,):
-                    event_shape = tuple(getattr(fn, "event_shape", ()))
-                    hint = ""
-                    if len(batch_shape) > 1:
-                        hint = (f"; declare the per-row dim(s) as event dims with "
-                                f".to_event({len(batch_shape) - 1})")
-                    raise ContractError(
-                        f"site {name!r} in the {role} has batch shape {batch_shape} (event shape "
-                        f"{event_shape}, log_prob shape {log_prob_shape}); the data plate must be "
-                        f"the only batch dimension, i.e. batch shape ({num_rows},) = [.., n] with "
-                        f"n = x.shape[0]{hint}")
-
-        # -- a particle plate on the left ---------------------------------------------------
-        try:
-            terms = trace_log_terms(model_fn, guide_fn, x, num_particles=_CHECK_PARTICLES,
-                                    mask=mask)
-        except Exception as exc:
-            raise ContractError(
-                f"the pair does not broadcast with a particle dimension on the left: running it "
-                f"inside pyro.plate({PARTICLE_PLATE!r}, {_CHECK_PARTICLES}, dim=-2) failed with "
-                f"{type(exc).__name__}: {exc}. Latent draws then have shape [K, n, ...]; write "
-                f"code that works on leading batch dims (e.g. z @ W.T rather than W @ z.T, "
-                f"x.shape[-1] rather than x.shape[1], .expand on the right dims)"
-            ) from exc
-        expected = (_CHECK_PARTICLES, num_rows)
-        for role, trace in (("guide", terms.guide_trace), ("model", terms.model_trace)):
-            for name, site in _sample_sites(trace):
-                if role == "guide" and site["is_observed"]:
-                    continue
-                shape = tuple(site["log_prob"].shape)
-                if shape != expected:
-                    raise ContractError(
-                        f"with {_CHECK_PARTICLES} particles vectorized on the left, site {name!r} "
-                        f"in the {role} has log_prob shape {shape}, expected {expected} = "
-                        f"[particles, n]; the site ignores the particle dimension (e.g. a "
-                        f"distribution built with .expand([n, ...]) or reshaped with x.shape[0]); "
-                        f"let the plates broadcast instead")
-
+        _check_data_plate(model_trace, guide_trace, traces, num_rows)
+        observed, model_latent, guide_latent = _check_site_names(model_trace, guide_trace)
+        latent_sites, guide_distributions, non_reparam = _check_latent_families(
+            model_trace, guide_trace, guide_latent,
+            require_reparameterized=require_reparameterized, check_support=check_support)
+        _check_batch_shapes(traces, num_rows)
+        _check_particle_plate(model_fn, guide_fn, x, mask, num_rows)
     return ContractReport(
         latent_sites=latent_sites,
         observed_sites={n: tuple(getattr(s["fn"], "event_shape", ())) for n, s in observed.items()},

@@ -33,7 +33,7 @@ import torch
 from pyro.poutine.util import site_is_subsample
 
 from pyro_lvm.inference.objectives import log_weights, trace_log_terms
-from pyro_lvm.models.validation import check_data, check_mask
+from pyro_lvm.models import check_data, check_mask
 
 __all__ = [
     "resolve_device", "resolve_pair", "isolated_param_store", "release_host_memory",

@@ -101,7 +101,7 @@ from pyro.distributions.torch_distribution import ExpandedDistribution, MaskedDi
 from pyro.poutine.runtime import _PYRO_STACK
 from pyro.poutine.util import site_is_subsample
 import torch
-from torch.distributions import Independent, MultivariateNormal, Normal, kl_divergence
+from pyro_lvm.inference.kl import closed_form_kl
 
 __all__ = [
     "PARTICLE_PLATE",
@@ -491,21 +491,6 @@ def _unwrap(distribution):
             return distribution, mask
 
 
-def _closed_form_kl(q, p) -> torch.Tensor:
-    """KL(q || p) from torch's registry, plus full-covariance Gaussian guide vs diagonal
-    Gaussian prior (``MultivariateNormal`` vs ``Independent(Normal, 1)``, e.g. factor analysis),
-    which torch does not register. Raises NotImplementedError otherwise."""
-    try:
-        return kl_divergence(q, p)
-    except NotImplementedError:
-        if (isinstance(q, MultivariateNormal) and isinstance(p, Independent)
-                and isinstance(p.base_dist, Normal) and p.reinterpreted_batch_ndims == 1):
-            prior = MultivariateNormal(p.base_dist.loc,
-                                       scale_tril=torch.diag_embed(p.base_dist.scale))
-            return kl_divergence(q, prior)
-        raise
-
-
 def _analytic_site_kl(name: str, guide_site: dict, model_site: dict,
                       shape: torch.Size) -> Tuple[Optional[torch.Tensor], str]:
     """Per-point KL ``[K, batch]`` for one latent site, or (None, reason) when not available."""
@@ -517,9 +502,8 @@ def _analytic_site_kl(name: str, guide_site: dict, model_site: dict,
         return None, "the site is under poutine.mask"
     q, q_mask = _unwrap(guide_site["fn"])
     p, p_mask = _unwrap(model_site["fn"])
-    try:
-        kl = _closed_form_kl(q, p)
-    except NotImplementedError:
+    kl = closed_form_kl(q, p)
+    if kl is None:
         return None, (f"torch has no closed-form KL registered for guide "
                       f"{type(q).__name__} vs prior {type(p).__name__}")
     for m in (q_mask, p_mask):

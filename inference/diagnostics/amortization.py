@@ -14,6 +14,7 @@ import torch
 
 from pyro_lvm.inference.objectives import trace_log_terms
 from pyro_lvm.inference import engine
+from pyro_lvm.inference.objectives import ELBO
 from pyro_lvm.inference.diagnostics._common import (_check_int, _check_positive, _chunk_sizes, _flatten_event, _guide_sites, _prepare, _progress, _seeded)
 from pyro_lvm.inference.diagnostics.latent import _unwrap_independent
 
@@ -43,15 +44,12 @@ class _LocalGaussianGuide:
     def parameters(self) -> List[torch.Tensor]:
         return [*self.loc.values(), *self.raw_scale.values(), *self.raw_tril.values()]
 
-    def distribution(self, name: str, detach: bool = False):
+    def distribution(self, name: str):
         loc, log_scale = self.loc[name], self.raw_scale[name]
-        if detach:
-            loc, log_scale = loc.detach(), log_scale.detach()
         event = self.event_shapes[name]
         n = loc.shape[0]
         if self.full[name]:
-            lower = self.raw_tril[name].detach() if detach else self.raw_tril[name]
-            scale_tril = torch.tril(lower, -1) + torch.diag_embed(log_scale.exp())
+            scale_tril = torch.tril(self.raw_tril[name], -1) + torch.diag_embed(log_scale.exp())
             return dist.MultivariateNormal(loc, scale_tril=scale_tril)
         if len(event) == 0:
             return dist.Normal(loc[:, 0], log_scale[:, 0].exp())
@@ -97,6 +95,76 @@ def _elbo_per_row(model_fn, guide_fn, x, mask, num_particles: int) -> Tuple[np.n
                                      particle_chunk).double()
     return (log_w.mean(0).cpu().numpy(),
             (log_w.std(0) / math.sqrt(num_particles)).cpu().numpy())
+
+
+def _local_start(prep, x, mask_sub, covariance: str) -> dict:
+    """The amortized guide's distribution at every latent site, per row: the local guides'
+    starting point ``{site: (event shape, mean [n, D], scale_tril [n, D, D])}``."""
+    with torch.no_grad():
+        probe = trace_log_terms(prep.model_fn, prep.guide_fn, x, 1, mask_sub)
+        init = {}
+        for name in _guide_sites(probe):
+            site = probe.guide_trace.nodes[name]
+            event = site["fn"].event_shape
+            if not _has_real_support(site["fn"]):
+                raise ValueError(
+                    f"amortization_gap fits Gaussian local guides, so every latent site must "
+                    f"be real-valued; site {name!r} has support {site['fn'].support}")
+            if covariance == "full" and len(event) > 1:
+                raise ValueError(
+                    f"covariance='full' needs 1-D latent sites; site {name!r} has event shape "
+                    f"{tuple(event)} (use covariance='diag')")
+            mean, tril = _site_init(site["fn"], site["value"], event)
+            init[name] = (event, mean.detach(), tril.detach())
+    return init
+
+
+def _fit_local_guide(model_fn, local, x, mask_sub, *, num_steps: int, lr: float,
+                     num_particles: int, progress) -> float:
+    """Maximize each row's ELBO over its local Gaussian with Adam (linearly decaying step size)
+    on the library's own sticking-the-landing ELBO gradient; returns the last loss per row."""
+    params = local.parameters()
+    optimizer = torch.optim.Adam(params, lr=lr)
+    objective = ELBO(num_particles, gradient="stl")  # sticking the landing (Roeder et al.)
+    final_loss = float("nan")
+    # The model's parameters stay fixed: gradients are taken with torch.autograd.grad
+    # with respect to the local parameters only, so nothing accumulates in (or steps)
+    # the model's or the amortized guide's parameters. (Setting requires_grad=False on
+    # them instead would make pyro.module warn and skip them in the param store.)
+    with _progress(num_steps, "amortization gap", progress) as bar:
+        for step in range(num_steps):
+            # Linear decay to 0: Adam's normalized steps would otherwise keep the
+            # iterate bouncing at a distance ~lr around the optimum.
+            for group in optimizer.param_groups:
+                group["lr"] = lr * (1.0 - step / num_steps)
+            loss = objective.differentiable_loss(model_fn, local, x, mask=mask_sub)
+            if not torch.isfinite(loss):
+                raise RuntimeError(
+                    f"amortization_gap: the local-guide ELBO became non-finite at step "
+                    f"{step}; lower lr (now {lr})")
+            grads = torch.autograd.grad(loss, params)
+            for q, g in zip(params, grads):
+                q.grad = g
+            optimizer.step()
+            final_loss = float(loss.detach()) / x.shape[0]
+            bar.update(1)
+    return final_loss
+
+
+def _keep_the_better(model_fn, local, x, mask_sub, start_values, eval_particles: int) -> int:
+    """Per row, keep the better of the starting point and the optimized local guide, judged on
+    draws independent of those of the final estimate (no selection bias); returns how many
+    rows the optimization improved."""
+    params = local.parameters()
+    end_values = [q.detach().clone() for q in params]
+    elbo_end, _ = _elbo_per_row(model_fn, local, x, mask_sub, eval_particles)
+    for q, start in zip(params, start_values):
+        q.copy_(start)
+    elbo_start, _ = _elbo_per_row(model_fn, local, x, mask_sub, eval_particles)
+    keep_end = torch.as_tensor(elbo_end > elbo_start, device=x.device)
+    for q, start, end in zip(params, start_values, end_values):
+        q.copy_(torch.where(keep_end.reshape(-1, *([1] * (q.dim() - 1))), end, start))
+    return int(keep_end.sum())
 
 
 def amortization_gap(pair, data, *, num_steps: int = 300, lr: float = 0.05,
@@ -171,70 +239,14 @@ def amortization_gap(pair, data, *, num_steps: int = 300, lr: float = 0.05,
         x = prep.x[:max_rows]
         mask_sub = None if prep.mask is None else prep.mask[:max_rows]
         n = x.shape[0]
-        with torch.no_grad():
-            probe = trace_log_terms(prep.model_fn, prep.guide_fn, x, 1, mask_sub)
-            init = {}
-            for name in _guide_sites(probe):
-                site = probe.guide_trace.nodes[name]
-                event = site["fn"].event_shape
-                if not _has_real_support(site["fn"]):
-                    raise ValueError(
-                        f"amortization_gap fits Gaussian local guides, so every latent site must "
-                        f"be real-valued; site {name!r} has support {site['fn'].support}")
-                if covariance == "full" and len(event) > 1:
-                    raise ValueError(
-                        f"covariance='full' needs 1-D latent sites; site {name!r} has event shape "
-                        f"{tuple(event)} (use covariance='diag')")
-                mean, tril = _site_init(site["fn"], site["value"], event)
-                init[name] = (event, mean.detach(), tril.detach())
-        local = _LocalGaussianGuide(init, covariance)
+        local = _LocalGaussianGuide(_local_start(prep, x, mask_sub, covariance), covariance)
         params = local.parameters()
         start_values = [q.detach().clone() for q in params]
-        optimizer = torch.optim.Adam(params, lr=lr)
-        final_loss = float("nan")
-        # The model's parameters stay fixed: gradients are taken with torch.autograd.grad
-        # with respect to the local parameters only, so nothing accumulates in (or steps)
-        # the model's or the amortized guide's parameters. (Setting requires_grad=False on
-        # them instead would make pyro.module warn and skip them in the param store.)
-        with _progress(num_steps, "amortization gap", progress) as bar:
-            for step in range(num_steps):
-                # Linear decay to 0: Adam's normalized steps would otherwise keep the
-                # iterate bouncing at a distance ~lr around the optimum.
-                for group in optimizer.param_groups:
-                    group["lr"] = lr * (1.0 - step / num_steps)
-                terms = trace_log_terms(prep.model_fn, local, x, num_particles, mask_sub)
-                # sticking the landing: log q at the draws with the parameters detached
-                log_q = 0.0
-                for name in local.loc:
-                    value = terms.guide_trace.nodes[name]["value"]
-                    log_q = log_q + local.distribution(name, detach=True).log_prob(value)
-                elbo = (terms.log_lik + terms.log_prior - log_q).mean(0)
-                loss = -elbo.sum()
-                if not torch.isfinite(loss):
-                    raise RuntimeError(
-                        f"amortization_gap: the local-guide ELBO became non-finite at step "
-                        f"{step}; lower lr (now {lr})")
-                grads = torch.autograd.grad(loss, params)
-                for q, g in zip(params, grads):
-                    q.grad = g
-                optimizer.step()
-                final_loss = float(loss.detach()) / n
-                bar.update(1)
+        final_loss = _fit_local_guide(prep.model_fn, local, x, mask_sub, num_steps=num_steps,
+                                      lr=lr, num_particles=num_particles, progress=progress)
         with torch.no_grad():
-            if num_steps > 0:
-                # Per row, keep the better of the starting point and the optimized guide,
-                # judged on draws independent of those of the final estimate (no selection bias).
-                end_values = [q.detach().clone() for q in params]
-                elbo_end, _ = _elbo_per_row(prep.model_fn, local, x, mask_sub, eval_particles)
-                for q, start in zip(params, start_values):
-                    q.copy_(start)
-                elbo_start, _ = _elbo_per_row(prep.model_fn, local, x, mask_sub, eval_particles)
-                keep_end = torch.as_tensor(elbo_end > elbo_start, device=x.device)
-                for q, start, end in zip(params, start_values, end_values):
-                    q.copy_(torch.where(keep_end.reshape(-1, *([1] * (q.dim() - 1))), end, start))
-                rows_improved = int(keep_end.sum())
-            else:
-                rows_improved = 0
+            rows_improved = (_keep_the_better(prep.model_fn, local, x, mask_sub, start_values,
+                                              eval_particles) if num_steps > 0 else 0)
             elbo_a, se_a = _elbo_per_row(prep.model_fn, prep.guide_fn, x, mask_sub, eval_particles)
             elbo_l, se_l = _elbo_per_row(prep.model_fn, local, x, mask_sub, eval_particles)
     gap = elbo_l - elbo_a

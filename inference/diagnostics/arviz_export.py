@@ -79,6 +79,145 @@ def _collect_diagnostics(
     return importance, latent
 
 
+def _check_rows(rows, n: int) -> np.ndarray:
+    if rows is None:
+        rows = np.arange(min(20, n))
+    rows = np.asarray(rows)
+    if rows.ndim != 1 or len(rows) == 0 or not np.issubdtype(rows.dtype, np.integer):
+        raise ValueError(f"rows must be a non-empty 1-D sequence of integers, got {rows!r}")
+    if rows.min() < 0 or rows.max() >= n or len(np.unique(rows)) != len(rows):
+        raise ValueError(f"rows must be distinct indices in [0, {n}); got {rows.tolist()[:10]}")
+    return rows
+
+
+def _guide_draws(prep, rows: np.ndarray, num_draws: int) -> Dict[str, Any]:
+    """Guide draws (flattened per site), log-likelihood terms and log weights ``[draw, row]``
+    for the exported rows, drawn in chunks of the engine's budget."""
+    index = torch.as_tensor(rows, device=prep.device)
+    xs = prep.x[index]
+    ms = None if prep.mask is None else prep.mask[index]
+    width = max(xs.shape[1], engine.draw_width(prep.model_fn, prep.guide_fn, xs, ms, prep.pair))
+    _, particle_chunk = _chunk_sizes(len(rows), num_draws, width, len(rows), prep.device)
+    draws: Dict[str, List[torch.Tensor]] = {}
+    events: Dict[str, torch.Size] = {}
+    log_lik, log_w = [], []
+    remaining = num_draws
+    while remaining > 0:
+        k = min(particle_chunk, remaining)
+        terms = trace_log_terms(prep.model_fn, prep.guide_fn, xs, k, ms)
+        for name in _guide_sites(terms):
+            site = terms.guide_trace.nodes[name]
+            events[name] = site["fn"].event_shape
+            value = site["value"].expand(k, len(rows), *events[name])
+            draws.setdefault(name, []).append(_flatten_event(value, events[name]).double().cpu())
+        log_lik.append(terms.log_lik.double().cpu())
+        log_w.append(terms.log_weights.double().cpu())
+        remaining -= k
+    return {"draws": {name: torch.cat(parts).numpy() for name, parts in draws.items()},
+            "events": events, "log_lik": torch.cat(log_lik).numpy(),
+            "log_w": torch.cat(log_w).numpy(),
+            "obs_site": _observed_data_site(prep.model_fn, xs, ms),
+            "eps": torch.finfo(prep.x.dtype).eps, "feature_names": prep.feature_names,
+            "x_rows": xs.double().cpu().numpy(),
+            "mask_rows": None if ms is None else ms.cpu().numpy().astype(np.int8)}
+
+
+def _draw_groups(drawn: Dict[str, Any], rows: np.ndarray, num_draws: int,
+                 created: Dict[str, Any]) -> Dict[str, Any]:
+    """The ``posterior``, ``log_likelihood``, ``sample_stats``, ``observed_data`` (and
+    ``constant_data``) groups."""
+    import xarray as xr
+
+    row_coord = {"row": rows.astype(np.int64)}
+    sites = list(drawn["draws"])
+    posterior_vars, posterior_coords = {}, dict(row_coord)
+    for name in sites:
+        dim = "latent_dim" if len(sites) == 1 else f"{name}_dim"
+        posterior_coords[dim] = _latent_labels(name, drawn["events"][name])
+        posterior_vars[name] = (("chain", "draw", "row", dim), drawn["draws"][name][None])
+    chain_draw = {"chain": np.array([0]), "draw": np.arange(num_draws)}
+    posterior = xr.Dataset(posterior_vars, coords={**chain_draw, **posterior_coords}, attrs={
+        **created, "inference": "variational",
+        "description": "draws z_k ~ q(z | x_row) from the guide (variational posterior q(z|x)); "
+                       "not exact posterior draws",
+        "num_draws": num_draws})
+    log_likelihood = xr.Dataset(
+        {drawn["obs_site"]: (("chain", "draw", "row"), drawn["log_lik"][None])},
+        coords={**chain_draw, **row_coord}, attrs={
+            **created, "description": "log p(x_row | z_k) at the guide draws of the posterior "
+                                      "group (draws from q, not p(z|x): loo/waic do not apply)"})
+    sample_stats = xr.Dataset(
+        {"log_importance_weight": (("chain", "draw", "row"), drawn["log_w"][None])},
+        coords={**chain_draw, **row_coord}, attrs={
+            **created, "description": "log p(x_row, z_k) - log q(z_k | x_row)"})
+    feature_coords = {**row_coord, "feature": drawn["feature_names"]}
+    groups = {"posterior": posterior, "log_likelihood": log_likelihood,
+              "sample_stats": sample_stats,
+              "observed_data": xr.Dataset({drawn["obs_site"]: (("row", "feature"),
+                                                               drawn["x_rows"])},
+                                          coords=feature_coords, attrs=created)}
+    if drawn["mask_rows"] is not None:
+        groups["constant_data"] = xr.Dataset({"mask": (("row", "feature"), drawn["mask_rows"])},
+                                             coords=feature_coords,
+                                             attrs={**created, "description": "1 = observed"})
+    return groups
+
+
+def _log_px_vars(drawn, rows, num_draws, loglik, n: int, diag_vars, diag_attrs) -> None:
+    """Per-row ``log_px_estimate`` and ``log_px_se``: from ``loglik`` when given, else from
+    the exported draws."""
+    log_w_arr = drawn["log_w"]
+    if loglik is not None:
+        log_px, log_px_se = _loglik_per_row(loglik, rows, n)
+        diag_attrs["log_px_source"] = f"user-supplied ({type(loglik).__name__})"
+    else:
+        log_px = _logsumexp(log_w_arr, axis=0) - math.log(num_draws)
+        scaled = np.exp(log_w_arr - log_w_arr.max(0, keepdims=True))
+        log_px_se = (scaled.std(0, ddof=1) / (scaled.mean(0) * math.sqrt(num_draws))
+                     if num_draws > 1 else np.full(len(rows), np.nan))
+        diag_attrs["log_px_source"] = (f"importance sampling with the {num_draws} guide draws of "
+                                       f"the posterior group (an estimate, biased low)")
+    diag_vars["log_px_estimate"] = (("row",), np.asarray(log_px, dtype=float))
+    diag_vars["log_px_se"] = (("row",), np.asarray(log_px_se, dtype=float))
+
+
+def _khat_vars(drawn, rows, num_draws, importance, diag_vars, diag_attrs) -> None:
+    """Per-row k-hat and ESS: from ``importance`` when given, else PSIS on the exported draws
+    (from 25 draws on)."""
+    if importance is not None:
+        table = importance.per_row.set_index("row")
+        missing = sorted(set(rows.tolist()) - set(table.index.tolist()))
+        if missing:
+            raise ValueError(f"importance diagnostics lack rows {missing[:10]} that are exported")
+        selected = table.loc[rows]
+        for col in ("khat", "ess", "ess_fraction"):
+            diag_vars[col] = (("row",), selected[col].to_numpy(dtype=float))
+        diag_attrs.update(importance.to_dict())
+        diag_attrs["khat_source"] = f"importance_diagnostics with K = {importance.num_samples}"
+    elif num_draws >= 25:
+        own = _weight_summaries(drawn["log_w"].T.copy(), drawn["eps"], 0)
+        diag_vars["khat"] = (("row",), own["khat"])
+        diag_vars["ess"] = (("row",), own["ess"])
+        diag_vars["ess_fraction"] = (("row",), own["ess"] / num_draws)
+        diag_attrs["khat_source"] = f"PSIS on the {num_draws} exported draws per row"
+
+
+def _latent_vars(latent, diag_vars, diag_attrs, diag_coords) -> None:
+    per_dim = latent.per_dim
+    diag_coords["latent_dim"] = per_dim["latent_dim"].tolist()
+    for col in ("activity", "kl", "kl_se"):
+        diag_vars[col] = (("latent_dim",), per_dim[col].to_numpy(dtype=float))
+    for col in ("active", "collapsed"):
+        diag_vars[col] = (("latent_dim",), per_dim[col].to_numpy().astype(np.int8))
+    diag_attrs.update(latent.to_dict())
+    diag_attrs.update({"kl_total_method": latent.kl_total_method,
+                       "kl_methods": ",".join(sorted(set(per_dim["kl_method"]))),
+                       "mean_method": latent.mean_method,
+                       "posterior_collapse": latent.posterior_collapse,
+                       "activity_threshold": latent.threshold,
+                       "collapse_threshold": latent.collapse_threshold})
+
+
 def to_inference_data(pair, data, *, rows=None, num_draws: int = 200, loglik=None,
                       diagnostics=None, mask=None, device="auto", seed: int = 0, guide=None,
                       param_state=None):
@@ -130,128 +269,23 @@ def to_inference_data(pair, data, *, rows=None, num_draws: int = 200, loglik=Non
     importance, latent = _collect_diagnostics(diagnostics)
     with _prepare(pair, data, mask, device, guide=guide, param_state=param_state) as prep, \
             torch.no_grad(), _seeded(seed, prep.device):
-        n, p = prep.x.shape
-        if rows is None:
-            rows = np.arange(min(20, n))
-        rows = np.asarray(rows)
-        if rows.ndim != 1 or len(rows) == 0 or not np.issubdtype(rows.dtype, np.integer):
-            raise ValueError(f"rows must be a non-empty 1-D sequence of integers, got {rows!r}")
-        if rows.min() < 0 or rows.max() >= n or len(np.unique(rows)) != len(rows):
-            raise ValueError(f"rows must be distinct indices in [0, {n}); got {rows.tolist()[:10]}")
-        index = torch.as_tensor(rows, device=prep.device)
-        xs = prep.x[index]
-        ms = None if prep.mask is None else prep.mask[index]
-        obs_site = _observed_data_site(prep.model_fn, xs, ms)
-        width = max(p, engine.draw_width(prep.model_fn, prep.guide_fn, xs, ms, prep.pair))
-        _, particle_chunk = _chunk_sizes(len(rows), num_draws, width, len(rows), prep.device)
-        draws: Dict[str, List[torch.Tensor]] = {}
-        events: Dict[str, torch.Size] = {}
-        log_lik, log_w = [], []
-        remaining = num_draws
-        while remaining > 0:
-            k = min(particle_chunk, remaining)
-            terms = trace_log_terms(prep.model_fn, prep.guide_fn, xs, k, ms)
-            for name in _guide_sites(terms):
-                site = terms.guide_trace.nodes[name]
-                events[name] = site["fn"].event_shape
-                value = site["value"].expand(k, len(rows), *events[name])
-                flat = _flatten_event(value, events[name]).double().cpu()
-                draws.setdefault(name, []).append(flat)
-            log_lik.append(terms.log_lik.double().cpu())
-            log_w.append(terms.log_weights.double().cpu())
-            remaining -= k
-        eps = torch.finfo(prep.x.dtype).eps
-        feature_names = prep.feature_names
-        x_rows = xs.double().cpu().numpy()
-        mask_rows = None if ms is None else ms.cpu().numpy().astype(np.int8)
-    log_lik_arr = torch.cat(log_lik).numpy()
-    log_w_arr = torch.cat(log_w).numpy()
+        n = prep.x.shape[0]
+        rows = _check_rows(rows, n)
+        drawn = _guide_draws(prep, rows, num_draws)
     if latent is None and diagnostics is None:
         latent = latent_usage(pair, data, mask=mask, device=device, seed=seed, guide=guide,
                               progress=False, param_state=param_state) if n >= 2 else None
-
-    row_coord = {"row": rows.astype(np.int64)}
-    sites = list(draws)
-    posterior_vars, posterior_coords = {}, dict(row_coord)
-    for name in sites:
-        dim = "latent_dim" if len(sites) == 1 else f"{name}_dim"
-        posterior_coords[dim] = _latent_labels(name, events[name])
-        posterior_vars[name] = (("chain", "draw", "row", dim), torch.cat(draws[name]).numpy()[None])
-    chain_draw = {"chain": np.array([0]), "draw": np.arange(num_draws)}
     created = {"created_by": "pyro-lvm inference.diagnostics.to_inference_data",
                "pyro_version": str(pyro.__version__), "torch_version": str(torch.__version__),
                "seed": int(seed)}
-    posterior = xr.Dataset(posterior_vars, coords={**chain_draw, **posterior_coords}, attrs={
-        **created, "inference": "variational",
-        "description": "draws z_k ~ q(z | x_row) from the guide (variational posterior q(z|x)); "
-                       "not exact posterior draws",
-        "num_draws": num_draws})
-    log_likelihood = xr.Dataset(
-        {obs_site: (("chain", "draw", "row"), log_lik_arr[None])},
-        coords={**chain_draw, **row_coord}, attrs={
-            **created, "description": "log p(x_row | z_k) at the guide draws of the posterior "
-                                      "group (draws from q, not p(z|x): loo/waic do not apply)"})
-    sample_stats = xr.Dataset(
-        {"log_importance_weight": (("chain", "draw", "row"), log_w_arr[None])},
-        coords={**chain_draw, **row_coord}, attrs={
-            **created, "description": "log p(x_row, z_k) - log q(z_k | x_row)"})
-    observed_data = xr.Dataset({obs_site: (("row", "feature"), x_rows)},
-                               coords={**row_coord, "feature": feature_names}, attrs=created)
-    groups = {"posterior": posterior, "log_likelihood": log_likelihood,
-              "sample_stats": sample_stats, "observed_data": observed_data}
-    if mask_rows is not None:
-        groups["constant_data"] = xr.Dataset({"mask": (("row", "feature"), mask_rows)},
-                                             coords={**row_coord, "feature": feature_names},
-                                             attrs={**created, "description": "1 = observed"})
-
-    # per-row diagnostics
-    own = _weight_summaries(log_w_arr.T.copy(), eps, 0) if num_draws >= 25 else None
+    groups = _draw_groups(drawn, rows, num_draws, created)
     diag_vars: Dict[str, Any] = {}
     diag_attrs: Dict[str, Any] = {**created}
-    if loglik is not None:
-        log_px, log_px_se = _loglik_per_row(loglik, rows, n)
-        diag_attrs["log_px_source"] = f"user-supplied ({type(loglik).__name__})"
-    else:
-        lse = _logsumexp(log_w_arr, axis=0)
-        log_px = lse - math.log(num_draws)
-        scaled = np.exp(log_w_arr - log_w_arr.max(0, keepdims=True))
-        log_px_se = (scaled.std(0, ddof=1) / (scaled.mean(0) * math.sqrt(num_draws))
-                     if num_draws > 1 else np.full(len(rows), np.nan))
-        diag_attrs["log_px_source"] = (f"importance sampling with the {num_draws} guide draws of "
-                                       f"the posterior group (an estimate, biased low)")
-    diag_vars["log_px_estimate"] = (("row",), np.asarray(log_px, dtype=float))
-    diag_vars["log_px_se"] = (("row",), np.asarray(log_px_se, dtype=float))
-    if importance is not None:
-        table = importance.per_row.set_index("row")
-        missing = sorted(set(rows.tolist()) - set(table.index.tolist()))
-        if missing:
-            raise ValueError(f"importance diagnostics lack rows {missing[:10]} that are exported")
-        selected = table.loc[rows]
-        for col in ("khat", "ess", "ess_fraction"):
-            diag_vars[col] = (("row",), selected[col].to_numpy(dtype=float))
-        diag_attrs.update(importance.to_dict())
-        diag_attrs["khat_source"] = f"importance_diagnostics with K = {importance.num_samples}"
-    elif own is not None:
-        diag_vars["khat"] = (("row",), own["khat"])
-        diag_vars["ess"] = (("row",), own["ess"])
-        diag_vars["ess_fraction"] = (("row",), own["ess"] / num_draws)
-        diag_attrs["khat_source"] = f"PSIS on the {num_draws} exported draws per row"
-    diag_coords: Dict[str, Any] = dict(row_coord)
+    diag_coords: Dict[str, Any] = {"row": rows.astype(np.int64)}
+    _log_px_vars(drawn, rows, num_draws, loglik, n, diag_vars, diag_attrs)
+    _khat_vars(drawn, rows, num_draws, importance, diag_vars, diag_attrs)
     if latent is not None:
-        per_dim = latent.per_dim
-        diag_coords["latent_dim"] = per_dim["latent_dim"].tolist()
-        diag_vars["activity"] = (("latent_dim",), per_dim["activity"].to_numpy(dtype=float))
-        diag_vars["active"] = (("latent_dim",), per_dim["active"].to_numpy().astype(np.int8))
-        diag_vars["kl"] = (("latent_dim",), per_dim["kl"].to_numpy(dtype=float))
-        diag_vars["kl_se"] = (("latent_dim",), per_dim["kl_se"].to_numpy(dtype=float))
-        diag_vars["collapsed"] = (("latent_dim",), per_dim["collapsed"].to_numpy().astype(np.int8))
-        diag_attrs.update(latent.to_dict())
-        diag_attrs.update({"kl_total_method": latent.kl_total_method,
-                           "kl_methods": ",".join(sorted(set(per_dim["kl_method"]))),
-                           "mean_method": latent.mean_method,
-                           "posterior_collapse": latent.posterior_collapse,
-                           "activity_threshold": latent.threshold,
-                           "collapse_threshold": latent.collapse_threshold})
+        _latent_vars(latent, diag_vars, diag_attrs, diag_coords)
     groups["diagnostics"] = xr.Dataset(diag_vars, coords=diag_coords, attrs={
         key: _netcdf_attr(value) for key, value in diag_attrs.items()})
     for ds in groups.values():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple, List
 
 import numpy as np
 import pandas as pd
@@ -16,6 +16,7 @@ from torch.distributions import kl_divergence
 
 from pyro_lvm.inference.objectives import trace_log_terms
 from pyro_lvm.inference import engine
+from pyro_lvm.inference.kl import closed_form_kl
 from pyro_lvm.inference.diagnostics._common import (_check_int, _check_positive, _chunk_sizes, _flatten_event, _guide_sites, _latent_labels, _prepare, _progress, _seeded)
 
 
@@ -52,30 +53,6 @@ def _marginals(fn, event_shape: torch.Size):
             return dist.MixtureSameFamily(dist.Categorical(logits=logits),
                                           dist.Normal(loc, scale)), False
     return None, False
-
-
-def _as_multivariate_normal(fn):
-    """A factorized Normal (``Independent(Normal)``, one event dim) as a MultivariateNormal."""
-    if isinstance(fn, torch.distributions.MultivariateNormal):
-        return fn
-    base, reinterpreted = _unwrap_independent(fn)
-    if (isinstance(base, torch.distributions.Normal) and reinterpreted == 1
-            and len(fn.event_shape) == 1):
-        return dist.MultivariateNormal(base.loc, scale_tril=torch.diag_embed(base.scale))
-    return None
-
-
-def _analytic_kl(q, p) -> Optional[torch.Tensor]:
-    """KL(q || p) in closed form, or None. Besides PyTorch's registry, a full-covariance
-    Normal against a factorized Normal (either way round) is handled as MVN vs MVN."""
-    try:
-        return kl_divergence(q, p)
-    except NotImplementedError:
-        pass
-    q_mvn, p_mvn = _as_multivariate_normal(q), _as_multivariate_normal(p)
-    if q_mvn is not None and p_mvn is not None:
-        return kl_divergence(q_mvn, p_mvn)
-    return None
 
 
 @dataclass
@@ -180,6 +157,160 @@ def _encode_means(pair, xb: torch.Tensor, total_dim: int) -> Optional[torch.Tens
     return loc
 
 
+def _needs_monte_carlo(probe, sites: List[str]) -> bool:
+    """Whether a guide mean or a KL (total or per dimension) of a one-particle probe has no
+    closed form, so that Monte Carlo draws are needed."""
+    needs_mc = False
+    for name in sites:
+        gfn = probe.guide_trace.nodes[name]["fn"]
+        psite = probe.model_trace.nodes.get(name)
+        if psite is None:
+            raise ValueError(f"latent site {name!r} of the guide is not sampled in the model")
+        try:
+            needs_mc |= not bool(torch.isfinite(gfn.mean).all())
+        except NotImplementedError:
+            needs_mc = True
+        if closed_form_kl(gfn, psite["fn"]) is None:
+            needs_mc = True
+        q_marg, _ = _marginals(gfn, gfn.event_shape)
+        p_marg, _ = _marginals(psite["fn"], gfn.event_shape)
+        if q_marg is not None and p_marg is not None:
+            try:
+                kl_divergence(q_marg, p_marg)
+            except NotImplementedError:
+                needs_mc = True
+    return needs_mc
+
+
+def _site_mean(gfn, value: torch.Tensor) -> Tuple[torch.Tensor, bool]:
+    """The guide's mean ``[B, *event]`` at a site, or the Monte Carlo mean of its draws (second
+    value True) when the distribution has none."""
+    try:
+        site_mean = gfn.mean.expand(value.shape).mean(0)
+    except NotImplementedError:
+        site_mean = None
+    # some distributions return NaN instead of raising (e.g. Categorical)
+    if site_mean is None or not bool(torch.isfinite(site_mean).all()):
+        return value.to(torch.get_default_dtype()).mean(0), True
+    return site_mean, False
+
+
+def _site_total_kl(gfn, pfn, value: torch.Tensor, num_samples: int):
+    """KL(q || p) of one site per row ``[B]``, its Monte Carlo variance, and the method."""
+    kl_site = closed_form_kl(gfn, pfn)
+    if kl_site is not None:
+        kl_site = kl_site.expand(value.shape[:2])
+        variance = kl_site.var(0) / num_samples if num_samples > 1 else 0.0
+        return kl_site.mean(0), variance, "analytic"
+    diff = gfn.log_prob(value) - pfn.log_prob(value)
+    variance = (diff.var(0) / num_samples if num_samples > 1
+                else torch.full_like(diff[0], float("nan")))
+    return diff.mean(0), variance, "mc"
+
+
+def _site_kl_per_dim(gfn, pfn, value: torch.Tensor) -> Tuple[torch.Tensor, str]:
+    """KL per latent coordinate ``[K, B, width]`` of one site (exact for factorized guide and
+    prior, else between the one-dimensional marginals), and the method."""
+    event = gfn.event_shape
+    q_marg, q_fact = _marginals(gfn, event)
+    p_marg, p_fact = _marginals(pfn, event)
+    suffix = "" if (q_fact and p_fact) else "-marginal"
+    width = int(np.prod(event)) if len(event) else 1
+    if q_marg is None or p_marg is None:
+        return torch.full((*value.shape[:2], width), float("nan"), dtype=value.dtype,
+                          device=value.device), "unavailable"
+    try:
+        per_dim, method = kl_divergence(q_marg, p_marg), "analytic" + suffix
+    except NotImplementedError:
+        per_dim, method = q_marg.log_prob(value) - p_marg.log_prob(value), "mc" + suffix
+    return _flatten_event(per_dim.expand(value.shape), event), method
+
+
+class _UsageAccumulator:
+    """Sums over row batches of what :func:`latent_usage` reports."""
+
+    def __init__(self, sites: List[str], num_samples: int, pair, has_mask: bool):
+        self.sites, self.num_samples, self.pair, self.has_mask = sites, num_samples, pair, has_mask
+        self.means, self.kl_rows, self.kl_rows_var = [], [], []
+        self.kl_dim_sum: Dict[str, torch.Tensor] = {}
+        self.kl_dim_var: Dict[str, torch.Tensor] = {}
+        self.dim_method: Dict[str, str] = {}
+        self.event_shapes: Dict[str, torch.Size] = {}
+        self.total_methods, self.mean_methods = set(), set()
+
+    def add(self, terms, xb: torch.Tensor) -> None:
+        batch_means, kl_row, kl_row_var, batch_mc_mean = [], 0.0, 0.0, False
+        for name in self.sites:
+            gsite, psite = terms.guide_trace.nodes[name], terms.model_trace.nodes[name]
+            gfn, pfn, value = gsite["fn"], psite["fn"], gsite["value"]
+            self.event_shapes[name] = gfn.event_shape
+            site_mean, monte_carlo = _site_mean(gfn, value)
+            batch_mc_mean |= monte_carlo
+            batch_means.append(_flatten_event(site_mean, gfn.event_shape))
+            kl, kl_var, method = _site_total_kl(gfn, pfn, value, self.num_samples)
+            kl_row, kl_row_var = kl_row + kl, kl_row_var + kl_var
+            self.total_methods.add(method)
+            self._add_per_dim(name, *_site_kl_per_dim(gfn, pfn, value))
+        self.means.append(self._batch_means(torch.cat(batch_means, dim=-1), batch_mc_mean, xb))
+        self.kl_rows.append(torch.as_tensor(kl_row).double().cpu().expand(xb.shape[0]))
+        self.kl_rows_var.append(torch.as_tensor(kl_row_var).double().cpu().expand(xb.shape[0]))
+
+    def _add_per_dim(self, name: str, per_dim: torch.Tensor, method: str) -> None:
+        self.dim_method[name] = method
+        per_dim_row = per_dim.mean(0)  # [B, width]
+        if name not in self.kl_dim_sum:
+            width = per_dim_row.shape[-1]
+            self.kl_dim_sum[name] = per_dim_row.new_zeros(width, dtype=torch.float64)
+            self.kl_dim_var[name] = per_dim_row.new_zeros(width, dtype=torch.float64)
+        self.kl_dim_sum[name] += per_dim_row.double().sum(0)
+        if method.startswith("mc") and self.num_samples > 1:
+            self.kl_dim_var[name] += (per_dim.double().var(0) / self.num_samples).sum(0)
+        elif method.startswith("mc"):
+            self.kl_dim_var[name] += float("nan")
+
+    def _batch_means(self, flat_means: torch.Tensor, monte_carlo: bool,
+                     xb: torch.Tensor) -> torch.Tensor:
+        if not monte_carlo:
+            self.mean_methods.add("guide_mean")
+            return flat_means.double().cpu()
+        # no analytic guide mean: the pair's encoder is exact where it exists
+        encoded = None if self.has_mask else _encode_means(self.pair, xb, flat_means.shape[-1])
+        if encoded is not None:
+            self.mean_methods.add("encode")
+            return encoded.double().cpu()
+        self.mean_methods.add("monte_carlo")
+        return flat_means.double().cpu()
+
+    def result(self, threshold: float, collapse_threshold: float) -> LatentUsage:
+        posterior_means = torch.cat(self.means).numpy()
+        n = posterior_means.shape[0]
+        activity = posterior_means.var(axis=0, ddof=1)
+        labels, site_col, kl_col, kl_se_col, method_col = [], [], [], [], []
+        for name in self.sites:
+            labels += _latent_labels(name, self.event_shapes[name])
+            width = self.kl_dim_sum[name].numel()
+            site_col += [name] * width
+            kl_col.append((self.kl_dim_sum[name] / n).numpy())
+            kl_se_col.append((self.kl_dim_var[name].sqrt() / n).numpy())
+            method_col += [self.dim_method[name]] * width
+        kl_dim = np.concatenate(kl_col)
+        per_dim = pd.DataFrame({"latent_dim": labels, "site": site_col, "activity": activity,
+                                "active": activity > threshold, "kl": kl_dim,
+                                "kl_se": np.concatenate(kl_se_col), "kl_method": method_col})
+        with np.errstate(invalid="ignore"):
+            per_dim["collapsed"] = kl_dim < collapse_threshold
+        kl_per_row = torch.cat(self.kl_rows).numpy()
+        kl_var = torch.cat(self.kl_rows_var).numpy()
+        return LatentUsage(
+            per_dim=per_dim, kl_per_row=kl_per_row, kl_total=float(kl_per_row.mean()),
+            kl_total_mc_se=float(np.sqrt(kl_var.sum()) / n),
+            kl_total_data_se=float(kl_per_row.std(ddof=1) / math.sqrt(n)),
+            kl_total_method="mixed" if len(self.total_methods) > 1 else self.total_methods.pop(),
+            mean_method=(self.mean_methods.pop() if len(self.mean_methods) == 1 else "mixed"),
+            posterior_means=posterior_means, threshold=threshold,
+            collapse_threshold=collapse_threshold, num_samples=self.num_samples)
+
+
 def latent_usage(pair, data, *, threshold: float = 0.01, collapse_threshold: float = 0.01,
                  num_samples: Optional[int] = None, mask=None, device="auto", seed: int = 0,
                  batch_size: Optional[int] = None, progress: Optional[bool] = None,
@@ -240,161 +371,17 @@ def latent_usage(pair, data, *, threshold: float = 0.01, collapse_threshold: flo
         probe = trace_log_terms(prep.model_fn, prep.guide_fn, x[:2],
                                 1, None if prep.mask is None else prep.mask[:2])
         sites = _guide_sites(probe)
-        needs_mc = False
-        for name in sites:
-            gfn = probe.guide_trace.nodes[name]["fn"]
-            psite = probe.model_trace.nodes.get(name)
-            if psite is None:
-                raise ValueError(f"latent site {name!r} of the guide is not sampled in the model")
-            event = gfn.event_shape
-            try:
-                needs_mc |= not bool(torch.isfinite(gfn.mean).all())
-            except NotImplementedError:
-                needs_mc = True
-            if _analytic_kl(gfn, psite["fn"]) is None:
-                needs_mc = True
-            q_marg, q_fact = _marginals(gfn, event)
-            p_marg, p_fact = _marginals(psite["fn"], event)
-            if q_marg is not None and p_marg is not None:
-                try:
-                    kl_divergence(q_marg, p_marg)
-                except NotImplementedError:
-                    needs_mc = True
         if num_samples is None:
-            num_samples = 100 if needs_mc else 1
-
+            num_samples = 100 if _needs_monte_carlo(probe, sites) else 1
         width = engine.draw_width(prep.model_fn, prep.guide_fn, x, prep.mask, prep.pair)
         rows_per_batch, _ = _chunk_sizes(n, num_samples, width, batch_size, prep.device)
-        means, kl_rows, kl_rows_var = [], [], []
-        kl_dim_sum: Dict[str, torch.Tensor] = {}
-        kl_dim_var: Dict[str, torch.Tensor] = {}
-        dim_method: Dict[str, str] = {}
-        total_methods = set()
-        mean_methods = set()
-        event_shapes: Dict[str, torch.Size] = {}
+        usage = _UsageAccumulator(sites, num_samples, prep.pair, prep.mask is not None)
         starts = range(0, n, rows_per_batch)
         with _progress(len(starts), "latent usage", progress) as bar:
             for start in starts:
                 rows = slice(start, min(n, start + rows_per_batch))
-                xb = x[rows]
                 mb = None if prep.mask is None else prep.mask[rows]
-                terms = trace_log_terms(prep.model_fn, prep.guide_fn, xb, num_samples, mb)
-                batch_means, kl_row, kl_row_var = [], 0.0, 0.0
-                batch_mc_mean = False
-                for name in sites:
-                    gsite = terms.guide_trace.nodes[name]
-                    psite = terms.model_trace.nodes[name]
-                    gfn, pfn, value = gsite["fn"], psite["fn"], gsite["value"]
-                    event = gfn.event_shape
-                    event_shapes[name] = event
-                    try:
-                        site_mean = gfn.mean.expand(value.shape).mean(0)
-                    except NotImplementedError:
-                        site_mean = None
-                    # some distributions return NaN instead of raising (e.g. Categorical)
-                    if site_mean is None or not bool(torch.isfinite(site_mean).all()):
-                        site_mean = value.to(torch.get_default_dtype()).mean(0)
-                        batch_mc_mean = True
-                    batch_means.append(_flatten_event(site_mean, event))
-
-                    # total KL for this site, per row
-                    kl_site = _analytic_kl(gfn, pfn)
-                    if kl_site is not None:
-                        kl_site = kl_site.expand(value.shape[:2])
-                        kl_row = kl_row + kl_site.mean(0)
-                        if num_samples > 1:
-                            kl_row_var = kl_row_var + kl_site.var(0) / num_samples
-                        total_methods.add("analytic")
-                    else:
-                        diff = gfn.log_prob(value) - pfn.log_prob(value)
-                        kl_row = kl_row + diff.mean(0)
-                        kl_row_var = kl_row_var + (diff.var(0) / num_samples if num_samples > 1
-                                                   else torch.full_like(diff[0], float("nan")))
-                        total_methods.add("mc")
-
-                    # KL per dimension
-                    q_marg, q_fact = _marginals(gfn, event)
-                    p_marg, p_fact = _marginals(pfn, event)
-                    suffix = "" if (q_fact and p_fact) else "-marginal"
-                    width = int(np.prod(event)) if len(event) else 1
-                    if q_marg is None or p_marg is None:
-                        per_dim = torch.full((num_samples, xb.shape[0], width), float("nan"),
-                                             dtype=value.dtype, device=value.device)
-                        method = "unavailable"
-                    else:
-                        try:
-                            per_dim = kl_divergence(q_marg, p_marg)
-                            method = "analytic" + suffix
-                        except NotImplementedError:
-                            per_dim = q_marg.log_prob(value) - p_marg.log_prob(value)
-                            method = "mc" + suffix
-                        per_dim = _flatten_event(per_dim.expand(value.shape), event)
-                    dim_method[name] = method
-                    per_dim_row = per_dim.mean(0)  # [B, width]
-                    if name not in kl_dim_sum:
-                        kl_dim_sum[name] = per_dim_row.new_zeros(width, dtype=torch.float64)
-                        kl_dim_var[name] = per_dim_row.new_zeros(width, dtype=torch.float64)
-                    kl_dim_sum[name] += per_dim_row.double().sum(0)
-                    if method.startswith("mc") and num_samples > 1:
-                        kl_dim_var[name] += (per_dim.double().var(0) / num_samples).sum(0)
-                    elif method.startswith("mc"):
-                        kl_dim_var[name] += float("nan")
-
-                flat_means = torch.cat(batch_means, dim=-1)
-                if batch_mc_mean:
-                    # no analytic guide mean: the pair's encoder is exact where it exists
-                    encoded = (_encode_means(prep.pair, xb, flat_means.shape[-1])
-                               if prep.mask is None else None)
-                    if encoded is not None:
-                        flat_means = encoded
-                        mean_methods.add("encode")
-                    else:
-                        mean_methods.add("monte_carlo")
-                else:
-                    mean_methods.add("guide_mean")
-                means.append(flat_means.double().cpu())
-                kl_rows.append(torch.as_tensor(kl_row).double().cpu().expand(xb.shape[0]))
-                kl_rows_var.append(torch.as_tensor(kl_row_var).double().cpu().expand(xb.shape[0]))
+                usage.add(trace_log_terms(prep.model_fn, prep.guide_fn, x[rows], num_samples, mb),
+                          x[rows])
                 bar.update(1)
-
-    posterior_means = torch.cat(means).numpy()
-    mean_method = mean_methods.pop() if len(mean_methods) == 1 else "mixed"
-    activity = posterior_means.var(axis=0, ddof=1)
-    labels, site_col, kl_col, kl_se_col, method_col = [], [], [], [], []
-    for name in sites:
-        labels += _latent_labels(name, event_shapes[name])
-        width = kl_dim_sum[name].numel()
-        site_col += [name] * width
-        kl_col.append((kl_dim_sum[name] / n).numpy())
-        kl_se_col.append((kl_dim_var[name].sqrt() / n).numpy())
-        method_col += [dim_method[name]] * width
-    kl_dim = np.concatenate(kl_col)
-    per_dim = pd.DataFrame({
-        "latent_dim": labels,
-        "site": site_col,
-        "activity": activity,
-        "active": activity > threshold,
-        "kl": kl_dim,
-        "kl_se": np.concatenate(kl_se_col),
-        "kl_method": method_col,
-    })
-    with np.errstate(invalid="ignore"):
-        per_dim["collapsed"] = kl_dim < collapse_threshold
-    kl_per_row = torch.cat(kl_rows).numpy()
-    kl_var = torch.cat(kl_rows_var).numpy()
-    total_method = "mixed" if len(total_methods) > 1 else total_methods.pop()
-    return LatentUsage(
-        per_dim=per_dim,
-        kl_per_row=kl_per_row,
-        kl_total=float(kl_per_row.mean()),
-        kl_total_mc_se=float(np.sqrt(kl_var.sum()) / n),
-        kl_total_data_se=float(kl_per_row.std(ddof=1) / math.sqrt(n)),
-        kl_total_method=total_method,
-        mean_method=mean_method,
-        posterior_means=posterior_means,
-        threshold=threshold,
-        collapse_threshold=collapse_threshold,
-        num_samples=num_samples,
-    )
-
-
+    return usage.result(threshold, collapse_threshold)

@@ -136,6 +136,31 @@ class _StatisticPlan:
         return out
 
 
+def _tail_probabilities(observed, replicated, extreme: float) -> pd.DataFrame:
+    """One row per statistic and feature: observed value, replicated mean and sd, z-score and
+    the tail probabilities of the observed value among the replicates."""
+    frames = []
+    for name, (labels, obs_values) in observed.items():
+        obs = obs_values[0].cpu().numpy()
+        reps = torch.cat(replicated[name]).numpy()
+        with np.errstate(invalid="ignore", divide="ignore"):
+            rep_mean = reps.mean(0)
+            rep_sd = reps.std(0, ddof=1)
+            z = (obs - rep_mean) / rep_sd
+            p_upper = (reps >= obs).mean(0)
+            p_lower = (reps <= obs).mean(0)
+        undefined = ~np.isfinite(obs) | ~np.isfinite(reps).all(0)
+        p_upper = np.where(undefined, np.nan, p_upper)
+        p_two = np.where(undefined, np.nan, np.minimum(1.0, 2.0 * np.minimum(p_upper, p_lower)))
+        frames.append(pd.DataFrame({
+            "statistic": name, "feature": labels, "observed": obs,
+            "replicated_mean": rep_mean, "replicated_sd": rep_sd, "z_score": z,
+            "p_value": p_upper, "p_two_sided": p_two,
+            "extreme": np.nan_to_num(p_two, nan=1.0) < extreme,
+        }))
+    return pd.concat(frames, ignore_index=True)
+
+
 def posterior_predictive_check(pair, data, *, kind: str = "prior", num_replicates: int = 100,
                                statistics: Sequence[Union[str, Callable]] = ("mean", "variance",
                                                                              "correlation"),
@@ -238,26 +263,7 @@ def posterior_predictive_check(pair, data, *, kind: str = "prior", num_replicate
                 done += r
                 bar.update(1)
 
-    frames = []
-    for name, (labels, obs_values) in observed.items():
-        obs = obs_values[0].cpu().numpy()
-        reps = torch.cat(replicated[name]).numpy()
-        with np.errstate(invalid="ignore", divide="ignore"):
-            rep_mean = reps.mean(0)
-            rep_sd = reps.std(0, ddof=1)
-            z = (obs - rep_mean) / rep_sd
-            p_upper = (reps >= obs).mean(0)
-            p_lower = (reps <= obs).mean(0)
-        undefined = ~np.isfinite(obs) | ~np.isfinite(reps).all(0)
-        p_upper = np.where(undefined, np.nan, p_upper)
-        p_two = np.where(undefined, np.nan, np.minimum(1.0, 2.0 * np.minimum(p_upper, p_lower)))
-        frames.append(pd.DataFrame({
-            "statistic": name, "feature": labels, "observed": obs,
-            "replicated_mean": rep_mean, "replicated_sd": rep_sd, "z_score": z,
-            "p_value": p_upper, "p_two_sided": p_two,
-            "extreme": np.nan_to_num(p_two, nan=1.0) < extreme,
-        }))
-    table = pd.concat(frames, ignore_index=True)
+    table = _tail_probabilities(observed, replicated, extreme)
     table.attrs.update({
         "kind": kind, "num_replicates": num_replicates, "observed_site": site,
         "extreme": float(extreme),

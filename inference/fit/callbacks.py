@@ -10,6 +10,7 @@ import math
 import numbers
 from typing import Iterable, List
 
+from pyro_lvm.inference.engine import check_int
 from pyro_lvm.inference.fit.state import FitState, StopFit
 
 __all__ = ["HOOKS", "check_callbacks", "EarlyStopping", "KLWarmup", "linear_warmup"]
@@ -60,8 +61,7 @@ class EarlyStopping:
 
     def __init__(self, patience: int = 5, min_delta: float = 0.0,
                  monitor: str = "valid_objective", mode: str = "max", restore_best: bool = True):
-        if not isinstance(patience, numbers.Integral) or isinstance(patience, bool) or patience < 1:
-            raise ValueError(f"patience must be a positive integer, got {patience!r}")
+        check_int(patience, "patience", 1)
         if not isinstance(min_delta, numbers.Real) or not min_delta >= 0:
             raise ValueError(f"min_delta must be a non-negative number, got {min_delta!r}")
         if mode not in ("max", "min"):
@@ -166,10 +166,7 @@ class KLWarmup:
     def __init__(self, epochs, start_epoch: int = 0):
         if isinstance(epochs, bool) or not isinstance(epochs, numbers.Real) or not epochs > 0:
             raise ValueError(f"KLWarmup: epochs must be a positive number, got {epochs!r}")
-        if isinstance(start_epoch, bool) or not isinstance(start_epoch, numbers.Integral) \
-                or start_epoch < 0:
-            raise ValueError(f"KLWarmup: start_epoch must be an integer >= 0, got "
-                             f"{start_epoch!r}")
+        check_int(start_epoch, "KLWarmup: start_epoch", 0)
         self.epochs = epochs
         self.start_epoch = int(start_epoch)
 
