@@ -3,7 +3,7 @@
 Both sides evaluate the same Bernoulli DLVM (``DLVM(784, 50, hidden=(200, 200))``) on the same
 binarized-MNIST test rows with the same chunking (rows x particles per vectorized pass):
 
-* **ours**: :func:`inference.evaluate.log_likelihood` (the DLVM's Pyro-free log-weight path,
+* **ours**: :func:`inference.evaluate.log_likelihood` (the DLVM's log weights as every pair's,
   streaming log-sum-exp, standard errors, ESS, ELBO moments);
 * **hand-written**: the encoder/decoder weights copied into plain tensors and the IWAE log
   weights written out with ``torch.nn.functional`` and ``torch.distributions``:

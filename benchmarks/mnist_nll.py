@@ -103,9 +103,6 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--batch-size", type=int, default=100)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--adam-eps", type=float, default=1e-4, help="Adam epsilon (Burda: 1e-4)")
-    ap.add_argument("--compile", action="store_true",
-                    help="objective(..., compile=True): torch.compile the DLVM's log weights "
-                         "(seconds to compile; faster steps with many particles)")
     ap.add_argument("--lr-schedule", default="constant",
                     choices=["constant", "burda", "exponential"],
                     help="burda: 3^i epochs at lr*10^(-i/7), i=0..7; exponential: lr * "
@@ -329,11 +326,9 @@ def main(args=None) -> dict:
     if args.prior == "vamp":
         model.init_from_data(data["train"])
     if args.objective == "elbo":
-        objective = ELBO(num_particles=args.num_particles, gradient=args.gradient,
-                         compile=args.compile)
+        objective = ELBO(num_particles=args.num_particles, gradient=args.gradient)
     else:
-        objective = IWAE(num_particles=args.num_particles, gradient=args.gradient,
-                         compile=args.compile)
+        objective = IWAE(num_particles=args.num_particles, gradient=args.gradient)
 
     callbacks = [LearningRateSchedule(args)]
     if args.warmup_epochs:

@@ -1,44 +1,43 @@
-"""Training throughput of ``inference.fit`` against a hand-written PyTorch training loop.
+"""Training throughput of ``fit`` against a hand-written PyTorch loop, Pyro's own SVI and
+pythae, on one network, in one process.
 
-Same network, objective, minibatches, optimizer and device on both sides, one process:
+Same 784-300-300-40 ReLU Bernoulli VAE (``--architecture``), same weights, minibatches (100
+rows), optimizer (Adam, lr 1e-3) and device on every side:
 
-* **fit**: ``inference.fit.fit(DLVM, rows, objective=..., epochs=1, batch_size=B)`` -- the
-  library as a user calls it (the objectives of ``inference.objectives`` on the DLVM's
-  Pyro-free path, fit's NaN guard, history and callbacks, and fit's default optimizer, Adam
-  with torch's fused kernel); **fit+compile**: the same with ``objective(..., compile=True)``;
-* **loop**: the same (eager) objective object (``objective.differentiable_loss(model.model,
-  model.guide, xb, num_data=N)``) in a bare ``zero_grad / backward / Adam.step`` loop with
-  torch's default Adam, which separates the cost of the objectives from that of ``fit``;
-* **hand**: :class:`common.MirrorVAE`, the DLVM written out in ``torch.nn.functional``
-  (weights copied from the DLVM), the bound computed by hand, DReG with the usual one-backward
-  hook on ``z``, and ``torch.optim.Adam`` as one writes it (``Adam(params, lr)``, torch's
-  default implementation on the CPU). **hand+fused** is the same loop with
-  ``Adam(..., fused=True)``, shown so that the part of the difference that comes from the
-  optimizer kernel is visible.
+* **fit (DLVM)**: ``pyro_lvm.fit(DLVM, rows, objective=...)`` as a user calls it;
+* **fit (user pair)**: the same call on :class:`UserVAE`, the network written as a user writes
+  a Pyro pair: an ``nn.Module`` whose ``model`` / ``guide`` call ``pyro.module`` and build
+  ``dist.Normal`` / ``dist.Bernoulli`` inside ``pyro.plate("data")``;
+* **Pyro SVI**: ``pyro.infer.SVI(user.model, user.guide, pyro.optim.Adam, loss)`` with
+  ``Trace_ELBO()`` for the ELBO and ``RenyiELBO(alpha=0, num_particles=K,
+  vectorize_particles=True)`` (the IWAE bound) for K > 1, ``svi.step(xb)`` per minibatch;
+* **pythae**: pythae's ``VAE`` / ``IWAE(number_samples=K)`` models (``reconstruction_loss=
+  "bce"``) with the same encoder / decoder widths, ``model({"data": xb}).loss`` in a bare
+  ``zero_grad / backward / Adam.step`` loop (optional: ``pip install --no-deps pythae``;
+  skipped with a note when it is not installed);
+* **hand**: :class:`common.MirrorVAE`, the network written out in ``torch.nn.functional``,
+  the bound computed by hand, ``torch.optim.Adam(params, lr)`` as one writes it; **hand+fused**
+  is the same with ``Adam(..., fused=True)`` (``fit``'s default optimizer), so that the part
+  of a difference that comes from the optimizer kernel is visible.
 
-Each loop visits ``steps`` minibatches of ``B`` rows in a random order, calls ``Adam.step`` and
-reads the loss back to the host (``loss.item()``) every step, as any training loop that logs
-its loss does. The repetitions alternate (fit, loop, hand, then hand, loop, fit, ...), so that
-all sides see the same machine state. Throughput is rows per second at the *median step time*
-over all steps of all repetitions (the first step of each repetition, with its lazy
-initialisations, excluded): on a shared machine the median resists bursts of load that a mean
-does not; ``[min-max]`` is the range of the per-repetition throughputs. The end-to-end rate of
-the whole ``fit`` call (data validation, contract check, setup) is printed too.
+Each loop visits ``steps`` minibatches in a random order, steps the optimizer and reads the
+loss back to the host every step. The repetitions alternate (sides in order, then reversed,
+...), so that all sides see the same machine state. Throughput is rows per second at the
+*median step time* over all steps of all repetitions (the first step of each repetition, with
+its lazy initialisations, excluded); ``[min-max]`` is the range of the per-repetition rates.
+Ratios are to the hand-written loop.
 
-Before timing, every objective is checked to be the *same* on both sides: on one minibatch
-and the same seed (so the same noise draws) the loss values and every parameter gradient of
-``fit``'s objective and of the hand-written one must agree to float32 rounding.
+Before timing, ``fit``'s objective on the DLVM and on the user pair is checked to be the
+*same* as the hand-written one: on one minibatch with the same seed (the same noise draws) the
+loss and every parameter gradient must agree to float32 rounding.
 
-``--profile`` runs ``cProfile`` over one ``fit`` call per objective and prints where the time
-goes (autograd backward, torch kernels called from Python, Pyro's Python code, pyro-lvm's
-Python code) and the most expensive Python functions.
+``--profile`` runs ``cProfile`` over one ``fit`` call per objective and pair.
 
 Usage::
 
     python benchmarks/train_throughput.py --smoke
-    python benchmarks/train_throughput.py                          # ELBO, IWAE 5/50, DReG 50
-    python benchmarks/train_throughput.py --validation both --profile
-    python benchmarks/train_throughput.py --device cuda --steps 200 --steps-large 100
+    python benchmarks/train_throughput.py --threads 1                 # ELBO, IWAE 5, IWAE 50
+    python benchmarks/train_throughput.py --threads 1 --objectives iwae_50_dreg --profile
 """
 from __future__ import annotations
 
@@ -59,9 +58,12 @@ import common  # noqa: E402  (puts the repository on sys.path)
 if pathlib.Path(common.__file__).resolve().parent != BENCH_DIR:  # another 'common' module
     raise ImportError(f"benchmarks/common.py expected, got {common.__file__}")
 import pyro  # noqa: E402
+import pyro.distributions as dist  # noqa: E402
 import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
-TARGET_RATIO = 1.0
+#: targets (ours / hand-written) from the project's issue 11
+TARGETS = {"fit_dlvm": 1.0, "fit_user": 0.95}
 #: name -> (objective kind, K, gradient estimator)
 OBJECTIVES = {
     "elbo": ("elbo", 1, "standard"),
@@ -69,20 +71,24 @@ OBJECTIVES = {
     "iwae_50": ("iwae", 50, "standard"),
     "iwae_50_dreg": ("iwae", 50, "dreg"),
 }
+DEFAULT_OBJECTIVES = ["elbo", "iwae_5", "iwae_50"]
 #: K from which --steps-large applies
 LARGE_K = 20
 # float32 network, sums over 784 pixels and B rows: the two sides differ by rounding only
 LOSS_RTOL = 1e-5
 GRAD_RTOL = 1e-3
+SIDES = ("fit_dlvm", "fit_user", "pyro_svi", "pythae", "hand", "hand_fused")
+LABELS = {"fit_dlvm": "fit (DLVM)", "fit_user": "fit (user pair)", "pyro_svi": "Pyro SVI",
+          "pythae": "pythae", "hand": "hand-written", "hand_fused": "hand+fused Adam"}
 
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     common.add_common_arguments(ap)
-    ap.add_argument("--objectives", nargs="+", default=list(OBJECTIVES),
+    ap.add_argument("--objectives", nargs="+", default=DEFAULT_OBJECTIVES,
                     choices=list(OBJECTIVES), help="which objectives to time")
-    ap.add_argument("--architecture", default="burda", choices=list(common.ARCHITECTURES))
+    ap.add_argument("--architecture", default="relu", choices=list(common.ARCHITECTURES))
     ap.add_argument("--batch-size", type=int, default=100)
     ap.add_argument("--steps", type=int, default=50,
                     help="optimizer steps per timed repetition (K < %d)" % LARGE_K)
@@ -90,13 +96,12 @@ def build_parser() -> argparse.ArgumentParser:
                     help="optimizer steps per timed repetition for K >= %d" % LARGE_K)
     ap.add_argument("--repeats", type=int, default=7, help="alternating repetitions per side")
     ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--validation", default="on", choices=["on", "off", "both"],
+    ap.add_argument("--validation", default="on", choices=["on", "off"],
                     help="Pyro/torch.distributions argument validation (Pyro's default is on)")
-    ap.add_argument("--compile", default="both", choices=["off", "on", "both"],
-                    help="time fit with the eager objective (off), with compile=True (on), or "
-                         "both; compiling takes seconds per objective (reported)")
+    ap.add_argument("--sides", nargs="+", default=list(SIDES), choices=list(SIDES),
+                    help="which loops to time (hand is always timed: the ratios' reference)")
     ap.add_argument("--profile", action="store_true",
-                    help="cProfile one fit call per objective and print where the time goes")
+                    help="cProfile one fit call per objective and pair")
     ap.add_argument("--profile-steps", type=int, default=20)
     ap.add_argument("--json", default=None, help="also write the results to this JSON file")
     return ap
@@ -106,13 +111,38 @@ def _apply_smoke(args) -> None:
     args.steps, args.steps_large, args.repeats, args.profile_steps = 3, 3, 1, 3
     args.batch_size = 16
     args.smoke_architecture = dict(hidden=(32,), latent_dim=4, activation="tanh")
-    # compiling takes seconds per objective; tests/test_pyro_free_path.py covers compile=True
-    args.compile = "off"
 
 
 # ----------------------------------------------------------------------------------------
-# the three training loops
+# a user's own pair, and the loops
 # ----------------------------------------------------------------------------------------
+class UserVAE(torch.nn.Module):
+    """The Bernoulli VAE as a user writes a Pyro pair (no pyro-lvm code): an ``nn.Module``
+    whose methods register its networks with ``pyro.module`` and build Pyro distributions.
+    Its ``encoder`` / ``decoder`` have the DLVM's widths and parameter names, so weights copy
+    over (:func:`common.copy_dlvm_weights`)."""
+
+    def __init__(self, data_dim, latent_dim, hidden, activation, min_encoder_scale=1e-5):
+        super().__init__()
+        self.latent_dim, self.min_encoder_scale = latent_dim, min_encoder_scale
+        mirror = common.MirrorVAE(data_dim, latent_dim, hidden, activation)
+        self.encoder, self.decoder = mirror.encoder, mirror.decoder
+
+    def model(self, x, mask=None):
+        pyro.module("decoder", self.decoder)
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", dist.Normal(x.new_zeros(self.latent_dim), 1.0).to_event(1))
+            pyro.sample("x", dist.Bernoulli(logits=self.decoder(z)).to_event(1), obs=x)
+
+    def guide(self, x, mask=None):
+        pyro.module("encoder", self.encoder)
+        out = self.encoder(x)
+        loc, scale = out[:, :self.latent_dim], F.softplus(out[:, self.latent_dim:])
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("z", dist.Normal(loc, scale + self.min_encoder_scale).to_event(1))
+
+
+
 class _StepClock:
     """fit callback: a timestamp after every optimizer step."""
 
@@ -132,19 +162,6 @@ def _steady_rate(times, batch_size) -> float:
 def _step_durations(times):
     """Durations of steps 2..n (the timestamps are taken after each step)."""
     return [b - a for a, b in zip(times[:-1], times[1:])]
-
-
-def run_fit(model, rows, objective, args, device) -> dict:
-    from pyro_lvm.inference.fit import fit
-
-    clock = _StepClock()
-    with common.Stopwatch(device) as sw:
-        result = fit(model, rows, objective=objective, epochs=1, batch_size=args.batch_size,
-                     lr=args.lr, seed=args.seed, device=device, progress=False,
-                     callbacks=[clock])
-    return dict(rate=_steady_rate(clock.times, args.batch_size),
-                durations=_step_durations(clock.times),
-                end_to_end=rows.shape[0] / sw.seconds, last_loss=result.step_losses[-1])
 
 
 def _plain_loop(params, rows, loss_fn, args, device, fused: bool = False) -> dict:
@@ -170,15 +187,18 @@ def _plain_loop(params, rows, loss_fn, args, device, fused: bool = False) -> dic
                 end_to_end=n / sw.seconds, last_loss=losses[-1])
 
 
-def run_loop(model, rows, objective, args, device) -> dict:
-    from pyro_lvm.inference.engine import isolated_param_store
 
-    model.to(device)
-    with isolated_param_store():
-        return _plain_loop(list(model.parameters()), rows,
-                           lambda xb, n: objective.differentiable_loss(model.model, model.guide,
-                                                                       xb, num_data=n),
-                           args, device)
+def run_fit(pair, rows, objective, args, device) -> dict:
+    from pyro_lvm.inference.fit import fit
+
+    clock = _StepClock()
+    with common.Stopwatch(device) as sw:
+        result = fit(pair, rows, objective=objective, epochs=1, batch_size=args.batch_size,
+                     lr=args.lr, seed=args.seed, device=device, progress=False,
+                     callbacks=[clock])
+    return dict(rate=_steady_rate(clock.times, args.batch_size),
+                durations=_step_durations(clock.times),
+                end_to_end=rows.shape[0] / sw.seconds, last_loss=result.step_losses[-1])
 
 
 def run_hand(mirror, rows, spec, args, device, fused: bool = False) -> dict:
@@ -189,32 +209,99 @@ def run_hand(mirror, rows, spec, args, device, fused: bool = False) -> dict:
                        fused=fused)
 
 
+def run_pyro_svi(user, rows, spec, args, device) -> dict:
+    """Pyro's own SVI on the user pair (its loss is the batch's, unscaled: a constant factor)."""
+    from pyro_lvm.inference.engine import isolated_param_store
+
+    kind, k, _ = spec
+    loss = (pyro.infer.Trace_ELBO() if kind == "elbo" else
+            pyro.infer.RenyiELBO(alpha=0, num_particles=k, vectorize_particles=True))
+    user.to(device)
+    with isolated_param_store(), common.Stopwatch(device) as sw:
+        x = rows.to(device)
+        n = x.shape[0]
+        svi = pyro.infer.SVI(user.model, user.guide, pyro.optim.Adam({"lr": args.lr}), loss)
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(args.seed)).to(device)
+        pyro.set_rng_seed(args.seed)
+        times, losses = [], []
+        for start in range(0, n, args.batch_size):
+            losses.append(svi.step(x.index_select(0, order[start:start + args.batch_size])))
+            times.append(time.perf_counter())
+    return dict(rate=_steady_rate(times, args.batch_size), durations=_step_durations(times),
+                end_to_end=n / sw.seconds, last_loss=losses[-1])
+
+
+def pythae_model(arch, spec, device):
+    """pythae's VAE (K = 1) or IWAE (``number_samples=K``) with our widths, or None when pythae
+    is not installed."""
+    try:
+        from pythae.models import IWAE as PythaeIWAE, IWAEConfig, VAE as PythaeVAE, VAEConfig
+        from pythae.models.base.base_utils import ModelOutput
+        from pythae.models.nn import BaseDecoder, BaseEncoder
+    except ImportError:
+        return None
+
+    d, hidden = arch["latent_dim"], tuple(arch["hidden"])
+
+    class Encoder(BaseEncoder):
+        def __init__(self):
+            super().__init__()
+            self.net = common.MirrorVAE(784, d, hidden, arch["activation"]).encoder
+
+        def forward(self, x):
+            out = self.net(x)
+            return ModelOutput(embedding=out[:, :d], log_covariance=out[:, d:])
+
+    class Decoder(BaseDecoder):
+        def __init__(self):
+            super().__init__()
+            self.net = common.MirrorVAE(784, d, hidden, arch["activation"]).decoder
+
+        def forward(self, z):
+            return ModelOutput(reconstruction=torch.sigmoid(self.net(z)))
+
+    kind, k, _ = spec
+    if kind == "elbo":
+        config = VAEConfig(input_dim=(784,), latent_dim=d, reconstruction_loss="bce")
+        model = PythaeVAE(config, encoder=Encoder(), decoder=Decoder())
+    else:
+        config = IWAEConfig(input_dim=(784,), latent_dim=d, reconstruction_loss="bce",
+                            number_samples=k)
+        model = PythaeIWAE(config, encoder=Encoder(), decoder=Decoder())
+    return model.to(device)
+
+
+def run_pythae(model, rows, args, device) -> dict:
+    return _plain_loop(list(model.parameters()), rows,
+                       lambda xb, n: model({"data": xb}).loss, args, device)
+
+
 # ----------------------------------------------------------------------------------------
 # checks and profile
 # ----------------------------------------------------------------------------------------
-def same_objective_check(model, mirror, objective, spec, x, num_data, seed) -> dict:
-    """Loss and gradients of the library objective and the hand-written one on the same
-    minibatch with the same noise draws (same seed); returns the relative differences."""
+def same_objective_check(pair, mirror, objective, spec, x, num_data, seed) -> dict:
+    """Loss and gradients of ``fit``'s objective on ``pair`` and of the hand-written one on the
+    same minibatch with the same noise draws (same seed); returns the relative differences."""
     from pyro_lvm.inference.engine import isolated_param_store
 
     kind, k, gradient = spec
-    model.zero_grad(set_to_none=True)
+    pair.zero_grad(set_to_none=True)
     mirror.zero_grad(set_to_none=True)
     with isolated_param_store():
         pyro.set_rng_seed(seed)
-        ours = objective.differentiable_loss(model.model, model.guide, x, num_data=num_data)
+        ours = objective.differentiable_loss(pair.model, pair.guide, x, num_data=num_data)
         ours.backward()
     pyro.set_rng_seed(seed)
     theirs = mirror.loss(x, kind, k, gradient, num_data=num_data)
     theirs.backward()
     loss_rel = abs(ours.item() - theirs.item()) / max(abs(theirs.item()), 1e-30)
-    ours_grads = dict(model.named_parameters())
+    ours_grads = dict(pair.named_parameters())
     grad_rel = 0.0
     for name, p in mirror.named_parameters():
         g_ours, g_hand = ours_grads[name].grad, p.grad
         denom = g_hand.abs().max().clamp_min(1e-30)
         grad_rel = max(grad_rel, float((g_ours - g_hand).abs().max() / denom))
-    model.zero_grad(set_to_none=True)
+    pair.zero_grad(set_to_none=True)
     mirror.zero_grad(set_to_none=True)
     same = loss_rel < LOSS_RTOL and grad_rel < GRAD_RTOL
     return dict(loss_ours=ours.item(), loss_hand=theirs.item(), loss_rel_diff=loss_rel,
@@ -236,14 +323,14 @@ def _bucket(key) -> str:
     return "other Python"
 
 
-def profile_fit(model, rows, objective, args, device, top: int = 12) -> dict:
+def profile_fit(pair, rows, objective, args, device, top: int = 12) -> dict:
     """cProfile of one fit call; self time grouped by where the code lives, top functions."""
     from pyro_lvm.inference.fit import fit
 
     profiler = cProfile.Profile()
     profiler.enable()
     with common.Stopwatch(device) as sw:
-        fit(model, rows, objective=objective, epochs=1, batch_size=args.batch_size, lr=args.lr,
+        fit(pair, rows, objective=objective, epochs=1, batch_size=args.batch_size, lr=args.lr,
             seed=args.seed, device=device, progress=False)
     profiler.disable()
     stats = pstats.Stats(profiler)
@@ -270,26 +357,101 @@ def profile_fit(model, rows, objective, args, device, top: int = 12) -> dict:
 # ----------------------------------------------------------------------------------------
 # main
 # ----------------------------------------------------------------------------------------
-def _make_objective(name, compile: bool = False):
+def _make_objective(name):
     from pyro_lvm.inference.objectives import ELBO, IWAE
 
     kind, k, gradient = OBJECTIVES[name]
     if kind == "elbo":
-        return ELBO(compile=compile)
-    return IWAE(num_particles=k, gradient=gradient, compile=compile)
+        return ELBO()
+    return IWAE(num_particles=k, gradient=gradient)
 
 
-def _compile_available(model, x) -> str:
-    """'' when torch.compile works here, else the reason (e.g. no C++ compiler)."""
-    from pyro_lvm.inference.objectives import ELBO
+def _summary(outs, batch_size) -> dict:
+    durations = [d for o in outs for d in o["durations"]]
+    median_ms = 1e3 * common.median_and_spread(durations)[0]
+    _, lo, hi = common.median_and_spread([o["rate"] for o in outs])
+    return dict(median_step_ms=median_ms, rows_per_s=1e3 * batch_size / median_ms, min=lo,
+                max=hi, end_to_end=common.median_and_spread([o["end_to_end"] for o in outs])[0])
 
-    try:
-        ELBO(compile=True)(model.model, model.guide, x[:2]).backward()
-    except Exception as exc:  # inductor raises a variety of errors without a toolchain
-        return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-    finally:
-        model.zero_grad(set_to_none=True)
-    return ""
+
+def _time_objective(name, pairs, train, args, device, notes) -> dict:
+    """Every side on one objective, alternating inside the same repetitions."""
+    spec = OBJECTIVES[name]
+    dlvm, user, mirror = pairs
+    steps = args.steps_large if spec[1] >= LARGE_K else args.steps
+    rows = train[:steps * args.batch_size]
+    objective = _make_objective(name)
+    runners = {
+        "fit_dlvm": lambda data: run_fit(dlvm, data, objective, args, device),
+        "fit_user": lambda data: run_fit(user, data, objective, args, device),
+        "hand": lambda data: run_hand(mirror, data, spec, args, device),
+        "hand_fused": lambda data: run_hand(mirror, data, spec, args, device, fused=True),
+    }
+    if spec[2] == "standard":  # Pyro and pythae have no DReG
+        runners["pyro_svi"] = lambda data: run_pyro_svi(user, data, spec, args, device)
+        pythae = pythae_model(args.arch, spec, device)
+        if pythae is not None:
+            runners["pythae"] = lambda data: run_pythae(pythae, data, args, device)
+        else:
+            notes.add("pythae is not installed (pip install --no-deps pythae): its rows are "
+                      "skipped")
+    sides = [s for s in SIDES if s in runners and (s in args.sides or s == "hand")]
+    validate = args.validation == "on"
+    with pyro.validation_enabled(validate):
+        if not args.smoke:  # untimed warm-up of every path (allocator, lazy initialisations)
+            for side in sides:
+                runners[side](rows[:2 * args.batch_size])
+        timed = {side: [] for side in sides}
+        for rep in range(args.repeats):
+            for side in (sides if rep % 2 == 0 else sides[::-1]):
+                timed[side].append(runners[side](rows))
+    stats = {side: _summary(outs, args.batch_size) for side, outs in timed.items()}
+    hand = stats["hand"]["rows_per_s"]
+    for side in stats.values():
+        side["ratio"] = side["rows_per_s"] / hand
+    return dict(objective=name, k=spec[1], gradient=spec[2], steps=steps,
+                validation=validate, batch_size=args.batch_size, sides=stats)
+
+
+def _print_results(results, checks, profiles, args, device, arch_text, notes) -> None:
+    print(f"\ntrain_throughput: Bernoulli VAE {arch_text}, batch {args.batch_size}, Adam lr "
+          f"{args.lr}, device {device}, validation {args.validation}")
+    print(f"  machine: {common.machine_description(device)}")
+    print(f"  rows/s at the median step time over {args.repeats} alternating repetitions "
+          f"[min-max of the per-repetition rates]; ratio = side / hand-written\n")
+    table = []
+    for r in results:
+        for side in SIDES:
+            s = r["sides"].get(side)
+            if s is None:
+                continue
+            table.append(dict(objective=r["objective"], side=LABELS[side],
+                              rate=f"{s['rows_per_s']:,.0f} [{s['min']:,.0f}-{s['max']:,.0f}]",
+                              ms=s["median_step_ms"], ratio=s["ratio"]))
+    print(common.format_table(table, [
+        ("objective", "objective", ""), ("side", "side", ""), ("rate", "rows/s", ""),
+        ("ms", "median ms/step", ".2f"), ("ratio", "/ hand", ".3f")]))
+    for note in sorted(notes):
+        print(f"  note: {note}")
+    print("\n  same objective as the hand-written one on the same batch and noise:")
+    print(common.format_table(
+        [dict(check=n, **c, same_text="yes" if c["same"] else "NO") for n, c in checks.items()],
+        [("check", "pair / objective", ""), ("loss_ours", "loss ours", ".6g"),
+         ("loss_hand", "loss hand", ".6g"), ("loss_rel_diff", "rel. diff", ".1e"),
+         ("grad_max_rel_diff", "max grad rel. diff", ".1e"), ("same_text", "same", "")]))
+    for name, prof in profiles.items():
+        print(f"\n  profile of fit, {name}: {prof['steps']} steps, {prof['wall_s']:.2f} s under "
+              f"cProfile (which inflates Python time); self time in ms per step:")
+        for bucket, ms in prof["buckets_ms_per_step"].items():
+            print(f"    {ms:9.2f}  {bucket}")
+        print("    most expensive Python functions (cumulative ms per step):")
+        for f in prof["top_cumulative"]:
+            print(f"    {f['cum_ms_per_step']:9.2f}  {f['function']}  ({f['calls']} calls)")
+    for side, target in TARGETS.items():
+        ratios = [r["sides"][side]["ratio"] for r in results if side in r["sides"]]
+        if ratios:
+            print(f"  {LABELS[side]} / hand-written >= {target} for every objective: "
+                  f"{'PASS' if min(ratios) >= target else 'FAIL'} (lowest {min(ratios):.3f})")
 
 
 def main(args=None) -> dict:
@@ -301,161 +463,50 @@ def main(args=None) -> dict:
     device = common.setup_runtime(args)
     from pyro_lvm.models.dlvm import DLVM
 
-    arch = args.smoke_architecture or common.ARCHITECTURES[args.architecture]
+    arch = args.arch = args.smoke_architecture or common.ARCHITECTURES[args.architecture]
     largest = max(args.steps, args.steps_large)
     need = largest * args.batch_size * (2 if args.smoke else 1)
     train = common.load_binarized_mnist(args.data, ["train"], rows={"train": min(need, 50000)})[
         "train"]
-    settings = {"on": [True], "off": [False], "both": [True, False]}[args.validation]
 
     torch.manual_seed(args.seed)
-    model = DLVM(784, arch["latent_dim"], hidden=arch["hidden"], activation=arch["activation"],
-                 likelihood="bernoulli", prior="normal")
-    mirror = common.MirrorVAE.from_dlvm(model)
-    results, checks, profiles = [], {}, {}
-    # The checks run on the CPU before any training (identical weights on both sides): the
-    # objective's arithmetic does not depend on the device, and the CPU generator gives both
-    # sides the same noise, which CUDA's randn / normal_ kernels need not do.
+    dlvm = DLVM(784, arch["latent_dim"], hidden=arch["hidden"], activation=arch["activation"],
+                likelihood="bernoulli", prior="normal")
+    mirror = common.MirrorVAE.from_dlvm(dlvm)
+    user = UserVAE(784, arch["latent_dim"], arch["hidden"], arch["activation"],
+                   dlvm.min_encoder_scale)
+    common.copy_dlvm_weights(dlvm, user)
+    checks, profiles, notes, results = {}, {}, set(), []
+    # The checks run on the CPU before any training (identical weights on every side): the
+    # CPU generator gives both sides the same noise, which CUDA kernels need not do.
     for name in args.objectives:
-        with pyro.validation_enabled(True):
-            checks[name] = same_objective_check(model, mirror, _make_objective(name),
-                                                OBJECTIVES[name], train[:args.batch_size],
-                                                train.shape[0], args.seed)
-    model.to(device)
-    mirror.to(device)
-    compile_modes = {"off": [False], "on": [True], "both": [False, True]}[args.compile]
-    compile_unavailable = ""
-    if True in compile_modes:
-        compile_unavailable = _compile_available(model, train)
-        if compile_unavailable:
-            print(f"  torch.compile is not available here ({compile_unavailable}); timing the "
-                  f"eager objectives only")
-            compile_modes = [False]
-    compile_seconds = {}
+        for label, pair in (("DLVM", dlvm), ("user pair", user)):
+            with pyro.validation_enabled(True):
+                checks[f"{label} / {name}"] = same_objective_check(
+                    pair, mirror, _make_objective(name), OBJECTIVES[name],
+                    train[:args.batch_size], train.shape[0], args.seed)
+    for model in (dlvm, user, mirror):
+        model.to(device)
     for name in args.objectives:
-        spec = OBJECTIVES[name]
-        objectives = {c: _make_objective(name, compile=c) for c in compile_modes}
-        steps = args.steps_large if spec[1] >= LARGE_K else args.steps
-        rows = train[:steps * args.batch_size]
-        # every side and setting alternates inside the same repetitions, so all of them see
-        # the same (shared, loaded) machine
-        sides = ([("fit", v, c) for v in settings for c in compile_modes]
-                 + [("loop", v, False) for v in settings]
-                 + [("hand", None, False), ("hand_fused", None, False)])
-
-        def run_side(kind, validate, compiled, data):
-            if kind.startswith("hand"):  # plain tensors, no torch.distributions: no validation
-                return run_hand(mirror, data, spec, args, device, fused=kind == "hand_fused")
-            with pyro.validation_enabled(validate):
-                if kind == "fit":
-                    return run_fit(model, data, objectives[compiled], args, device)
-                return run_loop(model, data, objectives[False], args, device)
-
-        if True in compile_modes:
-            # the first compiled step compiles (per objective, shape and grad mode)
-            with common.Stopwatch(device) as sw:
-                run_side("fit", settings[0], True, rows[:2 * args.batch_size])
-            compile_seconds[name] = sw.seconds
-        if not args.smoke:
-            # untimed warm-up of every path (allocator, lazy initialisations)
-            for side in sides:
-                run_side(*side, rows[:2 * args.batch_size])
-        timed = {side: [] for side in sides}
-        for rep in range(args.repeats):
-            for side in (sides if rep % 2 == 0 else sides[::-1]):
-                timed[side].append(run_side(*side, rows))
-
-        def summary(outs):
-            durations = [d for o in outs for d in o["durations"]]
-            median_ms = 1e3 * common.median_and_spread(durations)[0]
-            _, lo, hi = common.median_and_spread([o["rate"] for o in outs])
-            return dict(median_step_ms=median_ms, rows_per_s=1e3 * args.batch_size / median_ms,
-                        min=lo, max=hi,
-                        end_to_end=common.median_and_spread([o["end_to_end"] for o in outs])[0])
-
-        hand = summary(timed[("hand", None, False)])
-        hand_fused = summary(timed[("hand_fused", None, False)])
-        for validate in settings:
-            loop = summary(timed[("loop", validate, False)])
-            for compiled in compile_modes:
-                row = dict(objective=name, k=spec[1], gradient=spec[2], validation=validate,
-                           compiled=compiled, steps=steps, batch_size=args.batch_size)
-                for kind, stats in (("fit", summary(timed[("fit", validate, compiled)])),
-                                    ("loop", loop), ("hand", hand), ("hand_fused", hand_fused)):
-                    for key, value in stats.items():
-                        row[f"{kind}_{key}"] = value
-                row["ratio_fit"] = row["fit_rows_per_s"] / row["hand_rows_per_s"]
-                row["ratio_fit_vs_hand_fused"] = (row["fit_rows_per_s"]
-                                                  / row["hand_fused_rows_per_s"])
-                row["ratio_loop"] = row["loop_rows_per_s"] / row["hand_rows_per_s"]
-                row["overhead_ms_per_step"] = (row["fit_median_step_ms"]
-                                               - row["hand_median_step_ms"])
-                results.append(row)
+        results.append(_time_objective(name, (dlvm, user, mirror), train, args, device, notes))
         if args.profile:
-            with pyro.validation_enabled(settings[0]):
-                profiles[name] = profile_fit(model, train[:args.profile_steps * args.batch_size],
-                                             objectives[False], args, device)
+            for label, pair in (("DLVM", dlvm), ("user pair", user)):
+                with pyro.validation_enabled(args.validation == "on"):
+                    profiles[f"{label} / {name}"] = profile_fit(
+                        pair, train[:args.profile_steps * args.batch_size],
+                        _make_objective(name), args, device)
 
-    arch_text = (f"{784}-{'-'.join(map(str, arch['hidden']))}-{arch['latent_dim']} "
+    arch_text = (f"784-{'-'.join(map(str, arch['hidden']))}-{arch['latent_dim']} "
                  f"{arch['activation']}")
-    print(f"\ntrain_throughput: Bernoulli DLVM {arch_text} (decoder mirrored), batch "
-          f"{args.batch_size}, Adam lr {args.lr}, device {device}")
-    print(f"  machine: {common.machine_description(device)}")
-    print(f"  steady-state rows/s at the median step time over {args.repeats} alternating "
-          f"repetitions [min-max of the per-repetition rates]; ratio = ours / hand-written "
-          f"(target >= {TARGET_RATIO} on CPU); fit uses fused Adam, 'hand' torch's default "
-          f"Adam, 'hand+fused' fused Adam\n")
-    table = []
-    for r in results:
-        table.append(dict(
-            objective=r["objective"], validation="on" if r["validation"] else "off",
-            compiled="yes" if r["compiled"] else "no", steps=r["steps"],
-            fit=f"{r['fit_rows_per_s']:,.0f} [{r['fit_min']:,.0f}-{r['fit_max']:,.0f}]",
-            loop=f"{r['loop_rows_per_s']:,.0f}",
-            hand=f"{r['hand_rows_per_s']:,.0f} [{r['hand_min']:,.0f}-{r['hand_max']:,.0f}]",
-            hand_fused=f"{r['hand_fused_rows_per_s']:,.0f}",
-            ratio_fit=r["ratio_fit"], ratio_fused=r["ratio_fit_vs_hand_fused"],
-            ratio_loop=r["ratio_loop"], overhead=r["overhead_ms_per_step"],
-            e2e=r["fit_end_to_end"]))
-    print(common.format_table(table, [
-        ("objective", "objective", ""), ("validation", "valid.", ""),
-        ("compiled", "compile", ""), ("steps", "steps", "d"),
-        ("fit", "fit rows/s", ""), ("loop", "obj-in-loop rows/s", ""),
-        ("hand", "hand rows/s", ""), ("hand_fused", "hand+fused rows/s", ""),
-        ("ratio_fit", "fit/hand", ".3f"), ("ratio_fused", "fit/hand+fused", ".3f"),
-        ("ratio_loop", "loop/hand", ".3f"), ("overhead", "fit-hand ms/step", "+.2f"),
-        ("e2e", "fit end-to-end rows/s", ",.0f")]))
-    if compile_seconds:
-        print("\n  first compiled fit call (compilation included), seconds: "
-              + ", ".join(f"{k} {v:.1f}" for k, v in compile_seconds.items()))
-    print("\n  same objective on the same batch and noise (loss and all parameter gradients):")
-    print(common.format_table(
-        [dict(objective=n, **c, same_text="yes" if c["same"] else "NO") for n, c in checks.items()],
-        [("objective", "objective", ""), ("loss_ours", "loss ours", ".6g"),
-         ("loss_hand", "loss hand", ".6g"), ("loss_rel_diff", "rel. diff", ".1e"),
-         ("grad_max_rel_diff", "max grad rel. diff", ".1e"), ("same_text", "same", "")]))
-    for name, prof in profiles.items():
-        print(f"\n  profile of fit, {name}: {prof['steps']} steps, {prof['wall_s']:.2f} s under "
-              f"cProfile (which inflates Python time); self time in ms per step:")
-        for bucket, ms in prof["buckets_ms_per_step"].items():
-            print(f"    {ms:9.2f}  {bucket}")
-        print("    most expensive Python functions (cumulative ms per step):")
-        for f in prof["top_cumulative"]:
-            print(f"    {f['cum_ms_per_step']:9.2f}  {f['function']}  ({f['calls']} calls)")
+    _print_results(results, checks, profiles, args, device, arch_text, notes)
     all_same = all(c["same"] for c in checks.values())
-    print(f"\n  every objective identical to the hand-written one: {'yes' if all_same else 'NO'}")
-    for compiled in compile_modes:
-        rows_c = [r for r in results if r["compiled"] == compiled]
-        passed_c = all(r["ratio_fit"] >= TARGET_RATIO for r in rows_c)
-        print(f"  fit{' (compile=True)' if compiled else ' (eager)'} / hand-written >= "
-              f"{TARGET_RATIO} for every objective: {'PASS' if passed_c else 'FAIL'} "
-              f"(lowest {min(r['ratio_fit'] for r in rows_c):.3f})")
-    passed = all(r["ratio_fit"] >= TARGET_RATIO for r in results if not r["compiled"])
+    print(f"\n  every checked objective identical to the hand-written one: "
+          f"{'yes' if all_same else 'NO'}")
     out = dict(results=results, checks=checks, profiles=profiles, same_objective=all_same,
-               pass_target=passed, compile_seconds=compile_seconds,
-               compile_unavailable=compile_unavailable,
-               machine=common.machine_description(device), device=str(device),
-               architecture=arch_text)
+               notes=sorted(notes), machine=common.machine_description(device),
+               device=str(device), architecture=arch_text,
+               pass_target={side: all(r["sides"][side]["ratio"] >= target for r in results
+                                      if side in r["sides"]) for side, target in TARGETS.items()})
     if args.json:
         pathlib.Path(args.json).write_text(json.dumps(out, indent=2, default=str))
     return out

@@ -59,9 +59,13 @@ All three share the model (decoder and prior) gradient
 here (:func:`_reparameterized_surrogate`) is generic: it works for any reparameterized guide,
 including guides with several dependent latent sites and priors that share parameters with the
 encoder (VampPrior), because it only uses partial derivatives with respect to the sampled
-values and re-scores the model on detached samples. For pairs with a Pyro-free path
-(:func:`pyro_free_terms`, e.g. the DLVM) the same estimators take one forward and one backward
-pass (:func:`_pyro_free_surrogate`).
+values and re-scores the model on detached samples. For a guide with one latent site (the
+usual amortized guide, e.g. the DLVM's) the same estimators take one forward and one backward
+pass (:func:`_one_pass_surrogate`).
+
+Every density is the one the pair's own distribution objects define: the sites are recorded
+from a run of the guide and of the model (replayed on the guide's draws) by a light Pyro
+handler, with no separate hand-written formula for any model family.
 
 Usage
 -----
@@ -88,7 +92,6 @@ Ladder variational autoencoders (KL warm-up); Higgins et al. (2017), beta-VAE.
 """
 from __future__ import annotations
 
-import functools
 import math
 import numbers
 import warnings
@@ -98,16 +101,19 @@ from typing import Callable, List, Optional, Tuple
 import pyro
 import pyro.poutine as poutine
 from pyro.distributions.torch_distribution import ExpandedDistribution, MaskedDistribution
-from pyro.poutine.runtime import _PYRO_STACK
+from pyro.distributions.util import scale_and_mask
+from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
 import torch
+from torch.distributions import Distribution, TransformedDistribution
+from torch.distributions.constraints import Constraint
+
 from pyro_lvm.inference.kl import closed_form_kl
 
 __all__ = [
     "PARTICLE_PLATE",
     "LogTerms",
     "trace_log_terms",
-    "pyro_free_terms",
     "log_weights",
     "elbo_from_log_weights",
     "iwae_from_log_weights",
@@ -174,16 +180,69 @@ def _latent_site_names(guide_trace: poutine.Trace) -> List[str]:
             and not site_is_subsample(site)]
 
 
-def _vectorized(fn: Callable, num_particles: int) -> Callable:
-    def wrapped(*args, **kwargs):
-        with pyro.plate(PARTICLE_PLATE, num_particles, dim=-2):
-            return fn(*args, **kwargs)
+class _SiteRecorder(Messenger):
+    """Records the sample sites of one run of a model or guide, as ``poutine.trace`` does
+    (the message dicts, in a :class:`pyro.poutine.Trace`), and optionally replays latent
+    values, as ``poutine.replay`` does.
 
-    return wrapped
+    One handler instead of two, and only what the objectives read: no ``_INPUT`` /
+    ``_RETURN`` nodes, no param sites (``pyro.module`` issues one per tensor on every call),
+    no copy of each message. Every other handler on the stack (the plates, a user's
+    ``poutine.scale``, ``condition``, ``trace``...) sees the sites as usual, so nothing about
+    the pair's semantics changes; only the bookkeeping is lighter.
+
+    Parameters
+    ----------
+    replay : Trace, optional
+        Latent values to use at the model's latent sites of the same name (the guide's draws).
+    """
+
+    def __init__(self, replay: Optional[poutine.Trace] = None):
+        super().__init__()
+        self.trace = poutine.Trace()
+        self.replay = replay
+
+    def _pyro_sample(self, msg) -> None:
+        if self.replay is None or msg["is_observed"]:
+            return
+        site = self.replay.nodes.get(msg["name"])
+        if site is None:
+            return
+        if site["type"] != "sample" or site["is_observed"]:
+            raise RuntimeError(f"site {msg['name']} must be sampled in trace")
+        msg["done"] = True
+        msg["value"] = site["value"]
+        msg["infer"] = site["infer"]
+
+    def _pyro_post_sample(self, msg) -> None:
+        if msg["infer"].get("_do_not_trace"):
+            return
+        self.trace.add_node(msg["name"], **msg)
+
+
+def _record(fn: Callable, x: torch.Tensor, num_particles: int, mask: Optional[torch.Tensor],
+            replay: Optional[poutine.Trace] = None) -> poutine.Trace:
+    """Run ``fn(x, mask=mask)`` once with ``num_particles`` vectorized particles (a plate on
+    the left of the data plate) and return its sample sites."""
+    recorder = _SiteRecorder(replay)
+    with recorder, pyro.plate(PARTICLE_PLATE, num_particles, dim=-2):
+        fn(x, mask=mask)
+    return recorder.trace
+
+
+def _compute_log_prob(site: dict) -> torch.Tensor:
+    """``site["log_prob"]``: the site's ``fn.log_prob(value)`` with its scale and mask applied,
+    as ``Trace.compute_log_prob`` computes it."""
+    log_p = site.get("log_prob")
+    if log_p is None:
+        log_p = site["fn"].log_prob(site["value"], *site["args"], **site["kwargs"])
+        log_p = scale_and_mask(log_p, site["scale"], site["mask"])
+        site["log_prob"] = log_p
+    return log_p
 
 
 def _per_point(site_name: str, site: dict, shape: torch.Size, role: str) -> torch.Tensor:
-    log_p = site["log_prob"]
+    log_p = _compute_log_prob(site)
     frames = {f.name for f in site["cond_indep_stack"]}
     if DATA_PLATE not in frames:
         raise ValueError(
@@ -220,7 +279,21 @@ def _check_x(x) -> torch.Tensor:
 
 def _run_guide(guide: Callable, x: torch.Tensor, num_particles: int,
                mask: Optional[torch.Tensor]) -> poutine.Trace:
-    return poutine.trace(_vectorized(guide, num_particles)).get_trace(x, mask=mask)
+    return _record(guide, x, num_particles, mask)
+
+
+def _model_terms(model_trace: poutine.Trace, shape: torch.Size):
+    """``(log_lik, log_prior)`` ``[K, batch]``: the model's observed and latent sites."""
+    log_lik = log_prior = None
+    for name, site in model_trace.nodes.items():
+        if site["type"] != "sample" or site_is_subsample(site):
+            continue
+        term = _per_point(name, site, shape, "model")
+        if site["is_observed"]:
+            log_lik = term if log_lik is None else log_lik + term
+        else:
+            log_prior = term if log_prior is None else log_prior + term
+    return log_lik, log_prior
 
 
 def _score(model: Callable, guide: Optional[Callable], x: torch.Tensor, num_particles: int,
@@ -230,74 +303,39 @@ def _score(model: Callable, guide: Optional[Callable], x: torch.Tensor, num_part
     ``replay_trace`` (default: ``guide_trace``) and split the log densities per site role."""
     replay_trace = guide_trace if replay_trace is None else replay_trace
     if guide is not None:
-        guide_trace = poutine.trace(
-            poutine.replay(_vectorized(guide, num_particles), trace=replay_trace)
-        ).get_trace(x, mask=mask)
-    model_trace = poutine.trace(
-        poutine.replay(_vectorized(model, num_particles), trace=replay_trace)
-    ).get_trace(x, mask=mask)
-    guide_trace.compute_log_prob()
-    model_trace.compute_log_prob()
+        guide_trace = _record(guide, x, num_particles, mask, replay=replay_trace)
+    model_trace = _record(model, x, num_particles, mask, replay=replay_trace)
     shape = torch.Size((num_particles, x.shape[0]))
-    zero = x.new_zeros(shape)
-    log_lik, log_prior, log_q = zero, zero, zero
-    for name, site in model_trace.nodes.items():
-        if site["type"] != "sample" or site_is_subsample(site):
-            continue
-        term = _per_point(name, site, shape, "model")
-        if site["is_observed"]:
-            log_lik = log_lik + term
-        else:
-            log_prior = log_prior + term
+    log_lik, log_prior = _model_terms(model_trace, shape)
+    log_q = None
     for name in _latent_site_names(guide_trace):
-        log_q = log_q + _per_point(name, guide_trace.nodes[name], shape, "guide")
-    return LogTerms(log_lik, log_prior, log_q, model_trace, guide_trace)
+        term = _per_point(name, guide_trace.nodes[name], shape, "guide")
+        log_q = term if log_q is None else log_q + term
+    zero = x.new_zeros(shape)
+    return LogTerms(zero if log_lik is None else log_lik, zero if log_prior is None else log_prior,
+                    zero if log_q is None else log_q, model_trace, guide_trace)
 
 
 def trace_log_terms(model: Callable, guide: Callable, x: torch.Tensor, num_particles: int = 1,
                     mask: Optional[torch.Tensor] = None) -> LogTerms:
     """Run ``guide`` then ``model`` (replayed on the guide's draws) once with ``num_particles``
-    vectorized particles and split the log densities per site role. See :class:`LogTerms`."""
+    vectorized particles and split the log densities per site role. See :class:`LogTerms`.
+
+    The sites are recorded by a light handler (:class:`_SiteRecorder`) rather than
+    ``poutine.trace`` + ``poutine.replay``: the same sites, draws and densities (the
+    distributions the pair builds), with less per-call bookkeeping."""
     num_particles = _check_particles(num_particles)
     guide_trace = _run_guide(guide, x, num_particles, mask)
     return _score(model, None, x, num_particles, mask, guide_trace)
 
 
-def pyro_free_terms(model: Callable, guide: Callable) -> Optional[Callable]:
-    """The pair's own Pyro-free ``log_weight_terms`` function, or None.
-
-    A model family may compute its log densities with plain tensor code (protocol:
-    :class:`models.base.LogWeightTerms`; :class:`models.dlvm.DLVM` does). It is used only when
-    ``model`` and ``guide`` are bound methods of one module that declares them its own,
-    unmodified pair (``log_weight_terms_match``), and no Pyro handler is active (a user's
-    ``poutine.scale``, ``condition``, ``trace``... must see the sample sites, so those calls are
-    traced). It draws the same random numbers and returns the same numbers as
-    :func:`trace_log_terms` (up to float rounding), without the per-call cost of tracing (a few
-    milliseconds per call, which at small batches is most of a training step).
-    """
-    owner = getattr(model, "__self__", None)
-    if owner is None or _PYRO_STACK:
-        return None
-    match = getattr(owner, "log_weight_terms_match", None)
-    if match is None or not match(model, guide):
-        return None
-    return owner.log_weight_terms
-
-
 def log_weights(model: Callable, guide: Callable, x: torch.Tensor, num_particles: int = 1,
-                mask: Optional[torch.Tensor] = None, *, fast_path: bool = True) -> torch.Tensor:
+                mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Log importance weights ``log p(x_i, z_ki) - log q(z_ki | x_i)``, shape ``[K, batch]``.
 
     The ``K`` particles are drawn in a single vectorized guide pass and scored in a single
-    model pass; gradients flow through the reparameterized draws. With ``fast_path=True`` a
-    pair that provides a Pyro-free path (:func:`pyro_free_terms`) is scored by it (same draws,
-    same numbers up to float rounding); ``False`` always traces.
+    model pass; gradients flow through the reparameterized draws.
     """
-    num_particles = _check_particles(num_particles)
-    terms_fn = pyro_free_terms(model, guide) if fast_path else None
-    if terms_fn is not None:
-        terms = terms_fn(x, num_particles, mask)
-        return terms.log_lik + terms.log_prior - terms.log_q
     return trace_log_terms(model, guide, x, num_particles, mask).log_weights
 
 
@@ -378,29 +416,82 @@ class _ScaleGradient(torch.autograd.Function):
         return grad * weight, None
 
 
-def _pyro_free_surrogate(terms_fn: Callable, x: torch.Tensor, num_particles: int,
-                         mask: Optional[torch.Tensor], *, bound: str, estimator: str,
-                         beta: float = 1.0) -> Tuple[torch.Tensor, torch.Tensor]:
-    """:func:`_reparameterized_surrogate` for a pair with a Pyro-free path and one latent
-    site, in one forward and one backward pass.
+#: Attribute types a distribution may hold besides tensors and nested distributions for
+#: :func:`_detached` to copy it (they carry no parameters).
+_INERT_TYPES = (numbers.Number, str, bool, type(None), torch.Size, Constraint, torch.dtype)
 
-    ``log q`` is evaluated with the guide's parameters detached, so that only the path through
-    the draws carries a gradient; with surrogate :math:`S = \\sum_{i,k} a_{ik}\\,\\ell_{ik}`
-    (``a`` = ``w~`` for IWAE, ``1/K`` for the ELBO) the draws then receive :math:`a\\,
-    \\partial\\ell/\\partial z`, and the model's parameters :math:`a\\,\\nabla\\log p`. DReG's
-    path weight ``w~^2`` is reached by scaling the gradient flowing into the draws by ``w~``
-    once more (:class:`_ScaleGradient`). Same estimator as the generic construction (tested
-    against it), without its second encoder pass and second backward pass.
+
+def _detached(fn):
+    """A copy of distribution ``fn`` with every tensor it holds detached, or None when it holds
+    something that could carry parameters other than tensors (a transform, a module, a
+    callable).
+
+    Evaluating its ``log_prob`` at a draw gives :math:`\\log q_{\\bar\\phi}(z)`, the density
+    with the guide's parameters held fixed: only the path through the draw keeps a gradient.
     """
+    if not isinstance(fn, Distribution) or isinstance(fn, TransformedDistribution):
+        return None
+    copy = object.__new__(type(fn))
+    for key, value in vars(fn).items():
+        if torch.is_tensor(value):
+            value = value.detach()
+        elif isinstance(value, Distribution):
+            value = _detached(value)
+            if value is None:
+                return None
+        elif isinstance(value, (tuple, list)):
+            if not all(torch.is_tensor(v) or isinstance(v, _INERT_TYPES) for v in value):
+                return None
+            value = type(value)(v.detach() if torch.is_tensor(v) else v for v in value)
+        elif not isinstance(value, _INERT_TYPES):
+            return None
+        copy.__dict__[key] = value
+    return copy
+
+
+def _one_pass_surrogate(model: Callable, guide_trace: poutine.Trace, x: torch.Tensor,
+                        num_particles: int, mask: Optional[torch.Tensor], *, bound: str,
+                        estimator: str, beta: float = 1.0):
+    """:func:`_reparameterized_surrogate` in one forward and one backward pass, for a guide
+    with a single latent site whose distribution :func:`_detached` can copy (the usual
+    amortized Gaussian guide); returns None for any other guide (the generic construction is
+    used, on the same draws).
+
+    ``log q`` is evaluated with the guide's parameters detached, so that only the path
+    through the draws carries a gradient; with surrogate :math:`S = \\sum_{i,k} a_{ik}\\,
+    \\ell_{ik}` (``a`` = ``w~`` for IWAE, ``1/K`` for the ELBO) the draws then receive
+    :math:`a\\,\\partial\\ell/\\partial z`, and the model's parameters :math:`a\\,\\nabla\\log
+    p`. DReG's path weight ``w~^2`` is reached by scaling the gradient flowing into the draws
+    by ``w~`` once more (:class:`_ScaleGradient`). With one latent site no other draw depends
+    on this one, so both are the generic estimator exactly (tested against it).
+    """
+    sites = _latent_site_names(guide_trace)
+    if len(sites) != 1:
+        return None
+    site = guide_trace.nodes[sites[0]]
+    fixed = _detached(site["fn"])
+    if fixed is None:
+        return None
     holder = _GradientWeight()
-    hook = (lambda z: _ScaleGradient.apply(z, holder)) if estimator == "dreg" else None
-    terms = terms_fn(x, num_particles, mask, stop_guide_params=True, latent_hook=hook)
-    integrand = terms.log_lik + beta * (terms.log_prior - terms.log_q)
+    z = site["value"]
+    if estimator == "dreg":
+        z = _ScaleGradient.apply(z, holder)
+    scored = dict(site, fn=fixed, value=z, log_prob=None)
+    replay = poutine.Trace()
+    replay.add_node(sites[0], **scored)
+    model_trace = _record(model, x, num_particles, mask, replay=replay)
+    shape = torch.Size((num_particles, x.shape[0]))
+    log_lik, log_prior = _model_terms(model_trace, shape)
+    log_q = _per_point(sites[0], scored, shape, "guide")
+    integrand = -beta * log_q
+    for term, weight in ((log_lik, 1.0), (log_prior, beta)):
+        if term is not None:
+            integrand = integrand + (term if weight == 1.0 else weight * term)
     if bound == "iwae":
         value = iwae_from_log_weights(integrand.detach())
         normalized = torch.softmax(integrand.detach(), dim=0)
         if estimator == "dreg":
-            holder.weight = normalized.unsqueeze(-1)
+            holder.weight = normalized.reshape(normalized.shape + (1,) * (z.dim() - 2))
         surrogate = (normalized * integrand).sum()
     elif bound == "elbo":
         value = elbo_from_log_weights(integrand.detach())
@@ -413,7 +504,8 @@ def _pyro_free_surrogate(terms_fn: Callable, x: torch.Tensor, num_particles: int
 def _reparameterized_surrogate(model: Callable, guide: Callable, x: torch.Tensor,
                                num_particles: int, mask: Optional[torch.Tensor], *,
                                bound: str, estimator: str, beta: float = 1.0,
-                               keep_score: bool = False, objective_name: str = "objective"
+                               keep_score: bool = False, objective_name: str = "objective",
+                               guide_trace: Optional[poutine.Trace] = None
                                ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Bound value and a surrogate whose gradient is the chosen estimator.
 
@@ -435,10 +527,12 @@ def _reparameterized_surrogate(model: Callable, guide: Callable, x: torch.Tensor
     draws. ``keep_score=True`` adds :math:`-\\beta\\sum a \\log q(\\bar z)` (the score term), with
     which ``c = a`` reproduces the standard gradient exactly (used to test this construction).
 
-    Returns ``(bound [batch], S)``; only the gradient of ``S`` is meaningful.
+    Returns ``(bound [batch], S)``; only the gradient of ``S`` is meaningful. ``guide_trace``:
+    the guide's draws when it has already been run.
     """
-    guide_trace = _run_guide(guide, x, num_particles, mask)
-    _require_reparameterized(guide_trace, objective_name)
+    if guide_trace is None:
+        guide_trace = _run_guide(guide, x, num_particles, mask)
+        _require_reparameterized(guide_trace, objective_name)
     sites = _latent_site_names(guide_trace)
     draws = {name: guide_trace.nodes[name]["value"] for name in sites}
     leaves = {name: value.detach().requires_grad_() for name, value in draws.items()}
@@ -534,37 +628,27 @@ class _Objective:
     #: Gradients are taken through the draws: every guide latent needs ``rsample``.
     requires_reparameterized = True
 
-    def __init__(self, num_particles: int, gradient: str, allowed: Tuple[str, ...],
-                 fast_path: bool = True, compile: bool = False):
+    def __init__(self, num_particles: int, gradient: str, allowed: Tuple[str, ...]):
         self.num_particles = _check_particles(num_particles)
         if gradient not in allowed:
             raise ValueError(f"{type(self).__name__}: gradient must be one of {allowed}, got "
                              f"{gradient!r}")
         self.gradient = gradient
-        for value, what in ((fast_path, "fast_path"), (compile, "compile")):
-            if not isinstance(value, bool):
-                raise ValueError(f"{what} must be True or False, got {value!r}")
-        if compile and not fast_path:
-            raise ValueError("compile=True compiles the pair's Pyro-free path; it needs "
-                             "fast_path=True")
-        self.fast_path = fast_path
-        self.compile = compile
-        self._warned_not_compiled = False
 
-    def _terms_fn(self, model, guide) -> Optional[Callable]:
-        """The pair's Pyro-free path (:func:`pyro_free_terms`) when enabled, else None."""
-        terms_fn = pyro_free_terms(model, guide) if self.fast_path else None
-        if not self.compile:
-            return terms_fn
-        if terms_fn is None:
-            if not self._warned_not_compiled and not _PYRO_STACK:
-                self._warned_not_compiled = True
-                warnings.warn(f"{self.name}: compile=True has no effect for this model/guide "
-                              f"pair: it has no Pyro-free path (see "
-                              f"inference.objectives.pyro_free_terms), so it is traced",
-                              UserWarning, stacklevel=4)
-            return None
-        return functools.partial(terms_fn, compile=True)
+    def _surrogate(self, model, guide, x, mask, *, bound: str):
+        """Bound and surrogate of the ``"stl"`` / ``"dreg"`` estimators: one pass for a guide
+        with one latent site (:func:`_one_pass_surrogate`), the generic construction
+        otherwise, on the same draws."""
+        guide_trace = _run_guide(guide, x, self.num_particles, mask)
+        _require_reparameterized(guide_trace, self.name)
+        beta = self.beta
+        out = _one_pass_surrogate(model, guide_trace, x, self.num_particles, mask, bound=bound,
+                                  estimator=self.gradient, beta=beta)
+        if out is not None:
+            return out
+        return _reparameterized_surrogate(model, guide, x, self.num_particles, mask, bound=bound,
+                                          estimator=self.gradient, beta=beta,
+                                          objective_name=self.name, guide_trace=guide_trace)
 
     # -- to implement ------------------------------------------------------------------
     def _bound(self, model, guide, x, mask) -> torch.Tensor:  # pragma: no cover
@@ -640,9 +724,7 @@ class _Objective:
         return float(loss.detach())
 
     def __repr__(self) -> str:
-        extra = ("" if self.fast_path else ", fast_path=False") + (
-            ", compile=True" if self.compile else "")
-        return f"{type(self).__name__}({self._repr_args()}{extra})"
+        return f"{type(self).__name__}({self._repr_args()})"
 
 
 class ELBO(_Objective):
@@ -672,28 +754,17 @@ class ELBO(_Objective):
     gradient : ``"standard"`` | ``"stl"``
         ``"stl"`` drops the score term of :math:`\\log q` (Roeder et al. 2017): same
         expectation, zero variance at the exact posterior. Not combinable with ``analytic_kl``.
-    fast_path : bool
-        Score pairs that provide a Pyro-free path (:func:`pyro_free_terms`, e.g.
-        :class:`models.dlvm.DLVM`) with it: the same draws and numbers as tracing, a few
-        milliseconds less per call. ``False`` always traces. (``analytic_kl`` always traces: it
-        reads the distributions from the traces.)
-    compile : bool
-        Run the Pyro-free path through ``torch.compile`` (compiled on first use per shape,
-        which takes seconds; needs a working inductor backend, i.e. a C++ compiler on the CPU).
-        Pays off for many particles: measured 3-10% less time per training step at
-        ``K = 50`` on the CPU (``benchmarks/train_throughput.py``), little at ``K = 1``. Same
-        draws and estimator; the numbers differ from the eager ones by float rounding only.
     """
 
     supports_beta = True
 
     def __init__(self, num_particles: int = 1, analytic_kl: bool = False, beta: float = 1.0,
-                 gradient: str = "standard", fast_path: bool = True, compile: bool = False):
+                 gradient: str = "standard"):
         if gradient == "dreg":
             raise ValueError("ELBO: gradient='dreg' is an estimator for the importance-weighted "
                              "bound (use IWAE(K, gradient='dreg')); for the ELBO the doubly "
                              "reparameterized gradient reduces to gradient='stl'")
-        super().__init__(num_particles, gradient, ("standard", "stl"), fast_path, compile)
+        super().__init__(num_particles, gradient, ("standard", "stl"))
         if not isinstance(analytic_kl, bool):
             raise ValueError(f"analytic_kl must be True or False, got {analytic_kl!r}")
         if analytic_kl and gradient == "stl":
@@ -765,31 +836,13 @@ class ELBO(_Objective):
     def _integrand(self, terms: LogTerms) -> torch.Tensor:
         return terms.log_lik + self.beta * self._regularizer(terms)
 
-    def _pyro_free_integrand(self, model, guide, x, mask) -> Optional[torch.Tensor]:
-        terms_fn = None if self.analytic_kl else self._terms_fn(model, guide)
-        if terms_fn is None:
-            return None
-        terms = terms_fn(x, self.num_particles, mask)
-        return terms.log_lik + self.beta * (terms.log_prior - terms.log_q)
-
     def _bound(self, model, guide, x, mask):
-        integrand = self._pyro_free_integrand(model, guide, x, mask)
-        if integrand is None:
-            integrand = self._integrand(trace_log_terms(model, guide, x, self.num_particles, mask))
-        return elbo_from_log_weights(integrand)
+        return elbo_from_log_weights(
+            self._integrand(trace_log_terms(model, guide, x, self.num_particles, mask)))
 
     def _bound_and_surrogate(self, model, guide, x, mask):
         if self.gradient == "stl":
-            terms_fn = self._terms_fn(model, guide)
-            if terms_fn is not None:
-                return _pyro_free_surrogate(terms_fn, x, self.num_particles, mask, bound="elbo",
-                                            estimator="stl", beta=self.beta)
-            return _reparameterized_surrogate(model, guide, x, self.num_particles, mask,
-                                              bound="elbo", estimator="stl", beta=self.beta,
-                                              objective_name=self.name)
-        integrand = self._pyro_free_integrand(model, guide, x, mask)
-        if integrand is not None:
-            return elbo_from_log_weights(integrand), None
+            return self._surrogate(model, guide, x, mask, bound="elbo")
         guide_trace = _run_guide(guide, x, self.num_particles, mask)
         _require_reparameterized(guide_trace, self.name)
         terms = _score(model, None, x, self.num_particles, mask, guide_trace)
@@ -817,21 +870,14 @@ class IWAE(_Objective):
         signal-to-noise ratio that does not collapse as ``K`` grows; ``"stl"`` is biased for
         ``K > 1`` but zero-variance at the exact posterior. The model gradient is the standard
         one in all three.
-    fast_path : bool
-        As for :class:`ELBO`: pairs with a Pyro-free path are scored by it (same draws and
-        numbers; DReG then needs one forward and one backward pass instead of two of each).
-    compile : bool
-        As for :class:`ELBO`.
 
     ``beta`` is fixed at 1: a KL weight is not defined inside the log-mean-exp.
     """
 
     supports_beta = False
 
-    def __init__(self, num_particles: int = 5, gradient: str = "standard",
-                 fast_path: bool = True, compile: bool = False):
-        super().__init__(num_particles, gradient, ("standard", "dreg", "stl"), fast_path,
-                         compile)
+    def __init__(self, num_particles: int = 5, gradient: str = "standard"):
+        super().__init__(num_particles, gradient, ("standard", "dreg", "stl"))
 
     @property
     def beta(self) -> float:
@@ -853,21 +899,11 @@ class IWAE(_Objective):
         return f"num_particles={self.num_particles}, gradient={self.gradient!r}"
 
     def _bound(self, model, guide, x, mask):
-        return iwae_from_log_weights(log_weights(model, guide, x, self.num_particles, mask,
-                                                 fast_path=self.fast_path))
+        return iwae_from_log_weights(log_weights(model, guide, x, self.num_particles, mask))
 
     def _bound_and_surrogate(self, model, guide, x, mask):
-        terms_fn = self._terms_fn(model, guide)
-        if terms_fn is not None:
-            if self.gradient == "standard":
-                terms = terms_fn(x, self.num_particles, mask)
-                return iwae_from_log_weights(terms.log_lik + terms.log_prior - terms.log_q), None
-            return _pyro_free_surrogate(terms_fn, x, self.num_particles, mask, bound="iwae",
-                                        estimator=self.gradient)
         if self.gradient in ("dreg", "stl"):
-            return _reparameterized_surrogate(model, guide, x, self.num_particles, mask,
-                                              bound="iwae", estimator=self.gradient,
-                                              objective_name=self.name)
+            return self._surrogate(model, guide, x, mask, bound="iwae")
         guide_trace = _run_guide(guide, x, self.num_particles, mask)
         _require_reparameterized(guide_trace, self.name)
         terms = _score(model, None, x, self.num_particles, mask, guide_trace)

@@ -48,7 +48,6 @@ IJCAI.
 from __future__ import annotations
 
 import math
-import warnings
 from typing import Optional, Sequence, Tuple, Union
 
 import pyro
@@ -58,12 +57,11 @@ import torch.nn.functional as F
 from pyro.nn import PyroModule, pyro_method
 
 from . import validation
-from .base import HALF_LOG_2PI, LogWeightTerms, normal_log_prob, unique_module_name
-from .likelihoods import (DEFAULT_DF_BOUNDS, DEFAULT_SCALE_FLOOR, LIKELIHOOD_NAMES, Bernoulli,
-                          Gaussian, Likelihood, StudentT, make_likelihood)
+from .base import unique_module_name
+from .likelihoods import (DEFAULT_DF_BOUNDS, DEFAULT_SCALE_FLOOR, LIKELIHOOD_NAMES, Likelihood,
+                          make_likelihood)
 from .networks import mlp
-from .priors import (PRIOR_NAMES, MixturePrior, Prior, StandardNormalPrior, VampPrior,
-                     make_prior)
+from .priors import PRIOR_NAMES, Prior, StandardNormalPrior, make_prior
 
 __all__ = ["DLVM", "LectureDLVM"]
 
@@ -75,10 +73,6 @@ def _hidden_tuple(hidden, what: str) -> Tuple[int, ...]:
         return tuple(hidden)
     except TypeError:
         raise ValueError(f"{what} must be a sequence of layer widths, got {hidden!r}") from None
-
-
-def _is_bound_method(fn, owner, name: str) -> bool:
-    return getattr(fn, "__self__", None) is owner and getattr(fn, "__name__", None) == name
 
 
 class _AmortizedGaussianGuideMixin:
@@ -130,74 +124,6 @@ class _AmortizedGaussianGuideMixin:
         loc, scale = self._encode(x)
         with pyro.plate("data", x.shape[0], dim=-1):
             return pyro.sample("z", dist.Normal(loc, scale).to_event(1))
-
-
-def _has_pyro_attributes(module: torch.nn.Module) -> bool:
-    """Whether ``module`` or any submodule holds a ``PyroParam`` or ``PyroSample`` (a direct
-    walk over ``_modules``: ``nn.Module.modules()`` costs more than the rest of the check,
-    and this runs on every objective call)."""
-    stack = [module]
-    while stack:
-        attrs = stack.pop().__dict__
-        if attrs.get("_pyro_params") or attrs.get("_pyro_samples"):
-            return True
-        stack.extend(m for m in attrs["_modules"].values() if m is not None)
-    return False
-
-
-def _encode_rows(model, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    return model._encode(x)
-
-
-def _score_draws(model, x, mask, z, eps, loc, scale, stop_guide_params: bool):
-    """``(log p(x|z), log p(z), log q(z|x))`` ``[K, batch]`` of draws ``z = loc + eps * scale``."""
-    if stop_guide_params:
-        # only the path through the draws keeps a gradient
-        log_q = normal_log_prob(z, loc.detach(), scale.detach()).sum(-1)
-    else:
-        # (z - loc) / scale = eps: the same value (up to rounding) and total derivative, and
-        # log(scale) is summed once per row rather than once per draw
-        log_q = -0.5 * eps.pow(2).sum(-1) - (scale.log().sum(-1)
-                                              + model.latent_dim * HALF_LOG_2PI)
-    # the children straight from _modules: PyroModule.__getattr__ reads each instance's Pyro
-    # name, on which torch.compile would guard (one recompilation per model instance)
-    children = model._modules
-    log_prior = children["prior"].log_prob(z)
-    log_lik = children["likelihood"].log_prob(x, children["decoder"](z), mask)
-    return log_lik, log_prior, log_q
-
-
-def _terms_from_noise(model, x, mask, eps, stop_guide_params: bool):
-    loc, scale = model._encode(x)
-    return _score_draws(model, x, mask, loc + eps * scale, eps, loc, scale, stop_guide_params)
-
-
-def _float_dtype_and_device(model, x: torch.Tensor):
-    """The dtype and device of the encoder's output for input ``x`` (its first parameter's)."""
-    for param in model.encoder.parameters():
-        return param.dtype, param.device
-    return x.dtype, x.device
-
-
-#: torch.compile'd versions of the functions above, made on first use (one per process:
-#: dynamo keys its compiled graphs on the model instance, shapes and grad mode).
-_COMPILED: dict = {}
-
-
-def _compiled(name: str, fn):
-    if name not in _COMPILED:
-        compiled = torch.compile(fn)
-
-        def call(*args):
-            # dynamo reads .grad of the non-leaf inputs (loc, scale, z) when it wraps them,
-            # which makes torch warn about non-leaf .grad access; nothing of ours reads it
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message="The .grad attribute of a Tensor "
-                                        "that is not a leaf Tensor is being accessed")
-                return compiled(*args)
-
-        _COMPILED[name] = call
-    return _COMPILED[name]
 
 
 class DLVM(_AmortizedGaussianGuideMixin, PyroModule):
@@ -327,69 +253,6 @@ class DLVM(_AmortizedGaussianGuideMixin, PyroModule):
                 px = px.mask(mask)
             pyro.sample("x", px.to_event(1), obs=x)
         return out
-
-    # ------------------------------------------------------------------ Pyro-free path
-    #: The component types whose tensor code :meth:`log_weight_terms` reproduces exactly.
-    _DIRECT_PRIORS = (StandardNormalPrior, MixturePrior, VampPrior)
-    _DIRECT_LIKELIHOODS = (Bernoulli, Gaussian, StudentT)
-
-    def log_weight_terms_match(self, model_fn, guide_fn) -> bool:
-        """Whether :meth:`log_weight_terms` computes exactly what tracing ``(model_fn,
-        guide_fn)`` computes: both are this instance's own ``model`` and ``guide``, not
-        overridden by a subclass, with a library prior and likelihood (exact types) and no
-        ``PyroParam``/``PyroSample`` attributes (whose values Pyro may take from the parameter
-        store). Anything else is scored by tracing, which is always correct."""
-        for fn, name in ((model_fn, "model"), (guide_fn, "guide")):
-            if getattr(fn, "__self__", None) is not self:
-                return False
-            if getattr(fn, "__func__", None) is not getattr(DLVM, name):
-                return False
-        if type(self)._encode is not DLVM._encode:
-            return False
-        if type(self.prior) not in self._DIRECT_PRIORS \
-                or type(self.likelihood) not in self._DIRECT_LIKELIHOODS:
-            return False
-        if isinstance(self.prior, VampPrior) and not _is_bound_method(
-                self.prior._encoder_fn, self, "_encode"):
-            return False
-        return not _has_pyro_attributes(self)
-
-    def log_weight_terms(self, x: torch.Tensor, num_particles: int = 1,
-                         mask: Optional[torch.Tensor] = None, *, stop_guide_params: bool = False,
-                         latent_hook=None, compile: bool = False) -> LogWeightTerms:
-        """:math:`\\log p(x_i\\mid z_{ki})`, :math:`\\log p(z_{ki})`, :math:`\\log q(z_{ki}\\mid
-        x_i)`, each ``[K, batch]``, for ``K = num_particles`` reparameterized draws
-        :math:`z_{ki} = \\mu_\\phi(x_i) + \\sigma_\\phi(x_i)\\,\\varepsilon_{ki}`, computed with
-        plain tensor operations (no Pyro trace, no distribution objects on the common paths).
-
-        The draws consume the random number generator exactly as the traced guide does, so the
-        result equals :func:`inference.objectives.trace_log_terms` on ``(model, guide)`` at the
-        same seed, up to float rounding (the objectives use this path automatically; see
-        :class:`models.base.LogWeightTerms` for the protocol and the keyword arguments). Under
-        Pyro validation the data are checked as the model checks them; invalid network outputs
-        show up as non-finite terms.
-
-        ``compile=True`` runs the encoder and the scoring of the draws through
-        ``torch.compile`` (compiled once per shape and grad mode, which takes seconds; the
-        random draws and the gradient hook stay outside the compiled code).
-        """
-        x, mask = self._observed(x, mask)
-        if validation.per_call_data_checks():
-            self.likelihood.check_data(x, mask)
-        # Normal(loc, scale).rsample() under the particle plate draws eps ~ N(0, I) of shape
-        # [K, batch, d] in one generator call (the encoder draws nothing, so drawing first
-        # consumes the generator identically), then z = loc + eps * scale.
-        dtype, device = _float_dtype_and_device(self, x)
-        eps = torch.empty((num_particles, x.shape[0], self.latent_dim), dtype=dtype,
-                          device=device).normal_()
-        if latent_hook is None:
-            body = _compiled("terms", _terms_from_noise) if compile else _terms_from_noise
-            return LogWeightTerms(*body(self, x, mask, eps, stop_guide_params))
-        encode = _compiled("encode", _encode_rows) if compile else _encode_rows
-        score = _compiled("score", _score_draws) if compile else _score_draws
-        loc, scale = encode(self, x)
-        z = latent_hook(loc + eps * scale)
-        return LogWeightTerms(*score(self, x, mask, z, eps, loc, scale, stop_guide_params))
 
     # ------------------------------------------------------------------ conveniences
     def sample(self, n: int, *, mean: bool = False, return_latent: bool = False):

@@ -48,7 +48,7 @@ from torch import nn
 from .priors import inverse_softplus
 from .validation import check_binary, check_counts
 
-__all__ = ["Likelihood", "Bernoulli", "Gaussian", "StudentT", "make_likelihood",
+__all__ = ["Likelihood", "BinaryBernoulli", "Bernoulli", "Gaussian", "StudentT", "make_likelihood",
            "LIKELIHOOD_NAMES", "DEFAULT_SCALE_FLOOR", "DEFAULT_DF_BOUNDS",
            "Poisson", "NegativeBinomial", "Binomial", "Categorical", "OneHotGroups",
            "DEFAULT_DISPERSION_BOUNDS"]
@@ -86,6 +86,26 @@ def _check_floor(scale_floor) -> float:
     if not (floor >= 0 and math.isfinite(floor)):
         raise ValueError(f"scale_floor must be a finite number >= 0, got {scale_floor!r}")
     return floor
+
+
+class BinaryBernoulli(dist.Bernoulli):
+    """Pyro's ``Bernoulli`` with a cheaper ``log_prob`` for values in {0, 1}:
+
+    .. math:: \\log p(x \\mid \\eta) = -\\operatorname{softplus}\\big((1 - 2x)\\,\\eta\\big),
+
+    which is :math:`\\log\\sigma(\\eta)` at :math:`x = 1` and :math:`\\log\\sigma(-\\eta)` at
+    :math:`x = 0` (:math:`\\eta` = logits): the same numbers as torch's
+    ``-binary_cross_entropy_with_logits`` up to float rounding, in fewer passes over the
+    ``[..., p]`` logits, and ``(1 - 2x)`` broadcasts against particle dimensions without
+    expanding ``x``. Only valid for binary values (torch's formula also accepts fractional
+    ones), which argument validation enforces; :class:`Bernoulli` uses it unless
+    ``allow_fractional=True``. Sampling, ``expand``, ``mean`` etc. are Pyro's.
+    """
+
+    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        if self._validate_args:
+            self._validate_sample(value)
+        return -F.softplus((1 - 2 * value) * self.logits)
 
 
 class Likelihood(PyroModule):
@@ -212,30 +232,11 @@ class Bernoulli(Likelihood):
         (logits,) = self.split(decoder_output)
         if self.allow_fractional:
             return dist.Bernoulli(logits=logits, validate_args=False)
-        return dist.Bernoulli(logits=logits)
+        return BinaryBernoulli(logits=logits)
 
     def mean(self, decoder_output):
         (logits,) = self.split(decoder_output)
         return torch.sigmoid(logits)
-
-    def log_prob(self, x, decoder_output, mask=None):
-        """For binary data (``allow_fractional=False``) computed as
-        :math:`-\\sum_j \\operatorname{softplus}((1 - 2x_j)\\,\\eta_j)`, which is
-        :math:`\\log\\sigma(\\eta_j)` for :math:`x_j = 1` and :math:`\\log\\sigma(-\\eta_j)` for
-        :math:`x_j = 0`: the binary cross-entropy, in fewer passes over the ``[..., p]``
-        logits than ``binary_cross_entropy_with_logits`` (which also accepts fractional
-        targets, and is used when ``allow_fractional=True``). Equal to torch's
-        ``Bernoulli(logits=...).log_prob`` up to float rounding for values in {0, 1}; other
-        values are invalid data for this likelihood (:meth:`check_data`)."""
-        (logits,) = self.split(decoder_output)
-        if self.allow_fractional:
-            nll = F.binary_cross_entropy_with_logits(logits, x.expand_as(logits),
-                                                     reduction="none")
-        else:
-            nll = F.softplus((1 - 2 * x) * logits)
-        if mask is not None:
-            nll = torch.where(mask, nll, nll.new_zeros(()))
-        return -nll.sum(-1)
 
     def check_data(self, x, mask=None):
         check_binary(x, name="data", allow_fractional=self.allow_fractional, mask=mask)

@@ -47,8 +47,6 @@ import torch.nn.functional as F
 from pyro.nn import PyroModule
 from torch import nn
 
-from .base import HALF_LOG_2PI
-
 __all__ = ["Prior", "StandardNormalPrior", "MixturePrior", "VampPrior", "make_prior",
            "PRIOR_NAMES", "DiagonalGaussianMixture"]
 
@@ -129,12 +127,6 @@ class StandardNormalPrior(Prior):
 
     def distribution(self) -> dist.TorchDistribution:
         return dist.Normal(self.loc, self.scale).to_event(1)
-
-    def log_prob(self, z: torch.Tensor) -> torch.Tensor:
-        # -|z|^2 / 2 - d log(2 pi) / 2 without distribution objects (the loc/scale buffers are
-        # 0 and 1 by construction)
-        z = self._check_z(z)
-        return -0.5 * z.pow(2).sum(-1) - self.latent_dim * HALF_LOG_2PI
 
 
 class DiagonalGaussianMixture(dist.MixtureSameFamily):
