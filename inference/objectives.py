@@ -103,6 +103,7 @@ import pyro.poutine as poutine
 from pyro.distributions.torch_distribution import ExpandedDistribution, MaskedDistribution
 from pyro.distributions.util import scale_and_mask
 from pyro.poutine.messenger import Messenger
+from pyro.poutine.runtime import _PYRO_STACK
 from pyro.poutine.util import site_is_subsample
 import torch
 from torch.distributions import Distribution, TransformedDistribution
@@ -220,13 +221,36 @@ class _SiteRecorder(Messenger):
         self.trace.add_node(msg["name"], **msg)
 
 
+class _StoredParams(Messenger):
+    """Answers a ``pyro.param`` statement for a name already in the parameter store with
+    ``store[name]``, what the store itself returns (the initial value is then ignored), and
+    stops the message there.
+
+    Used only when no handler was active before the objective's own (:func:`_record`): then
+    the frames it skips, the recorder and the particle plate, have nothing to do with
+    parameters, and ``pyro.module`` / ``PyroModule`` statements, one per parameter tensor on
+    every call, no longer walk them. Any outer handler (Pyro's ``SVI`` and ``fit`` collect the
+    parameters with ``poutine.trace(param_only=True)``) sees every statement as usual.
+    """
+
+    def _pyro_param(self, msg) -> None:
+        store = pyro.get_param_store()
+        if msg["name"] in store:
+            msg["value"] = store[msg["name"]]
+            msg["done"] = msg["stop"] = True
+
+
 def _record(fn: Callable, x: torch.Tensor, num_particles: int, mask: Optional[torch.Tensor],
             replay: Optional[poutine.Trace] = None) -> poutine.Trace:
     """Run ``fn(x, mask=mask)`` once with ``num_particles`` vectorized particles (a plate on
     the left of the data plate) and return its sample sites."""
     recorder = _SiteRecorder(replay)
-    with recorder, pyro.plate(PARTICLE_PLATE, num_particles, dim=-2):
-        fn(x, mask=mask)
+    if _PYRO_STACK:
+        with recorder, pyro.plate(PARTICLE_PLATE, num_particles, dim=-2):
+            fn(x, mask=mask)
+    else:
+        with recorder, pyro.plate(PARTICLE_PLATE, num_particles, dim=-2), _StoredParams():
+            fn(x, mask=mask)
     return recorder.trace
 
 
