@@ -1,10 +1,16 @@
 """The engine (inference/engine.py): one device policy (an evaluation leaves the pair where, in
 the mode and with the parameters it found it), one chunk policy (every entry point plans its
 chunks with the same element budget), one data validation."""
+import math
+
+import numpy as np
 import pyro
 import pyro.distributions as dist
 import pytest
 import torch
+
+from pyro_lvm.inference.engine import (DEFAULT_MAX_ELEMENTS, StreamingImportanceStats,
+                                       default_max_elements, pair_eval_width, plan_chunks)
 
 from pyro_lvm.inference import (diagnose, elbo, engine, fit, importance_diagnostics,
                                 latent_usage, log_likelihood, reconstruction_error)
@@ -184,3 +190,111 @@ def test_plain_function_pairs_are_evaluated_on_a_snapshot_of_their_parameters():
             pyro.get_param_store()["loc"] = torch.zeros(P)  # changes stay inside
             assert s.module is None
         assert torch.equal(pyro.param("loc"), torch.full((P,), 3.0))
+
+
+# ---- streaming statistics and chunk planning -----------------------------------------
+F64 = torch.float64
+
+
+def direct_stats(lw: torch.Tensor):
+    K = lw.shape[0]
+    log_px = torch.logsumexp(lw, 0) - math.log(K)
+    w = torch.exp(lw - lw.max(0).values)  # normalized weights (ratios are scale free)
+    ess = w.sum(0) ** 2 / (w ** 2).sum(0)
+    var_w = w.var(0, unbiased=True)
+    se = torch.sqrt(var_w / (K * w.mean(0) ** 2))
+    return dict(log_px=log_px, ess=ess, se=se, elbo=lw.mean(0), elbo_se=lw.std(0) / math.sqrt(K))
+
+
+@pytest.mark.parametrize("chunks", [[257], [1] * 257, [5] * 51 + [2], [64, 1, 100, 92], [200, 57]])
+def test_streaming_stats_equal_direct_computation(chunks):
+    g = torch.Generator().manual_seed(3)
+    K, n = 257, 6
+    # Wildly different magnitudes per row (a naive exp would overflow / underflow), and the
+    # largest weight arriving late in one row so that the running max must rescale the sums.
+    lw = torch.randn(K, n, generator=g, dtype=F64) * torch.tensor([0.1, 1.0, 5.0, 30.0, 1.0, 2.0],
+                                                                  dtype=F64)
+    lw = lw + torch.tensor([-1e4, 0.0, 500.0, -800.0, 3.0, 1e3], dtype=F64)
+    lw[-1, 4] = 40.0
+    acc = StreamingImportanceStats(n)
+    start = 0
+    for size in chunks:
+        acc.update(lw[start:start + size])
+        start += size
+    assert start == K
+    got, want = acc.result(), direct_stats(lw)
+    for key in ("log_px", "ess", "se", "elbo", "elbo_se"):
+        np.testing.assert_allclose(got[key], want[key].numpy(), rtol=1e-9, atol=1e-9, err_msg=key)
+
+
+def test_streaming_stats_zero_weights_and_single_particle():
+    lw = torch.tensor([[-math.inf, 0.0], [-math.inf, -math.inf], [-math.inf, 1.0]], dtype=F64)
+    acc = StreamingImportanceStats(2)
+    for k in range(3):
+        acc.update(lw[k:k + 1])
+    r = acc.result()
+    assert r["log_px"][0] == -math.inf  # p-hat = 0 is reported as it is, not as NaN
+    np.testing.assert_allclose(r["log_px"][1], (torch.logsumexp(lw[:, 1], 0) - math.log(3)).item())
+    single = StreamingImportanceStats(2)
+    single.update(torch.zeros(1, 2))
+    out = single.result()
+    assert np.all(np.isnan(out["se"])) and np.all(np.isnan(out["elbo_se"]))
+    with pytest.raises(ValueError, match="shape"):
+        single.update(torch.zeros(3, 5))
+
+
+def test_plan_chunks_respects_element_budget():
+    for n, K, width, budget in [(10000, 5000, 784, 2 ** 25), (7, 3, 5, 10 ** 6),
+                                (1000, 100000, 61, 2 ** 20), (50, 10, 100, 999)]:
+        rows, particles = plan_chunks(n, K, width, max_elements=budget)
+        assert 1 <= rows <= n and 1 <= particles <= K
+        assert rows * particles * width <= budget
+    # everything fits: a single chunk
+    assert plan_chunks(7, 3, 5, max_elements=10 ** 6) == (7, 3)
+    # one particle of one row is always allowed, even over budget
+    assert plan_chunks(10, 10, 1000, max_elements=10) == (1, 1)
+    # user-chosen sizes are honored; the other one is derived from the budget
+    assert plan_chunks(100, 1000, 10, chunk_size=50, batch_size=7) == (7, 50)
+    rows, particles = plan_chunks(100, 1000, 10, max_elements=10000, batch_size=4)
+    assert rows == 4 and particles == 250
+    with pytest.raises(ValueError, match="chunk_size"):
+        plan_chunks(10, 10, 10, chunk_size=0)
+    assert default_max_elements("cpu") == DEFAULT_MAX_ELEMENTS
+
+
+def test_pair_eval_width_hint_is_validated_and_shrinks_chunks():
+
+    class Hinted:
+        def __init__(self, hint):
+            self.eval_width = hint
+
+    assert pair_eval_width(object()) == 0
+    assert pair_eval_width(Hinted(64)) == 64
+    for bad in (0, -3, 2.5, "wide", True):
+        with pytest.raises(ValueError, match="eval_width"):
+            pair_eval_width(Hinted(bad))
+
+
+def test_release_host_memory_returns_freed_heap_blocks_to_the_os():
+    import ctypes.util
+    import platform
+
+    from pyro_lvm.inference.engine import release_host_memory
+
+    release_host_memory()  # a no-op where there is no glibc; must not fail
+    if platform.system() != "Linux" or "c" not in (ctypes.util.find_library("c") or ""):
+        pytest.skip("malloc_trim is glibc's")
+
+    def rss_mib():
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * 4096 / 2**20
+
+    big = torch.ones(4 * 2**20)  # a freed 16 MiB block raises glibc's mmap threshold...
+    del big
+    blocks = [torch.ones(2**20) for _ in range(100)]  # ...so these 4 MiB blocks use the heap
+    keep = blocks[-1]  # pins the heap top: free() alone cannot give the rest back
+    del blocks
+    before = rss_mib()
+    release_host_memory()
+    assert rss_mib() < before - 200, (before, rss_mib())
+    del keep

@@ -15,7 +15,9 @@ import torch
 from pyro_lvm.inference.objectives import trace_log_terms
 from pyro_lvm.inference import engine
 from pyro_lvm.inference.objectives import ELBO
-from pyro_lvm.inference.diagnostics._common import (_check_int, _check_positive, _chunk_sizes, _flatten_event, _guide_sites, _prepare, _progress, _seeded)
+from pyro_lvm.inference.diagnostics._common import (_check_int, _check_positive, _chunk_sizes,
+                                                    _flatten_event, _guide_sites, _prepare,
+                                                    _progress, _seeded)
 from pyro_lvm.inference.diagnostics.latent import _unwrap_independent
 
 

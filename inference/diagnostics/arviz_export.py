@@ -15,7 +15,9 @@ import torch
 
 from pyro_lvm.inference.objectives import trace_log_terms
 from pyro_lvm.inference import engine
-from pyro_lvm.inference.diagnostics._common import (_check_int, _chunk_sizes, _flatten_event, _guide_sites, _latent_labels, _observed_data_site, _prepare, _seeded)
+from pyro_lvm.inference.diagnostics._common import (_check_int, _chunk_sizes, _flatten_event,
+                                                    _guide_sites, _latent_labels,
+                                                    _observed_data_site, _prepare, _seeded)
 from pyro_lvm.inference.diagnostics.bundle import Diagnostics
 from pyro_lvm.inference.diagnostics.importance import ImportanceDiagnostics, _logsumexp, _weight_summaries, importance_diagnostics
 from pyro_lvm.inference.diagnostics.latent import LatentUsage, latent_usage

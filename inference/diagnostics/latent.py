@@ -17,7 +17,9 @@ from torch.distributions import kl_divergence
 from pyro_lvm.inference.objectives import trace_log_terms
 from pyro_lvm.inference import engine
 from pyro_lvm.inference.kl import closed_form_kl
-from pyro_lvm.inference.diagnostics._common import (_check_int, _check_positive, _chunk_sizes, _flatten_event, _guide_sites, _latent_labels, _prepare, _progress, _seeded)
+from pyro_lvm.inference.diagnostics._common import (_check_int, _check_positive, _chunk_sizes,
+                                                    _flatten_event, _guide_sites, _latent_labels,
+                                                    _prepare, _progress, _seeded)
 
 
 def _unwrap_independent(fn) -> Tuple[Any, int]:

@@ -14,7 +14,9 @@ import torch
 
 
 from pyro_lvm.inference.objectives import PARTICLE_PLATE
-from pyro_lvm.inference.diagnostics._common import (_BUILTIN_STATISTICS, _chunk_sizes, _Prepared, _check_int, _observed_data_site, _prepare, _progress, _seeded)
+from pyro_lvm.inference.diagnostics._common import (_BUILTIN_STATISTICS, _chunk_sizes, _Prepared,
+                                                    _check_int, _observed_data_site, _prepare,
+                                                    _progress, _seeded)
 
 
 def _vectorized(fn: Callable, num: int) -> Callable:
