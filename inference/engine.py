@@ -104,6 +104,13 @@ def isolated_param_store(state=None) -> Iterator[dict]:
     models with the same parameter names would silently share (or overwrite) tensors.
     Every fit and evaluation runs inside this context; the global store is restored after.
     Yields the scoped store's state dict (it keeps any ``pyro.param`` created inside).
+
+    Pyro's own alternative, ``pyro.settings.set(module_local_params=True)``, is not used: it is
+    a process-wide switch (it would change how a user's other PyroModules behave), modules
+    must be built under the same setting they are used with, and with it Pyro's own
+    ``SVI`` fails on PyroModule parameters (``'Parameter' object has no attribute
+    'unconstrained'``, seen with tests/test_dlvm.py), so a scoped store per fit (plus a unique
+    name per model instance, :func:`pyro_lvm.models.base.unique_module_name`) is kept.
     """
     with pyro.get_param_store().scope(state) as scoped_state:
         yield scoped_state

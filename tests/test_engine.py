@@ -298,3 +298,11 @@ def test_release_host_memory_returns_freed_heap_blocks_to_the_os():
     release_host_memory()
     assert rss_mib() < before - 200, (before, rss_mib())
     del keep
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_log_likelihood_on_cuda_leaves_the_model_on_the_cpu():
+    model = small_dlvm()
+    log_likelihood(model, binary_data(), num_samples=4, device="cuda", progress=False)
+    assert all(p.device.type == "cpu" for p in model.parameters())
