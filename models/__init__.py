@@ -6,6 +6,7 @@
 - :mod:`pyro_lvm.models.dlvm`: deep latent variable models (VAEs) built from :mod:`pyro_lvm.models.priors`,
   :mod:`pyro_lvm.models.likelihoods` and :mod:`pyro_lvm.models.networks`.
 """
+from pyro_lvm.models.bernoulli_mixture import BernoulliMixture
 from pyro_lvm.models.dlvm import DLVM, LectureDLVM
 from pyro_lvm.models.likelihoods import (Bernoulli, Binomial, Categorical, Gaussian, Likelihood,
                                          NegativeBinomial, Poisson, StudentT, make_likelihood)
@@ -21,4 +22,5 @@ __all__ = [
     "Likelihood", "Bernoulli", "Gaussian", "StudentT", "make_likelihood",
     "Poisson", "NegativeBinomial", "Binomial", "Categorical",
     "mlp", "check_data", "check_mask", "check_binary",
+    "BernoulliMixture",
 ]
