@@ -7,6 +7,7 @@
   :mod:`pyro_lvm.models.likelihoods` and :mod:`pyro_lvm.models.networks`.
 """
 from pyro_lvm.models.bernoulli_mixture import BernoulliMixture
+from pyro_lvm.models.made import MADE
 from pyro_lvm.models.dlvm import DLVM, LectureDLVM
 from pyro_lvm.models.likelihoods import (Bernoulli, Binomial, Categorical, Gaussian, Likelihood,
                                          NegativeBinomial, Poisson, StudentT, make_likelihood)
@@ -22,5 +23,5 @@ __all__ = [
     "Likelihood", "Bernoulli", "Gaussian", "StudentT", "make_likelihood",
     "Poisson", "NegativeBinomial", "Binomial", "Categorical",
     "mlp", "check_data", "check_mask", "check_binary",
-    "BernoulliMixture",
+    "BernoulliMixture", "MADE",
 ]
