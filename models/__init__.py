@@ -14,6 +14,7 @@ from pyro_lvm.models.likelihoods import (Bernoulli, Binomial, Categorical, Gauss
 from pyro_lvm.models.linear import PPCA, FactorAnalysis
 from pyro_lvm.models.poisson_pca import PoissonPCA
 from pyro_lvm.models.networks import mlp
+from pyro_lvm.models.rbm import RBM, AISResult
 from pyro_lvm.models.priors import MixturePrior, Prior, StandardNormalPrior, VampPrior, make_prior
 from pyro_lvm.models.validation import check_binary, check_data, check_mask
 
@@ -23,5 +24,5 @@ __all__ = [
     "Likelihood", "Bernoulli", "Gaussian", "StudentT", "make_likelihood",
     "Poisson", "NegativeBinomial", "Binomial", "Categorical",
     "mlp", "check_data", "check_mask", "check_binary",
-    "BernoulliMixture", "MADE",
+    "BernoulliMixture", "MADE", "RBM", "AISResult",
 ]
