@@ -12,7 +12,8 @@
 """
 from pyro_lvm.models.autoencoders import Autoencoder, DenoisingAutoencoder, LinearAutoencoder
 from pyro_lvm.models.bernoulli_mixture import BernoulliMixture
-from pyro_lvm.models.flows import ConditionalIAF, FlowPrior, IAFGuide
+from pyro_lvm.models.exact_pair import ExactLikelihoodPair
+from pyro_lvm.models.flows import ConditionalIAF, FlowPrior, IAFGuide, IAFGuidedDLVM
 from pyro_lvm.models.made import MADE
 from pyro_lvm.models.rbm import RBM, AISResult
 from pyro_lvm.models.dlvm import DLVM, LectureDLVM
@@ -30,5 +31,5 @@ __all__ = [
     "Likelihood", "Bernoulli", "Gaussian", "StudentT", "make_likelihood",
     "Poisson", "NegativeBinomial", "Binomial", "Categorical",
     "mlp", "check_data", "check_mask", "check_binary",
-    "LinearAutoencoder", "Autoencoder", "DenoisingAutoencoder", "BernoulliMixture", "IAFGuide", "ConditionalIAF", "FlowPrior", "MADE", "RBM", "AISResult",
+    "LinearAutoencoder", "Autoencoder", "DenoisingAutoencoder", "BernoulliMixture", "ExactLikelihoodPair", "IAFGuide", "ConditionalIAF", "FlowPrior", "IAFGuidedDLVM", "MADE", "RBM", "AISResult",
 ]

@@ -32,8 +32,9 @@ cheap and sampling takes :math:`d` sequential passes per step.
 
 Both keep the model/guide contract: the guide's site ``"z"`` inside ``pyro.plate("data")`` with
 event shape ``[d]`` (the base Gaussian is ``.to_event(1)``), reparameterized, so ``fit``, IWAE
-with DReG / STL, ``log_likelihood`` and k-hat work on them unchanged; the DLVM takes them as
-``DLVM(..., guide_flows=T)`` and ``DLVM(..., prior=FlowPrior(d, T))``.
+with DReG / STL, ``log_likelihood`` and k-hat work on them unchanged. A DLVM takes them as
+``IAFGuidedDLVM(DLVM(...), num_flows=T)`` (the guide switch; a pair with the DLVM's model)
+and ``DLVM(..., prior=FlowPrior(d, T))``.
 
 References
 ----------
@@ -59,7 +60,7 @@ from .base import unique_module_name
 from .networks import mlp
 from .priors import Prior
 
-__all__ = ["ConditionalIAF", "IAFGuide", "FlowPrior"]
+__all__ = ["ConditionalIAF", "IAFGuide", "FlowPrior", "IAFGuidedDLVM"]
 
 
 def _positive_int(value, what: str) -> int:
@@ -122,8 +123,8 @@ class IAFGuide(PyroModule):
     """A self-contained amortized IAF guide :math:`q_\\phi(z \\mid x)` (see module docstring).
 
     Pair it with any model whose latent site ``"z"`` (event shape ``[d]``) sits inside
-    ``pyro.plate("data", n, dim=-1)``, e.g. ``(dlvm.model, IAFGuide(...).guide)``; or use
-    ``DLVM(..., guide_flows=T)``, which builds the same flow on the DLVM's own encoder.
+    ``pyro.plate("data", n, dim=-1)``, e.g. ``(dlvm.model, IAFGuide(...).guide)``, or
+    :class:`IAFGuidedDLVM` for a DLVM.
 
     Parameters
     ----------
@@ -216,3 +217,70 @@ class FlowPrior(Prior):
 
     def extra_repr(self) -> str:
         return f"latent_dim={self.latent_dim}, num_flows={self.num_flows}"
+
+
+class IAFGuidedDLVM(nn.Module):
+    """A :class:`~pyro_lvm.models.dlvm.DLVM`'s model with an :class:`IAFGuide` as its guide:
+    ``IAFGuidedDLVM(DLVM(...), num_flows=T)`` is this project's ``guide_flows=T`` switch.
+
+    The IAF guide has its own encoder with the DLVM's encoder widths and activation (plus the
+    context output); the DLVM's own Gaussian encoder is not used. ``model``, ``sample``,
+    ``check_data`` and ``eval_width`` are the DLVM's; ``reconstruct`` decodes the flow
+    applied to the base mean. A VampPrior is refused: its components are the DLVM's Gaussian
+    encoder at the pseudo-inputs, which this guide does not train.
+
+    Parameters
+    ----------
+    dlvm : DLVM
+    num_flows : int
+        ``T`` IAF steps.
+    context_dim : int, optional
+        Width of the encoder's context (default ``latent_dim``).
+    flow_hidden : sequence of int, optional
+        Hidden widths of each step's MADE.
+    """
+
+    def __init__(self, dlvm, num_flows: int = 2, context_dim: Optional[int] = None,
+                 flow_hidden: Optional[Sequence[int]] = None):
+        super().__init__()
+        from .priors import VampPrior
+
+        if isinstance(dlvm.prior, VampPrior):
+            raise ValueError("IAFGuidedDLVM does not support the VampPrior: its components are "
+                             "the DLVM's Gaussian encoder, which the IAF guide replaces; use "
+                             "prior='normal', 'mixture' or a FlowPrior")
+        config = dlvm.config
+        self.dlvm = dlvm
+        self.iaf = IAFGuide(dlvm.data_dim, dlvm.latent_dim, num_flows,
+                            hidden=config["encoder_hidden"], context_dim=context_dim,
+                            flow_hidden=flow_hidden, activation=config["activation"],
+                            min_scale=dlvm.min_encoder_scale)
+        self.data_dim, self.latent_dim = dlvm.data_dim, dlvm.latent_dim
+        self.config = {**config, "guide": "iaf", "guide_flows": num_flows}
+
+    def model(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None):
+        """The DLVM's model."""
+        return self.dlvm.model(x, mask)
+
+    def guide(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None):
+        """The IAF guide (site ``"z"``)."""
+        return self.iaf.guide(x, mask)
+
+    def sample(self, n: int, **kwargs):
+        return self.dlvm.sample(n, **kwargs)
+
+    def reconstruct(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """:math:`E[x \\mid z]` at :math:`z` = the flow applied to the base mean, ``[n, p]``."""
+        x, _ = self.dlvm._observed(x, mask)
+        with torch.no_grad():
+            z, _, context = self.iaf.encode(x)
+            for step in self.iaf.flow.transforms(context):
+                z = step(z)
+            return self.dlvm.likelihood.mean(self.dlvm.decoder(z))
+
+    def check_data(self, x, mask=None) -> torch.Tensor:
+        return self.dlvm.check_data(x, mask)
+
+    @property
+    def eval_width(self) -> int:
+        return self.dlvm.eval_width

@@ -20,7 +20,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 STUDIES_DIR = REPO / "studies"
 #: Every study script; the coverage test fails when a script is not listed here.
 STUDY_SCRIPTS = ("compare_priors", "compare_objectives", "compare_observation_models",
-                 "linear_models")
+                 "linear_models", "compare_families")
 NOT_STUDIES = {"__init__", "_checkout", "datasets"}
 #: Metrics that must be reproduced exactly by a resumed study (timings excluded).
 REPRODUCIBLE = ("test_log_likelihood", "test_log_likelihood_se", "test_elbo", "kl",
@@ -71,6 +71,10 @@ def test_study_script_smoke(script, tmp_path, capsys):
         assert set(table["outlier_fraction"]) == {0.0, 0.05}
         assert result.findings and meta["findings"] == result.findings
         assert "Gaussian minus Student-t degradation" in out
+    if script == "compare_families":  # every run labelled with what its log-likelihood is
+        assert set(table["likelihood_kind"]) <= {"exact", "IS", "AIS"}
+        assert (table.loc[table["likelihood_kind"] == "exact", "test_log_likelihood_se"] == 0).all()
+        assert "published" in out
     if script == "linear_models":  # exact fits: the IS estimate equals the exact value
         exact = table[table["fit_method"] == "exact"]
         np.testing.assert_allclose(exact["test_log_likelihood"], exact["exact_test_log_likelihood"],

@@ -159,7 +159,8 @@ def _fit_evaluate_save(config: RunConfig, dataset: Dataset, run_dir: pathlib.Pat
             fit_exact(model, dataset, config)
             model = model.to(device)
             history = None
-            result["objective"] = "exact (closed form)" if config.model == "ppca" else "exact (EM)"
+            result["objective"] = getattr(model, "fit_description", None) or (
+                "exact (closed form)" if config.model == "ppca" else "exact (EM)")
         elif config.fit_method == "svi":
             model, history, objective, fitted = _fit_svi(model, dataset, config, device,
                                                          result["notes"], progress)
