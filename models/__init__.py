@@ -31,5 +31,7 @@ __all__ = [
     "Likelihood", "Bernoulli", "Gaussian", "StudentT", "make_likelihood",
     "Poisson", "NegativeBinomial", "Binomial", "Categorical",
     "mlp", "check_data", "check_mask", "check_binary",
-    "LinearAutoencoder", "Autoencoder", "DenoisingAutoencoder", "BernoulliMixture", "ExactLikelihoodPair", "IAFGuide", "ConditionalIAF", "FlowPrior", "IAFGuidedDLVM", "MADE", "RBM", "AISResult",
+    "BernoulliMixture", "MADE", "RBM", "AISResult", "ExactLikelihoodPair",
+    "LinearAutoencoder", "Autoencoder", "DenoisingAutoencoder",
+    "IAFGuide", "ConditionalIAF", "FlowPrior", "IAFGuidedDLVM",
 ]
