@@ -64,6 +64,8 @@ ANCHORS = {
     "rbm": "86.34 (500 hidden, CD-25, AIS; Larochelle & Murray 2011)",
     "made": "88.40 (1 hidden layer); 86.64 (2 layers, 32 masks) (Germain et al. 2015)",
 }
+#: Rows per split unless --max-rows is given (binarized MNIST has 50000 / 10000 / 10000).
+DEFAULT_MAX_ROWS = 1000
 #: Hidden layers up to this size get the exact log Z (2^20 states) instead of AIS.
 RBM_EXACT_HIDDEN = 20
 
@@ -190,11 +192,14 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="IAF steps of the flow guide (default: %(default)s)")
     g.add_argument("--num-pseudo-inputs", type=runner.positive_int, default=None,
                    help="VampPrior pseudo-inputs (default: 50 for digits, 100 otherwise)")
-    return runner.parse_study_args(parser, argv, smoke={
+    args = runner.parse_study_args(parser, argv, smoke={
         "num_components": lambda a: min(a.num_components, 5),
         "rbm_hidden": lambda a: min(a.rbm_hidden, 8), "ais_betas": lambda a: min(a.ais_betas, 200),
         "ais_runs": lambda a: min(a.ais_runs, 20), "made_hidden": lambda a: min(a.made_hidden, 32),
         "num_pseudo_inputs": lambda a: min(a.num_pseudo_inputs or 10, 10)})
+    if "max_rows" not in args.given and args.max_rows is None:
+        args.max_rows = DEFAULT_MAX_ROWS    # CPU-sized default; --max-rows 50000 for all rows
+    return args
 
 
 def build_grid(args: argparse.Namespace, dataset) -> list:
