@@ -72,9 +72,13 @@ class ExactLikelihoodPair(nn.Module):
         self.likelihood_kind = likelihood_kind
         self.data_dim = int(getattr(base, "data_dim", getattr(base, "num_visible", 0)))
         self._log_prob = log_prob or getattr(base, "log_marginal", None) or base.log_prob
+        if likelihood_kind != "exact":
+            # not an exact value: evaluation entry points must not report it as one
+            self.log_marginal = None
 
     def log_marginal(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """:math:`\\log p(x)` per row, ``[n]`` (no missing entries)."""
+        """:math:`\\log p(x)` per row, ``[n]`` (no missing entries); absent (None) unless
+        ``likelihood_kind="exact"``."""
         if mask is not None and not bool(mask.all()):
             raise ValueError(f"{type(self.base).__name__} cannot score rows with missing entries")
         return self._log_prob(x)
