@@ -22,8 +22,11 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
 
+from pyro_lvm.inference import reliability
+
 __all__ = [
-    "KHAT_THRESHOLDS",
+    "KHAT_BAD",
+    "level_colors",
     "figure_to_data_uri",
     "image_mosaic",
     "khat_distribution",
@@ -38,10 +41,8 @@ __all__ = [
     "samples_grid",
 ]
 
-#: Pareto k-hat reference lines (Vehtari et al. 2024, "Pareto smoothed importance sampling"):
-#: below 0.5 good, 0.5-0.7 (both ends included) usable, above 0.7 the importance weights are
-#: unreliable; the same boundaries as ``inference.diagnostics`` (KHAT_GOOD, KHAT_OK).
-KHAT_THRESHOLDS = (0.5, 0.7)
+#: Pareto k-hat above which no practical number of draws helps (Vehtari et al. 2024).
+KHAT_BAD = reliability.KHAT_BAD
 _DPI = 80
 _PANEL = (3.6, 2.8)  # inches per facet
 _MAX_COLS = 3
@@ -72,6 +73,18 @@ def _facets(n: int, *, panel=_PANEL, max_cols: int = _MAX_COLS, sharey=False, sh
     return fig, axes[:n]
 
 
+def level_colors(levels: Sequence[str]) -> dict[str, tuple]:
+    """One colour per level of a factor (colour-blind safe), the same in every figure."""
+    levels = list(dict.fromkeys(str(v) for v in levels))
+    palette = sns.color_palette("colorblind", max(len(levels), 1))
+    return dict(zip(levels, palette))
+
+
+#: Line styles telling apart the levels of a second setting (e.g. the objective).
+LINE_STYLES = ("-", "--", ":", "-.")
+HATCHES = ("", "//", "..", "xx")
+
+
 def _as_labels(values: pd.Series) -> pd.Series:
     """Category labels as plain strings; missing values become "—" (pandas' string dtype would
     keep them missing, which seaborn cannot place on a categorical axis)."""
@@ -96,52 +109,56 @@ def _check_2d(array, name: str) -> np.ndarray:
 
 def learning_curves(
     histories: Mapping[str, pd.DataFrame],
-    groups: Mapping[str, str],
+    panels: Mapping[str, str],
+    colors: Mapping[str, tuple],
+    legend: Mapping[str, str],
     *,
-    line_labels: Mapping[str, str] | None = None,
     ylabel: str = "objective per data row (nats)",
 ) -> str | None:
-    """Train (solid) and validation (dashed) objective per epoch, one panel per configuration.
+    """Train (solid) and validation (dashed) objective per epoch, one line per run.
 
     Parameters
     ----------
     histories : mapping run_id -> DataFrame
         ``history.csv`` of each run (columns ``epoch``, ``train_objective`` and optionally
         ``valid_objective``); rows are averaged per epoch, so per-step logs work too.
-    groups : mapping run_id -> str
-        The configuration label of each run (one panel per label); lines are seeds.
-    line_labels : mapping run_id -> str, optional
-        Legend entry of each run's pair of lines (default: the run id), e.g. ``"seed 0"``.
+    panels : mapping run_id -> str
+        The panel of each run (e.g. its objective: runs optimizing the same bound share one);
+        panels share their y axis, so curves are comparable across them.
+    colors : mapping run_id -> colour
+        The colour of the level of the study's factor a run belongs to.
+    legend : mapping run_id -> str
+        The legend entry of the run's colour (its factor level; one entry per level).
     """
-    line_labels = dict(line_labels or {})
     usable = {rid: h for rid, h in histories.items()
               if h is not None and "train_objective" in h.columns and len(h) > 0}
     if not usable:
         return None
-    labels = list(dict.fromkeys(groups.get(rid, rid) for rid in usable))
-    fig, axes = _facets(len(labels))
-    palette = sns.color_palette("colorblind", 10)
-    for ax, label in zip(axes, labels):
-        run_ids = [rid for rid in usable if groups.get(rid, rid) == label]
-        for i, rid in enumerate(run_ids):
+    names = list(dict.fromkeys(panels.get(rid, "") for rid in usable))
+    fig, axes = _facets(len(names), panel=(4.2, 3.0), sharey=True)
+    handles: dict[str, Line2D] = {}
+    for ax, name in zip(axes, names):
+        for rid in [r for r in usable if panels.get(r, "") == name]:
             h = usable[rid]
             x = "epoch" if "epoch" in h.columns else None
             cols = [c for c in ("train_objective", "valid_objective") if c in h.columns]
             per_epoch = (h.groupby(x)[cols].mean() if x else h[cols].reset_index(drop=True))
-            color = palette[i % len(palette)]
-            ax.plot(per_epoch.index, per_epoch["train_objective"], color=color, lw=1.3,
-                    label=line_labels.get(rid, rid))
+            color = colors.get(rid, "0.4")
+            ax.plot(per_epoch.index, per_epoch["train_objective"], color=color, lw=1.2,
+                    alpha=0.85)
             if "valid_objective" in per_epoch.columns and per_epoch["valid_objective"].notna().any():
                 valid = per_epoch["valid_objective"].dropna()
-                ax.plot(valid.index, valid, color=color, lw=1.3, ls="--", marker=".")
-        ax.set_title(_wrap(label), fontsize=8)
-        ax.set_xlabel("epoch")
+                ax.plot(valid.index, valid, color=color, lw=1.0, ls="--", alpha=0.85)
+            handles.setdefault(legend.get(rid, rid), Line2D([], [], color=color, lw=2))
+        ax.set_title(_wrap(name), fontsize=9)
+        ax.set_xlabel("epoch", fontsize=8)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_ylabel(ylabel, fontsize=8)
         ax.tick_params(labelsize=7)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=6, loc="lower right", title="solid: train, dashed: valid",
-                  title_fontsize=6)
+    axes[0].set_ylabel(ylabel, fontsize=8)
+    handles["train (solid)"] = Line2D([], [], color="0.3", lw=1.2)
+    handles["validation (dashed)"] = Line2D([], [], color="0.3", lw=1.0, ls="--")
+    fig.legend(list(handles.values()), list(handles), loc="outside right upper", fontsize=7)
     return figure_to_data_uri(fig)
 
 
@@ -151,44 +168,50 @@ def learning_curves(
 def metric_by_factor(
     results: pd.DataFrame,
     metric: str,
-    factor: str,
+    x: str,
     *,
     hue: str | None = None,
+    palette: Mapping[str, tuple] | None = None,
     ylabel: str | None = None,
 ) -> str | None:
-    """Mean of ``metric`` per level of ``factor`` with ±1 standard error bars over seeds.
+    """Mean of ``metric`` with ±1 standard error bars over seeds, per level of ``x`` and
+    ``hue``; individual runs as faint dots in the same colour.
 
     ``results`` holds successful runs only (one row per run); seaborn's ``errorbar="se"`` is
     :math:`\\mathrm{sd}/\\sqrt n` over the runs of each point, the same standard error as
-    :func:`reports.analysis.summarize`. Individual runs are drawn as faint dots.
+    :func:`reports.analysis.summarize`. ``palette`` maps levels of ``hue`` to colours (see
+    :func:`level_colors`) so that a level has one colour in every figure.
     """
-    if metric not in results.columns or factor not in results.columns:
+    if metric not in results.columns or x not in results.columns:
         return None
-    data = results[[factor, metric] + ([hue] if hue else [])].copy()
+    hue = hue or x
+    data = results[list(dict.fromkeys([x, hue, metric]))].copy()
     data[metric] = pd.to_numeric(data[metric], errors="coerce")
     data = data.loc[np.isfinite(data[metric].astype(float))]
     if data.empty:
         return None
-    # seaborn's categorical plots assume a default index and a hue with two or more levels
+    # seaborn's categorical plots assume a default index
     data = data.reset_index(drop=True)
-    data[factor] = _as_labels(data[factor])
-    if hue:
-        data[hue] = _as_labels(data[hue])
-        if data[hue].nunique() < 2:
-            hue = None
-    n_levels = data[factor].nunique() * (data[hue].nunique() if hue else 1)
-    fig = _new_figure(max(4.5, 1.1 * n_levels + 2.5), 3.6)
+    data[x] = _as_labels(data[x])
+    data[hue] = _as_labels(data[hue])
+    hue_levels = list(dict.fromkeys(data[hue]))
+    colors = dict(palette or {})
+    missing = [h for h in hue_levels if h not in colors]
+    colors.update(level_colors(missing) if missing else {})
+    colors = {h: colors[h] for h in hue_levels}
+    dodge = hue != x and len(hue_levels) > 1
+    n_points = data[x].nunique() * (len(hue_levels) if dodge else 1)
+    fig = _new_figure(min(max(5.0, 0.9 * n_points + 3.0), 11.0), 3.6)
     ax = fig.subplots()
-    sns.stripplot(data=data, x=factor, y=metric, hue=hue, dodge=bool(hue), ax=ax, alpha=0.35,
-                  size=4, legend=False, jitter=0.08, palette="colorblind" if hue else None,
-                  color=None if hue else "0.4")
-    sns.pointplot(data=data, x=factor, y=metric, hue=hue, errorbar="se", capsize=0.08,
-                  dodge=0.4 if hue else False, linestyle="none", marker="D", ax=ax,
-                  palette="colorblind" if hue else None, color=None if hue else "C0")
+    sns.stripplot(data=data, x=x, y=metric, hue=hue, hue_order=hue_levels, dodge=dodge, ax=ax,
+                  alpha=0.35, size=4, legend=False, jitter=0.08, palette=colors)
+    sns.pointplot(data=data, x=x, y=metric, hue=hue, hue_order=hue_levels, errorbar="se",
+                  capsize=0.08, dodge=0.53 if dodge else False, linestyle="none", marker="D",
+                  ax=ax, palette=colors, legend=hue != x)
     ax.set_ylabel(ylabel or metric, fontsize=9)
-    ax.set_xlabel(factor)
+    ax.set_xlabel(x)
     ax.grid(axis="y", alpha=0.3)
-    if hue and ax.get_legend() is not None:
+    if hue != x and ax.get_legend() is not None:
         sns.move_legend(ax, "upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8, title=hue)
     return figure_to_data_uri(fig)
 
@@ -196,35 +219,37 @@ def metric_by_factor(
 # --------------------------------------------------------------------------- k-hat
 
 
-def khat_regions(khat: np.ndarray) -> np.ndarray:
-    """Each k-hat's region, as ``inference.diagnostics`` categorizes it.
-
-    ``"good"`` for k < 0.5, ``"ok"`` for 0.5 <= k <= 0.7, ``"bad"`` for finite k > 0.7 and
-    ``"undetermined"`` for +inf or NaN (the tail could not be fitted). Kept here rather than
-    imported so that the report does not need torch.
-    """
-    k = np.asarray(khat, dtype=float)
-    good, bad = KHAT_THRESHOLDS
-    region = np.full(k.shape, "undetermined", dtype=object)
-    region[k < good] = "good"
-    region[(k >= good) & (k <= bad)] = "ok"
-    region[(k > bad) & np.isfinite(k)] = "bad"
-    return region
+def khat_regions(khat: np.ndarray, num_samples: int) -> np.ndarray:
+    """Each k-hat's region for ``num_samples`` draws: ``good``, ``ok``, ``bad`` or
+    ``undetermined`` (:func:`pyro_lvm.inference.reliability.khat_category`)."""
+    return reliability.khat_category(khat, num_samples)
 
 
-def khat_distribution(khats: Mapping[str, np.ndarray | Sequence[np.ndarray]]) -> str | None:
+def khat_distribution(
+    khats: Mapping[str, np.ndarray | Sequence[np.ndarray]],
+    num_samples: int,
+    *,
+    colors: Mapping[str, tuple] | None = None,
+    styles: Mapping[str, str] | None = None,
+) -> str | None:
     """Pareto k-hat of the importance weights per test row, one panel per configuration.
 
     ArviZ style (``arviz.plot_khat``): k-hat against the data-row index with reference lines at
-    0.5 and 0.7, points coloured by region; each panel states the share of rows in each
-    region. A last panel overlays the empirical CDFs of all configurations.
+    the K-aware threshold :math:`\\min(1 - 1/\\log_{10} K, 0.7)` (dotted) and 0.7 (dashed),
+    points coloured by region; each panel states the share of rows in each region. A last
+    panel overlays the empirical CDFs of all configurations, its legend outside the axes.
 
     Parameters
     ----------
     khats : mapping label -> 1-D array or list of 1-D arrays
         Per-row k-hat of each configuration; a list holds one array per seed (drawn over the
         same row index, since the seeds evaluate the same test rows).
+    num_samples : int
+        K, the draws behind each k-hat.
+    colors, styles : mapping label -> colour / line style, optional
+        Of each configuration's ECDF (its factor level's colour, its other setting's style).
     """
+    threshold = reliability.khat_threshold(num_samples)
     per_seed: dict[str, list[np.ndarray]] = {}
     for label, value in khats.items():
         arrays = value if isinstance(value, (list, tuple)) else [value]
@@ -237,45 +262,53 @@ def khat_distribution(khats: Mapping[str, np.ndarray | Sequence[np.ndarray]]) ->
         return None
     every_row = {label: np.concatenate(arrays) for label, arrays in per_seed.items()}
     pooled = {label: k[np.isfinite(k)] for label, k in every_row.items()}
-    fig, axes = _facets(len(per_seed) + 1, sharey=False)
-    colors = {"good": "#1b9e77", "ok": "#d95f02", "bad": "#d62728"}
+    n = len(per_seed)
+    cols = min(_MAX_COLS, n)
+    fig = _new_figure(3.6 * cols + 3.4, 2.8 * math.ceil(n / cols) + 3.0)
+    grid = fig.add_gridspec(math.ceil(n / cols) + 1, cols)
+    axes = [fig.add_subplot(grid[i // cols, i % cols]) for i in range(n)]
+    for ax in axes[1:]:
+        ax.sharey(axes[0])
+    region_colors = {"good": "#1b9e77", "ok": "#d95f02", "bad": "#d62728"}
+    lines = ((threshold, ":"), (reliability.KHAT_BAD, "--"))
     for ax, (label, arrays) in zip(axes, per_seed.items()):
         for values in arrays:
             index = np.arange(values.size)
-            region = khat_regions(values)
+            region = khat_regions(values, num_samples)
             for name in ("good", "ok", "bad"):
                 sel = (region == name) & np.isfinite(values)
-                ax.scatter(index[sel], values[sel], s=6, color=colors[name], alpha=0.6,
+                ax.scatter(index[sel], values[sel], s=6, color=region_colors[name], alpha=0.6,
                            linewidths=0)
-        for level, style in zip(KHAT_THRESHOLDS, (":", "--")):
+        for level, style in lines:
             ax.axhline(level, color="0.3", ls=style, lw=1)
-        # shares of every row (as the fractions in results.csv), undetermined ones included
-        region = khat_regions(every_row[label])
+        region = khat_regions(every_row[label], num_samples)
         shares = [f"{name}: {np.mean(region == key):.0%}" for name, key in
-                  (("<0.5", "good"), ("0.5–0.7", "ok"), (">0.7", "bad"),
-                   ("undetermined", "undetermined"))
+                  ((f"≤{threshold:.2f}", "good"), (f"{threshold:.2f}–0.7", "ok"),
+                   (">0.7", "bad"), ("undetermined", "undetermined"))
                   if key != "undetermined" or np.any(region == key)]
         ax.text(0.02, 0.97, "\n".join(shares), transform=ax.transAxes, va="top", fontsize=7,
                 bbox=dict(boxstyle="round", fc="white", ec="0.8", alpha=0.85))
-        ax.set_title(_wrap(label), fontsize=8)
+        ax.set_title(_wrap(label), fontsize=9)
         ax.set_xlabel("test row", fontsize=8)
         ax.set_ylabel("Pareto k̂", fontsize=8)
         ax.tick_params(labelsize=7)
-    ax = axes[-1]
-    palette = sns.color_palette("colorblind", len(pooled))
-    for color, (label, k) in zip(palette, pooled.items()):
+    ax = fig.add_subplot(grid[-1, :])
+    fallback = level_colors(list(pooled))
+    for label, k in pooled.items():
         if not k.size:
             continue
         x = np.sort(k)
-        ax.step(x, np.arange(1, x.size + 1) / x.size, where="post", color=color, lw=1.2,
-                label=label)
-    for level, style in zip(KHAT_THRESHOLDS, (":", "--")):
+        ax.step(x, np.arange(1, x.size + 1) / x.size, where="post", lw=1.4, label=label,
+                color=(colors or {}).get(label, fallback[label]),
+                ls=(styles or {}).get(label, "-"))
+    for level, style in lines:
         ax.axvline(level, color="0.3", ls=style, lw=1)
-    ax.set_title("ECDF of k̂, all configurations", fontsize=8)
-    ax.set_xlabel("Pareto k̂", fontsize=8)
+    ax.set_title("ECDF of k̂, all configurations", fontsize=9)
+    ax.set_xlabel(f"Pareto k̂ (dotted: threshold {threshold:.2f} for K = {num_samples}; "
+                  f"dashed: 0.7)", fontsize=8)
     ax.set_ylabel("fraction of rows ≤ k̂", fontsize=8)
     ax.tick_params(labelsize=7)
-    ax.legend(fontsize=5.5, loc="lower right")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     return figure_to_data_uri(fig)
 
 
@@ -287,6 +320,8 @@ def latent_usage(
     kl_per_dim: Mapping[str, np.ndarray],
     *,
     label_column: str = "configuration",
+    colors: Mapping[str, tuple] | None = None,
+    hatches: Mapping[str, str] | None = None,
 ) -> str | None:
     """Active units per configuration (mean ± se over seeds) and KL per latent dimension.
 
@@ -297,6 +332,8 @@ def latent_usage(
     kl_per_dim : mapping label -> 1-D array
         Mean over seeds of :math:`\\mathrm{KL}(q(z_j|x) \\| p(z_j))` averaged over data rows, per
         latent dimension :math:`j`.
+    colors, hatches : mapping label -> colour / hatch, optional
+        Each configuration's factor-level colour and its other setting's hatch.
     """
     has_au = (active_units is not None and not active_units.empty
               and "active_units" in active_units.columns
@@ -305,32 +342,46 @@ def latent_usage(
                   if v is not None and np.asarray(v).size}
     if not has_au and not kl_per_dim:
         return None
-    panels = int(has_au) + int(bool(kl_per_dim))
-    fig = _new_figure(5.2 * panels, 3.6)
-    axes = list(np.atleast_1d(fig.subplots(1, panels)))
+    labels = list(dict.fromkeys(
+        ([*active_units[label_column].astype(str)] if has_au else []) + list(kl_per_dim)))
+    fallback = level_colors(labels)
+    color_of = {lab: (colors or {}).get(lab, fallback[lab]) for lab in labels}
+    hatch_of = {lab: (hatches or {}).get(lab, "") for lab in labels}
+    dims = max((v.size for v in kl_per_dim.values()), default=0)
+    widths = ([1.0] if has_au else []) + ([max(1.4, 0.35 * dims)] if kl_per_dim else [])
+    fig = _new_figure(min(4.2 * len(widths) + 0.4 * dims + 2.0, 14.0),
+                      max(3.4, 0.28 * len(labels) + 1.6))
+    axes = list(np.atleast_1d(fig.subplots(1, len(widths), width_ratios=widths)))
     if has_au:
         ax = axes.pop(0)
         data = active_units[[label_column, "active_units"]].copy()
         data["active_units"] = pd.to_numeric(data["active_units"], errors="coerce")
-        sns.barplot(data=data, y=label_column, x="active_units", errorbar="se", capsize=0.2,
-                    ax=ax, color="C0", orient="h", err_kws={"linewidth": 1})
+        stats = data.groupby(label_column, sort=False)["active_units"].agg(["mean", "std",
+                                                                            "count"])
+        stats = stats.reindex([lab for lab in labels if lab in stats.index])
+        se = (stats["std"] / np.sqrt(stats["count"])).fillna(0.0)
+        y = np.arange(len(stats))
+        ax.barh(y, stats["mean"], xerr=se, color=[color_of[lab] for lab in stats.index],
+                hatch=None, edgecolor="0.25", capsize=3, error_kw={"linewidth": 1})
+        for bar, lab in zip(ax.patches, stats.index):
+            bar.set_hatch(hatch_of[lab])
+        ax.set_yticks(y, list(stats.index), fontsize=8)
+        ax.invert_yaxis()
         ax.set_xlabel("active units (mean ± se over seeds)", fontsize=8)
-        ax.set_ylabel("")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.tick_params(labelsize=7)
     if kl_per_dim:
         ax = axes.pop(0)
-        labels = list(kl_per_dim)
-        width = 0.8 / len(labels)
-        palette = sns.color_palette("colorblind", len(labels))
+        width = 0.8 / len(kl_per_dim)
         for i, (label, kl) in enumerate(kl_per_dim.items()):
-            x = np.arange(kl.size) + (i - (len(labels) - 1) / 2) * width
-            ax.bar(x, kl, width=width, color=palette[i], label=label)
-        dims = max(v.size for v in kl_per_dim.values())
+            x = np.arange(kl.size) + (i - (len(kl_per_dim) - 1) / 2) * width
+            ax.bar(x, kl, width=width, color=color_of[label], hatch=hatch_of[label],
+                   edgecolor="0.25", linewidth=0.5, label=label)
         ax.set_xticks(np.arange(dims))
         ax.set_xlabel("latent dimension j", fontsize=8)
         ax.set_ylabel("KL per dim (nats, mean over seeds)", fontsize=8)
         ax.tick_params(labelsize=7)
-        ax.legend(fontsize=6)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     return figure_to_data_uri(fig)
 
 

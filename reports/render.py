@@ -31,11 +31,12 @@ import zipfile
 from collections.abc import Mapping
 
 import jinja2
-import markupsafe
 import numpy as np
 import pandas as pd
 
-from . import analysis, figures
+from pyro_lvm.inference import reliability
+
+from . import analysis, comparisons, figures, tables
 from .atomic import write_atomically
 
 __all__ = ["RunRecord", "StudyData", "load_study", "render_report", "build_context"]
@@ -152,138 +153,111 @@ def load_study(study_dir: str | os.PathLike) -> StudyData:
     return StudyData(directory=directory, meta=meta, results=results, runs=runs, notes=notes)
 
 
-# --------------------------------------------------------------------------- tables
+# --------------------------------------------------------------------------- layout
 
 
-def _table(frame: pd.DataFrame, classes: str = "data") -> markupsafe.Markup:
-    """A pandas table as HTML (pandas escapes cell text; the markup is pandas' own)."""
-    html = frame.to_html(classes=classes, index=False, border=0, na_rep="—", escape=True)
-    return markupsafe.Markup(html)
+@dataclasses.dataclass
+class Layout:
+    """How configurations are named, grouped and coloured, the same in every table and figure.
+
+    Attributes
+    ----------
+    columns : list of str
+        Configuration columns.
+    label_columns : list of str
+        The configuration columns that vary (the study's factor first).
+    short_columns : list of str
+        Those naming a configuration in short labels (no column that is a function of an
+        earlier one).
+    labels : Series
+        Short label per run (index of ``results``).
+    factor : str or None
+        The study's factor (``primary_factor`` of ``study.json``), if it varies.
+    strata : list of str
+        Other varying settings the factor is compared within.
+    colors : dict
+        Factor level -> colour.
+    """
+
+    columns: list[str]
+    label_columns: list[str]
+    short_columns: list[str]
+    labels: pd.Series
+    factor: str | None
+    strata: list[str]
+    colors: dict
+
+    def level_of(self, row) -> str:
+        return analysis._format_value(row[self.factor]) if self.factor else "all runs"
+
+    def stratum_of(self, row) -> str:
+        return ", ".join(f"{c}={analysis._format_value(row[c])}" for c in self.strata)
+
+    def style_maps(self, results: pd.DataFrame):
+        """label -> colour, line style and hatch (factor level and stratum)."""
+        strata = list(dict.fromkeys(self.stratum_of(r) for _, r in results.iterrows()))
+        colors, styles, hatches = {}, {}, {}
+        for index, row in results.iterrows():
+            label = self.labels[index]
+            colors[label] = self.colors.get(self.level_of(row), "0.4")
+            position = strata.index(self.stratum_of(row))
+            styles[label] = figures.LINE_STYLES[position % len(figures.LINE_STYLES)]
+            hatches[label] = figures.HATCHES[position % len(figures.HATCHES)]
+        return colors, styles, hatches
 
 
-def _fmt_number(value, digits: int = 2) -> str:
-    try:
-        value = float(value)
-    except (TypeError, ValueError):
-        return "—"
-    return f"{value:.{digits}f}" if math.isfinite(value) else "—"
+def _layout(results: pd.DataFrame, meta: dict, columns: list[str]) -> Layout:
+    label_columns = analysis.varying_columns(results, columns) if len(results) else []
+    factor = meta.get("primary_factor")
+    if factor not in label_columns:  # without one: the varying setting with the most levels
+        counts = {c: results[c].map(analysis._format_value).nunique() for c in label_columns}
+        factor = max(label_columns, key=lambda c: counts[c]) if label_columns else None
+    if factor is not None:  # the study's main factor leads tables and figures
+        label_columns = [factor] + [c for c in label_columns if c != factor]
+    short = tables.short_label_columns(results, label_columns) if len(results) else []
+    strata = comparisons.strata_columns(results, factor, columns)[0] if factor else []
+    levels = (list(pd.unique(results[factor].map(analysis._format_value))) if factor
+              else ["all runs"])
+    return Layout(columns=columns, label_columns=label_columns, short_columns=short,
+                  labels=tables.short_labels(results, short), factor=factor, strata=strata,
+                  colors=figures.level_colors(levels))
 
 
-def _fmt_share(value) -> str:
-    try:
-        value = float(value)
-    except (TypeError, ValueError):
-        return "—"
-    return f"{value:.0%}" if math.isfinite(value) else "—"
+def _per_row_values(study: StudyData, key: str) -> dict[str, np.ndarray]:
+    """run_id -> per-test-row array ``key`` of the run's artifacts (runs that have it)."""
+    out = {}
+    for rid, record in study.runs.items():
+        value = (record.artifacts or {}).get(key)
+        if value is not None and value.ndim == 1 and value.size:
+            out[rid] = value.astype(float)
+    return out
 
 
-def _summary_table(results, columns, label_columns, k, primary) -> pd.DataFrame:
-    # counts come from a column that every row has, so configurations without any finished
-    # run (or studies without metric columns) are still listed
-    counts = analysis.summarize(results.assign(_rows=0.0), "_rows", by=columns)
-    base = analysis.summarize(results, primary, by=columns) if primary else counts
-    table = pd.DataFrame()
-    for column in label_columns:
-        table[column] = counts[column].map(analysis._format_value)
-    table["runs ok"] = counts["n"]
-    table["failed"] = counts["n_failed"]
-    if counts["n_pending"].any():
-        table["not run yet"] = counts["n_pending"]
-    metric_specs = [
-        ("test_log_likelihood", 2), ("exact_test_log_likelihood", 2), ("test_elbo", 2),
-        ("bits_per_dim", 3), ("kl", 2), ("active_units", 1),
-    ]
-    for metric, digits in metric_specs:
-        if metric not in results.columns or not results[metric].notna().any():
-            continue
-        s = analysis.summarize(results, metric, by=columns)
-        table[analysis.metric_label(metric, k) + " (mean ± se)"] = [
-            analysis.format_estimate(m, e, digits) for m, e in zip(s["mean"], s["se"])]
-        if metric == "test_log_likelihood" and "mc_se" in s.columns:
-            table["MC se of that mean"] = [_fmt_number(v, 3) for v in s["mc_se"]]
-    for metric in ("khat_bad_frac", "wall_time_s"):
-        if metric in results.columns and results[metric].notna().any():
-            s = analysis.summarize(results, metric, by=columns)
-            name = ("share of rows with k̂ > 0.7 (mean)" if metric == "khat_bad_frac"
-                    else "wall time per run, s (mean)")
-            table[name] = [(_fmt_share if metric == "khat_bad_frac" else _fmt_number)(v)
-                           for v in s["mean"]]
-    if primary and base["n"].gt(0).any():
-        table.insert(0, "rank", base["mean"].rank(ascending=False, method="min")
-                     .map(lambda r: "—" if pd.isna(r) else str(int(r))))
-    return table
+def _khat_samples(results: pd.DataFrame) -> int | None:
+    """The number of draws behind the k-hat values (``khat_num_samples``), when unique."""
+    if "khat_num_samples" not in results.columns:
+        return None
+    values = pd.to_numeric(results["khat_num_samples"], errors="coerce").dropna().unique()
+    return int(values[0]) if len(values) == 1 and values[0] >= 2 else None
 
 
-def _paired_tables(results, columns, label_columns, metric, k):
-    tables = []
-    shown_factors: list[str] = []
-    for factor in label_columns:
-        others = [c for c in columns if c != factor]
-        tied = analysis.tied_columns(results, factor, others)
-        # a column tied both ways to a factor already shown is the same comparison again
-        if any(g in tied and factor in analysis.tied_columns(results, g, [factor])
-               for g in shown_factors):
-            continue
-        shown_factors.append(factor)
-        pair_on = [c for c in others if c not in tied] + (
-            ["seed"] if "seed" in results.columns else [])
-        try:
-            diffs = analysis.paired_differences(results, factor, metric, pair_on=pair_on)
-        except ValueError as error:
-            tables.append({"factor": factor, "table": None, "note": str(error)})
-            continue
-        diffs = diffs.loc[diffs["n_pairs"] > 0]
-        if diffs.empty:
-            continue
-        level = f"{100 * diffs['confidence'].iloc[0]:g}% CI"
-        shown = pd.DataFrame({
-            "a": diffs["level_a"], "b": diffs["level_b"],
-            "mean paired difference a − b": [_fmt_number(v) for v in diffs["mean_difference"]],
-            "se": [_fmt_number(v) for v in diffs["se"]],
-            level: [f"[{_fmt_number(lo)}, {_fmt_number(hi)}]" if math.isfinite(lo) else "—"
-                    for lo, hi in zip(diffs["ci_low"], diffs["ci_high"])],
-            "matched pairs": diffs["n_pairs"],
-            "verdict": ["distinguishable" if d else "not distinguishable"
-                        for d in diffs["distinguishable"]],
-        })
-        varying_pair_on = [c for c in pair_on if c in label_columns or c == "seed"]
-        tables.append({
-            "factor": factor,
-            "tied": tied,
-            "table": _table(shown),
-            "note": f"Paired on {', '.join(varying_pair_on) or 'nothing'}"
-                    + (" (every other setting is shared by all runs)" if varying_pair_on else "")
-                    + (f"; {', '.join(tied)} change together with {factor} and are part of "
-                       f"each level" if tied else "")
-                    + f". Metric: {analysis.metric_label(metric, k)}.",
-        })
-    return tables
-
-
-def _runs_table(results, label_columns, k) -> pd.DataFrame:
-    table = pd.DataFrame({"run_id": results["run_id"]})
-    for column in label_columns:
-        table[column] = results[column].map(analysis._format_value)
-    if "seed" in results.columns:
-        table["seed"] = results["seed"].map(analysis._format_value)
-    table["status"] = results["status"].astype(str) if "status" in results.columns else "ok"
-    pairs = [("test_log_likelihood", "test_log_likelihood_se"), ("test_elbo", "test_elbo_se")]
-    for metric, se in pairs:
-        if metric in results.columns:
-            errors = results[se] if se in results.columns else [None] * len(results)
-            table[analysis.metric_label(metric, k) + " (± MC se)"] = [
-                analysis.format_estimate(m, e) for m, e in zip(results[metric], errors)]
-    for metric, fmt in (("exact_test_log_likelihood", _fmt_number), ("kl", _fmt_number),
-                        ("active_units", lambda v: _fmt_number(v, 0)),
-                        ("khat_bad_frac", _fmt_share), ("wall_time_s", lambda v: _fmt_number(v, 1))):
-        if metric in results.columns and results[metric].notna().any():
-            table[analysis.metric_label(metric, k)] = [fmt(v) for v in results[metric]]
-    if "device" in results.columns:
-        table["device"] = results["device"].map(analysis._format_value)
-    notes = _run_notes(results)
-    if notes is not None:
-        table["notes"] = notes.fillna("")  # last column: the template lets it wrap
-    return table
+def _add_unreliable_shares(study: StudyData, k_draws: int | None) -> None:
+    """Fill ``khat_unreliable_frac`` (share of rows with k-hat above the K-aware threshold)
+    from each run's per-row k-hat where the runner did not record it."""
+    results = study.results
+    if "khat_unreliable_frac" not in results.columns:
+        results["khat_unreliable_frac"] = np.nan
+    shares = pd.to_numeric(results["khat_unreliable_frac"], errors="coerce")
+    per_run_k = (pd.to_numeric(results["khat_num_samples"], errors="coerce")
+                 if "khat_num_samples" in results.columns else pd.Series(k_draws, results.index))
+    for index in results.index[shares.isna()]:
+        record = study.runs.get(results.at[index, "run_id"])
+        khat = (record.artifacts or {}).get("khat") if record else None
+        draws = per_run_k.get(index)
+        if khat is not None and khat.size and draws is not None and np.isfinite(draws) \
+                and draws >= 2:
+            shares[index] = float(reliability.khat_unreliable(khat, int(draws)).mean())
+    results["khat_unreliable_frac"] = shares
 
 
 def _run_notes(results: pd.DataFrame) -> pd.Series | None:
@@ -337,15 +311,16 @@ def _artifact(record: RunRecord, key: str):
     return None if value is None or value.size == 0 else value
 
 
-def _figure_sections(study, columns, label_columns, k, notes):
+def _figure_sections(study, layout: Layout, k, k_draws, notes):
     results = study.results
-    labels = {rid: analysis.config_label(row, label_columns)
-              for rid, (_, row) in zip(results["run_id"], results.iterrows())}
+    labels = dict(zip(results["run_id"], layout.labels))
     ok = analysis.successful_runs(results).copy()
     ok["configuration"] = ok["run_id"].map(labels)
+    colors, styles, hatches = layout.style_maps(ok)
+    factor = layout.factor
     sections = []
 
-    def add(section_id, title, caption, draw, run_ids=(), short=None):
+    def add(section_id, title, caption, draw, short=None):
         # ``draw`` is called here, not by the caller, so that a figure function that raises
         # costs only its own figure: the section then says why it is missing
         try:
@@ -354,49 +329,50 @@ def _figure_sections(study, columns, label_columns, k, notes):
             message = f"figure {title} could not be drawn: {type(exc).__name__}: {exc}"
             notes.append(message)
             sections.append({"id": section_id, "title": title, "short": short or title,
-                             "caption": caption, "uri": None, "error": message,
-                             "runs": list(run_ids)})
+                             "caption": caption, "uri": None, "error": message})
             return
         if uri is not None:
             sections.append({"id": section_id, "title": title, "short": short or title,
-                             "caption": caption, "uri": uri, "error": None,
-                             "runs": list(run_ids)})
+                             "caption": caption, "uri": uri, "error": None})
 
-    # test log-likelihood (and ELBO) with error bars per prior
-    factor = label_columns[0] if label_columns else None
+    # the metric per level of the factor, within each stratum (x axis), one colour per level
     frame = ok.copy()
-    if factor is None:
-        factor = "configuration"
-    rest = [c for c in label_columns if c != factor]
-    hue = None
-    if rest:
-        hue = " / ".join(rest)
-        frame[hue] = [analysis.config_label(r, rest) for _, r in frame.iterrows()]
+    x = ", ".join(layout.strata) or "within"
+    frame[x] = ([layout.stratum_of(r) or "all runs" for _, r in frame.iterrows()]
+                if layout.strata else (frame[factor] if factor else "all runs"))
+    hue = factor or x
+    if not factor:
+        frame[x] = "all runs"
     for metric in ("test_log_likelihood", "exact_test_log_likelihood", "test_elbo"):
         if metric not in frame.columns:
             continue
         label = analysis.metric_label(metric, k)
         short = {"test_log_likelihood": "log p(x) estimate", "test_elbo": "ELBO",
                  "exact_test_log_likelihood": "exact log p(x)"}[metric]
-        add(f"fig-{metric}", f"{label} per {factor}",
-            f"Diamonds: mean over seeds with ±1 standard error (sd/√n over seeds); dots: single "
-            f"runs. Units: nats per test row, higher is better.",
-            lambda: figures.metric_by_factor(frame, metric, factor, hue=hue, ylabel=label),
-            short=f"{short} per {factor}")
+        add(f"fig-{metric}", f"{label} per {factor or 'configuration'}",
+            "Diamonds: mean over seeds with ±1 standard error (sd/√n over seeds); dots: single "
+            "runs. Units: nats per test row, higher is better. Colours: levels of "
+            f"{factor or 'the configuration'}, as in every figure.",
+            lambda metric=metric, label=label: figures.metric_by_factor(
+                frame, metric, x, hue=hue, palette=layout.colors, ylabel=label),
+            short=f"{short} per {factor or 'configuration'}")
 
-    # learning curves
+    # learning curves: one panel per stratum (runs optimizing the same bound), shared y axis
     histories = {rid: study.runs[rid].history for rid in ok["run_id"]
                  if study.runs.get(rid) is not None and study.runs[rid].history is not None}
+    panel_of = {rid: (layout.stratum_of(row) or "all runs")
+                for rid, (_, row) in zip(ok["run_id"], ok.iterrows())}
+    color_of = {rid: layout.colors.get(layout.level_of(row), "0.4")
+                for rid, (_, row) in zip(ok["run_id"], ok.iterrows())}
+    legend_of = {rid: layout.level_of(row) for rid, (_, row) in zip(ok["run_id"], ok.iterrows())}
     add("fig-learning-curves", "Learning curves",
         "Training objective (solid) and validation objective (dashed) per epoch, nats per data "
-        "row; each line is one seed. The objective is the bound being optimized (ELBO or "
-        "IWAE_K), not log p(x).",
-        lambda: figures.learning_curves(
-            histories, labels, ylabel="bound per data row (nats)",
-            line_labels=({rid: f"seed {analysis._format_value(seed)}"
-                          for rid, seed in zip(ok["run_id"], ok["seed"])}
-                         if "seed" in ok.columns else None)),
-        histories, short="Learning curves")
+        "row; one line per run (seed), coloured by "
+        f"{factor or 'configuration'}; panels share the y axis. The objective is the bound "
+        "being optimized (ELBO or IWAE_K), not log p(x).",
+        lambda: figures.learning_curves(histories, panel_of, color_of, legend_of,
+                                        ylabel="bound per data row (nats)"),
+        short="Learning curves")
 
     reps = _representatives(study, labels)
 
@@ -407,12 +383,21 @@ def _figure_sections(study, columns, label_columns, k, notes):
         k_values = _artifact(record, "khat") if record else None
         if k_values is not None:
             khats.setdefault(labels[rid], []).append(k_values.ravel())
-    add("fig-khat", "Pareto k̂ of the importance weights per test row",
-        "ArviZ-style k̂ plot: each point is one test row of one seed. k̂ < 0.5: the "
-        "importance-sampled estimate of log p(x) is reliable for that row; 0.5 ≤ k̂ ≤ 0.7: "
-        "usable; k̂ > 0.7 (above the dashed line): the weights have too heavy a tail and the estimate for that row is "
-        "unreliable (the guide misses posterior mass).",
-        lambda: figures.khat_distribution(khats), short="Pareto k̂")
+    if k_draws is not None:
+        threshold = reliability.khat_threshold(k_draws)
+        add("fig-khat", "Pareto k̂ of the importance weights per test row",
+            f"Each point is one test row of one seed (k̂ from K = {k_draws} draws). k̂ ≤ "
+            f"{threshold:.2f} = min(1 − 1/log₁₀ K, 0.7) (below the dotted line): the "
+            f"importance-sampled estimate of log p(x) for that row is reliable; between "
+            f"{threshold:.2f} and 0.7: more draws would make it reliable; above 0.7 (the dashed "
+            f"line): the weights' tail is too heavy for any practical K, the guide misses "
+            f"posterior mass. Above the threshold the row's Monte Carlo standard error is not "
+            f"trustworthy.",
+            lambda: figures.khat_distribution(khats, k_draws, colors=colors, styles=styles),
+            short="Pareto k̂")
+    elif khats:
+        notes.append("k-hat values without a unique number of draws (khat_num_samples); the "
+                     "k-hat figure is left out.")
 
     # active units and KL per dim
     kl: dict[str, list[np.ndarray]] = {}
@@ -433,42 +418,40 @@ def _figure_sections(study, columns, label_columns, k, notes):
         "mean ± se over seeds. Right: KL(q(z_j|x) ‖ p(z_j)) per latent dimension averaged over "
         "test rows and seeds (for non-factorized priors, the per-dimension split is the "
         "runner's estimate); a dimension with KL near 0 is unused (posterior collapse).",
-        lambda: figures.latent_usage(au, kl_mean), short="Latent usage")
+        lambda: figures.latent_usage(au, kl_mean, colors=colors, hatches=hatches),
+        short="Latent usage")
 
     # image data
     image_shape = (study.meta.get("dataset") or {}).get("image_shape")
     if image_shape:
         pixels = int(np.prod(image_shape))
         samples, recon = {}, {}
-        used_s, used_r = [], []
         for lab, record in reps.items():
             s = _artifact(record, "samples")
             o, r = _artifact(record, "originals"), _artifact(record, "reconstructions")
             if s is not None:
                 if s.ndim == 2 and s.shape[1] == pixels:
                     samples[lab] = s
-                    used_s.append(record.run_id)
                 else:
                     notes.append(f"samples of run {record.run_id} have shape {s.shape}, not "
                                  f"[n, {pixels}] for images {tuple(image_shape)}; not drawn.")
             if o is not None and r is not None:
                 if o.ndim == 2 and o.shape == r.shape and o.shape[1] == pixels:
                     recon[lab] = (o, r)
-                    used_r.append(record.run_id)
                 else:
                     notes.append(f"originals {o.shape} / reconstructions {r.shape} of run "
                                  f"{record.run_id} do not fit images {tuple(image_shape)}; "
                                  f"not drawn.")
         add("fig-samples", "Samples from the model",
             "x ~ p(x) = ∫ p(x|z) p(z) dz, one panel per configuration (the run with the lowest "
-            "seed; run ids listed below).", lambda: figures.samples_grid(samples, image_shape), used_s,
-            short="Samples")
+            "seed).", lambda: figures.samples_grid(samples, image_shape), short="Samples")
         add("fig-reconstructions", "Reconstructions",
             "Top row of each panel: test images; bottom row: their reconstructions (decoder "
-            "mean at the guide's posterior mean).",
-            lambda: figures.reconstructions(recon, image_shape), used_r, short="Reconstructions")
+            "mean at the guide's posterior mean), one panel per configuration (the run with the "
+            "lowest seed).",
+            lambda: figures.reconstructions(recon, image_shape), short="Reconstructions")
 
-    latents, used_l, priors, used_p = {}, [], {}, []
+    latents, priors = {}, {}
     for lab, record in reps.items():
         z = _artifact(record, "latent_mean")
         if z is not None and z.ndim == 2:
@@ -478,21 +461,20 @@ def _figure_sections(study, columns, label_columns, k, notes):
                              f"means; drawn without labels.")
                 y = None
             latents[lab] = (z, y)
-            used_l.append(record.run_id)
         p, q = _artifact(record, "prior_samples"), _artifact(record, "aggregate_posterior_samples")
         if p is not None and q is not None and p.ndim == q.ndim == 2 and p.shape[1] == q.shape[1]:
             priors[lab] = (p, q)
-            used_p.append(record.run_id)
     add("fig-latent-space", "Latent space",
         "Posterior means E_q[z|x] of test rows, coloured by label; latents with more than two "
-        "dimensions are projected on their first two principal components.",
-        lambda: figures.latent_scatter(latents), used_l, short="Latent space")
+        "dimensions are projected on their first two principal components; the run with the "
+        "lowest seed of each configuration.",
+        lambda: figures.latent_scatter(latents), short="Latent space")
     add("fig-prior-vs-aggregate", "Prior vs aggregate posterior",
         "Contours: kernel density estimate of the prior p(z) from its samples; points: samples "
         "of the aggregate posterior q(z) = (1/N) Σ_i q(z|x_i). Prior mass the points do not "
         "reach decodes to atypical samples. Above two dimensions both are projected on the "
         "principal axes of the aggregate posterior samples.",
-        lambda: figures.prior_vs_aggregate_posterior(priors), used_p, short="Prior vs q(z)")
+        lambda: figures.prior_vs_aggregate_posterior(priors), short="Prior vs q(z)")
     return sections
 
 
@@ -557,6 +539,74 @@ def _provenance(meta: dict, results: pd.DataFrame) -> dict:
 # --------------------------------------------------------------------------- context + render
 
 
+def _primary_metric(results: pd.DataFrame, meta: dict) -> str | None:
+    """The metric configurations are ranked by: the exact log-likelihood when every finished
+    run has one (linear models), else the study's choice, else the first available."""
+    ok_runs = analysis.successful_runs(results)
+    exact = "exact_test_log_likelihood"
+    if exact in ok_runs.columns and len(ok_runs) and analysis._finite_metric(
+            ok_runs, exact).notna().all():
+        return exact
+    wanted = meta.get("primary_metric")
+    order = ([wanted] if isinstance(wanted, str) else []) + list(PRIMARY_METRICS)
+    return next((m for m in order if m in results.columns and ok_runs[m].notna().any()), None)
+
+
+def _verdict(results, layout: Layout, primary, k, k_draws, per_row):
+    """The verdict's sentences and the comparison tables (one per varying factor)."""
+    ok_mask, failed_mask = analysis._ok_mask(results), analysis._failed_mask(results)
+    pending_mask = analysis._pending_mask(results)
+    if primary is None:
+        return [f"No successful run reported a test log-likelihood or ELBO; nothing to compare "
+                f"({int(failed_mask.sum())} of {len(results)} runs failed, "
+                f"{int(pending_mask.sum())} not run yet)."], []
+    label = analysis.metric_label(primary, k)
+    blocks, sentences = [], []
+    shown: list[str] = []
+    for factor in layout.short_columns or []:
+        strata, tied = comparisons.strata_columns(results, factor, layout.columns)
+        try:
+            v = comparisons.factor_verdict(results, factor, primary, columns=layout.columns,
+                                           per_row=per_row, num_samples=k,
+                                           num_khat_samples=k_draws)
+        except ValueError as error:
+            blocks.append({"factor": factor, "table": None, "note": str(error), "tied": tied})
+            continue
+        within = (f"within each {', '.join(strata)}" if strata else "over all runs")
+        blocks.append({
+            "factor": factor, "tied": tied, "table": tables.html_table(
+                tables.comparison_table(v.comparisons)) if len(v.comparisons) else None,
+            "note": f"Matched on the seed {within}; {', '.join(tied) + ' change' if tied else ''}"
+                    f"{' together with ' + factor + ' (part of each level); ' if tied else ''}"
+                    f"metric: {label}. The Holm adjustment covers the {len(v.comparisons)} "
+                    f"comparisons of this table.",
+        })
+        shown.append(factor)
+        if factor == layout.factor:
+            sentences.append(
+                f"Which {factor}? Levels compared {within}, on runs matched on the seed, by "
+                f"{label} (higher is better); the uncertainty is the seed-to-seed spread plus "
+                f"the test-set sampling error (paired over test rows); intervals are "
+                f"Holm-adjusted, {100 * v.comparisons['confidence'].iloc[0]:g}% family-wise."
+                if len(v.comparisons) else f"Which {factor}?")
+            sentences.extend(v.sentences)
+            if v.reliability:
+                sentences.append(v.reliability)
+    if not sentences:  # nothing varies: say how the one configuration did
+        sentences = analysis.verdict(results, primary, by=layout.columns, num_samples=k
+                                     ).sentences
+    else:
+        if failed_mask.any():
+            sentences.append(f"{int(failed_mask.sum())} of {len(results)} runs failed; they are "
+                             f"excluded from these statistics and listed under Failed runs.")
+        if pending_mask.any():
+            sentences.append(f"{int(pending_mask.sum())} of {len(results)} runs have not run yet "
+                             f"(the study was interrupted or is still running); re-running the "
+                             f"study completes them.")
+    del ok_mask
+    return sentences, blocks
+
+
 def build_context(study: StudyData) -> dict:
     """Everything the template shows, computed from a loaded study."""
     results = study.results
@@ -569,30 +619,25 @@ def build_context(study: StudyData) -> dict:
             if record.config:
                 candidates |= set(record.config)
     columns = analysis.config_columns(results, candidates or None)
-    label_columns = analysis.varying_columns(results, columns) if len(results) else []
-    factor = meta.get("primary_factor") or "prior"
-    if factor in label_columns:  # the study's main factor leads tables and figures
-        label_columns = [factor] + [c for c in label_columns if c != factor]
+    layout = _layout(results, meta, columns)
     fixed = [(c, analysis._format_value(results[c].iloc[0])) for c in columns
-             if c not in label_columns and len(results)]
+             if c not in layout.label_columns and len(results)]
     k = analysis.num_eval_samples(results, meta)
-    ok_runs = analysis.successful_runs(results)
-    wanted = meta.get("primary_metric")
-    order = ([wanted] if isinstance(wanted, str) else []) + list(PRIMARY_METRICS)
-    primary = next((m for m in order if m in results.columns and ok_runs[m].notna().any()),
-                   None)
-
-    verdict = None
-    if primary is not None:
-        verdict = analysis.verdict(results, primary, by=columns, num_samples=k)
-    ok_mask = analysis._ok_mask(results)
+    k_draws = _khat_samples(results)
+    _add_unreliable_shares(study, k_draws)
+    threshold = reliability.khat_threshold(k_draws) if k_draws else None
+    primary = _primary_metric(results, meta)
+    per_row = _per_row_values(study, {"test_log_likelihood": "log_px",
+                                      "exact_test_log_likelihood": "exact_log_px"}
+                              .get(primary, "-"))
+    verdict_sentences, paired = _verdict(results, layout, primary, k, k_draws, per_row)
     failed_mask = analysis._failed_mask(results)
     pending_mask = analysis._pending_mask(results)
     if meta.get("status") and meta.get("status") != "finished":
         notes.append(f"study.json says the study is {meta['status']}: "
                      f"{int(pending_mask.sum())} run(s) have no result yet.")
     failed = []
-    for _, row in results.loc[failed_mask].iterrows():
+    for index, row in results.loc[failed_mask].iterrows():
         record = study.runs.get(row["run_id"])
         traceback = (record.result or {}).get("traceback") if record else None
         error = row.get("error")
@@ -600,36 +645,31 @@ def build_context(study: StudyData) -> dict:
             error = (record.result or {}).get("error") if record else None
         failed.append({
             "run_id": row["run_id"],
-            "configuration": analysis.config_label(row, label_columns),
+            "configuration": layout.labels[index],
             "seed": analysis._format_value(row["seed"]) if "seed" in row else "—",
             "error": error if isinstance(error, str) and error.strip() else "(no message recorded)",
             "traceback": traceback if isinstance(traceback, str) else None,
         })
 
-    sections = _figure_sections(study, columns, label_columns, k, notes) if len(results) else []
+    sections = _figure_sections(study, layout, k, k_draws, notes) if len(results) else []
     seeds = (sorted(pd.unique(results["seed"].dropna()).tolist())
              if "seed" in results.columns else [])
-    summary = _summary_table(results, columns, label_columns, k, primary) if len(results) else None
-    if verdict is not None:
-        verdict_sentences = verdict.sentences
-    else:
-        verdict_sentences = [
-            f"No successful run reported a test log-likelihood or ELBO; nothing to compare "
-            f"({int(failed_mask.sum())} of {len(results)} runs failed, "
-            f"{int(pending_mask.sum())} not run yet)."]
+    summary = (tables.summary_table(results, columns, layout.labels, k, primary, per_row,
+                                    threshold) if len(results) else None)
+    key = (tables.key_table(results, layout.label_columns, layout.labels)
+           if len(results) and layout.label_columns else None)
     findings = _findings(meta, notes)
     run_notes = _run_notes(results) if len(results) else None
     if run_notes is not None:
-        notes.append(f"{int(run_notes.notna().sum())} run(s) left notes (steps of a run that "
-                     f"failed or were skipped although the run finished); see the notes column "
-                     f"of All runs.")
+        notes.append(f"{int(run_notes.notna().sum())} run(s) left notes (what a run did beyond "
+                     f"the plan, or skipped); see the notes column of All runs.")
     return {
         "title": meta.get("title") or meta.get("name") or study.directory.name,
         "name": meta.get("name") or study.directory.name,
         "description": meta.get("description"),
         "overview": {
-            "runs": len(results), "ok": int(ok_mask.sum()), "failed": int(failed_mask.sum()),
-            "pending": int(pending_mask.sum()),
+            "runs": len(results), "ok": int(analysis._ok_mask(results).sum()),
+            "failed": int(failed_mask.sum()), "pending": int(pending_mask.sum()),
             "configurations": (len(summary) if summary is not None else 0),
             "seeds": len(seeds), "dataset": (meta.get("dataset") or {}).get("name") or "—",
         },
@@ -637,13 +677,16 @@ def build_context(study: StudyData) -> dict:
         "verdict": verdict_sentences,
         "findings": findings,
         "fixed": fixed,
-        "summary_table": _table(summary) if summary is not None and not summary.empty else None,
-        "paired": (_paired_tables(results, columns, label_columns, primary, k)
-                   if primary else []),
+        "key_table": tables.html_table(key, classes="data key") if key is not None else None,
+        "summary_table": (tables.html_table(summary) if summary is not None and not summary.empty
+                          else None),
+        "threshold": threshold,
+        "paired": paired,
         "figures": sections,
-        "runs_table": (_table(_runs_table(results, label_columns, k),
-                              classes="data runs" + (" with-notes" if run_notes is not None else ""))
-                       if len(results) else None),
+        "runs_table": (tables.html_table(
+            tables.runs_table(results, layout.labels, k, threshold, run_notes),
+            classes="data runs" + (" with-notes" if run_notes is not None else ""))
+            if len(results) else None),
         "runs_have_notes": run_notes is not None,
         "failed": failed,
         "provenance": _provenance(meta, results),

@@ -215,10 +215,10 @@ def test_image_mosaic_places_images():
 
 def test_figures_return_png_data_uris_or_none():
     rng = np.random.default_rng(1)
-    uri = figures.khat_distribution({"x": rng.uniform(0, 1, 50)})
+    uri = figures.khat_distribution({"x": rng.uniform(0, 1, 50)}, 100)
     assert uri.startswith(DATA_URI)
     assert base64.b64decode(uri[len(DATA_URI):]).startswith(PNG_MAGIC)
-    assert figures.khat_distribution({}) is None
+    assert figures.khat_distribution({}, 100) is None
     # one- and two-dimensional latents are drawn without projection
     for dim in (1, 2):
         z = rng.normal(size=(40, dim))
@@ -281,7 +281,7 @@ def make_study(directory: pathlib.Path, *, all_failed: bool = False, artifacts: 
                     "exact_test_log_likelihood": np.nan, "test_elbo": ll - 1.5,
                     "test_elbo_se": 0.05, "kl": 8.0 + seed, "active_units": 3 + (prior == "vamp"),
                     "khat_good_frac": 0.8, "khat_ok_frac": 0.15, "khat_bad_frac": 0.05,
-                    "khat_median": 0.3, "train_time_s": 5.0, "eval_time_s": 1.0,
+                    "khat_median": 0.3, "khat_num_samples": 1000, "train_time_s": 5.0, "eval_time_s": 1.0,
                     "wall_time_s": 6.5, "device": "cpu"}
                 error = (f"{FAILED_MESSAGE} [{run_id}]" if all_failed else FAILED_MESSAGE
                          ) if failed else ""
@@ -408,9 +408,25 @@ def test_report_content(rendered):
     _, _, text = rendered
     # summary and verdict come first, before any table or figure
     assert text.index('id="verdict"') < text.index('id="results"') < text.index('id="fig-')
-    assert "Best configuration by IS estimate of log p(x) (IWAE_K, K=1000)" in text
+    # the verdict answers "which prior" within each objective, Holm-adjusted
+    verdict = text[text.index('id="verdict"'):text.index('id="results"')]
+    assert "Which prior?" in verdict and "Holm-adjusted" in verdict
+    for objective in OBJECTIVES:
+        assert f"with objective={objective}" in verdict.lower()
+    assert "vamp &gt; normal by" in verdict  # 2 nats/row apart: called
     assert "ELBO (lower bound)" in text
-    assert "paired difference" in text and "95% CI" in text
+    assert "95% Holm interval" in text
+    # the results table is sorted by rank, and the key maps labels to settings
+    results = text[text.index('id="results"'):text.index('id="key"')]
+    ranks = [int(r) for r in re.findall(r"<tr>\s*<td>(\d+)</td>", results)]
+    assert ranks == sorted(ranks) and ranks[0] == 1
+    assert re.search(r"<tr>\s*<td>1</td>\s*<td>vamp · iwae_5</td>", results)
+    key = text[text.index('id="key"'):text.index('id="paired"')]
+    assert re.search(r"<td>vamp · iwae_5</td>\s*<td>vamp</td>\s*<td>iwae_5</td>\s*<td>5</td>",
+                     key)
+    # captions do not list run ids
+    for caption in re.findall(r"<figcaption>(.*?)</figcaption>", text, re.S):
+        assert "-s0" not in caption and "Runs:" not in caption
     # every run is listed; the failed one with its message (escaped) and traceback
     for prior in PRIORS:
         for objective in OBJECTIVES:
@@ -431,10 +447,10 @@ def test_report_content(rendered):
 
 def test_report_khat_labels_match_diagnostics(rendered):
     _, _, text = rendered
-    # inference.diagnostics: bad is k > 0.7, and k = 0.7 is still "ok"
+    # the K-aware threshold for K = 1000 draws, 0.67, and 0.7 as the "bad" line
     assert "≥ 0.7" not in text and "≥0.7" not in text and "&gt;= 0.7" not in text
-    assert "share of rows with k̂ &gt; 0.7 (mean)" in text
-    assert "k̂ &gt; 0.7 (above the dashed line)" in text
+    assert "rows k̂ &gt; 0.67" in text
+    assert "k̂ ≤ 0.67 = min(1 − 1/log₁₀ K, 0.7)" in text and "above 0.7 (the dashed" in text
 
 
 def test_report_paired_differences_between_priors(rendered):
@@ -554,18 +570,20 @@ def test_report_shows_findings_and_run_notes(tmp_path):
     assert "notes=" not in text
 
 
-def test_khat_regions_match_diagnostics_and_labels():
-    from pyro_lvm.inference.diagnostics import importance
+def test_khat_regions_match_reliability_and_labels():
+    from pyro_lvm.inference import reliability
 
     values = np.array([0.0, 0.49, 0.5, 0.6, 0.7, 0.7000001, 1.5, np.inf, np.nan])
-    np.testing.assert_array_equal(figures.khat_regions(values),
-                                  importance._khat_category(values))
-    assert figures.KHAT_THRESHOLDS == (importance.KHAT_GOOD, importance.KHAT_OK)
+    for draws in (25, 100, 1000):
+        np.testing.assert_array_equal(figures.khat_regions(values, draws),
+                                      reliability.khat_category(values, draws))
+    assert list(figures.khat_regions(values, 100)[:4]) == ["good", "good", "good", "ok"]
+    assert figures.KHAT_BAD == reliability.KHAT_BAD == 0.7
     assert analysis.metric_label("khat_bad_frac") == "fraction of test rows with k̂ > 0.7"
-    assert analysis.metric_label("khat_ok_frac") == "fraction of test rows with 0.5 ≤ k̂ ≤ 0.7"
+    assert "khat_unreliable_frac" in analysis.METRIC_COLUMNS
     # the figure copes with undetermined k-hats (all of one configuration's, even)
     uri = figures.khat_distribution({"a": np.array([0.1, np.inf, 0.8, np.nan]),
-                                     "b": np.array([np.inf, np.inf])})
+                                     "b": np.array([np.inf, np.inf])}, 25)
     assert uri.startswith(DATA_URI)
 
 
@@ -655,6 +673,41 @@ def test_report_renders_in_headless_chromium(rendered, tmp_path):
     assert figure_count == int(re.search(r'data-figure-count="(\d+)"', body.group(0)).group(1))
 
 
+def _browser_layout(binary: str, path: pathlib.Path, profile: pathlib.Path) -> dict[str, str]:
+    """Open ``path`` at 1280 px and read the page's own layout self-check from the DOM."""
+    completed = subprocess.run(
+        [*chromium_args(binary, profile), "--window-size=1280,4000", "--dump-dom",
+         path.as_uri()], capture_output=True, text=True, timeout=120, check=False)
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    body = re.search(r"<body[^>]*>", completed.stdout)
+    assert body is not None, completed.stdout[:500]
+    return dict(re.findall(r'(data-[a-z-]+)="([^"]*)"', body.group(0)))
+
+
+@pytest.mark.browser
+def test_report_fits_1280_px_in_headless_chromium(rendered, tmp_path):
+    """No section overflows horizontally and no figure is shrunk below its natural size."""
+    binary = find_chromium()
+    if binary is None:
+        if os.environ.get("CI"):
+            pytest.fail("headless Chromium is required in CI (install Debian's `chromium`)")
+        pytest.skip("chromium is not installed")
+    _, path, text = rendered
+    layout = _browser_layout(binary, path, tmp_path / "profile")
+    assert layout["data-overflowing"] == "none", layout
+    assert layout["data-shrunk-images"] == "none", layout
+    # positive control: a too-wide block and a squeezed figure are caught
+    uri = re.search(r'<img src="([^"]+)"', text).group(1)
+    broken = text.replace("</main>", '<section id="too-wide"><div style="width:3000px">x</div>'
+                          f'</section><section id="squeezed"><img src="{uri}" '
+                          'style="width:50px" alt="x"></section></main>')
+    bad = tmp_path / "bad.html"
+    bad.write_text(broken, encoding="utf-8")
+    layout = _browser_layout(binary, bad, tmp_path / "profile2")
+    assert "too-wide" in layout["data-overflowing"], layout
+    assert "squeezed:50&lt;" in layout["data-shrunk-images"], layout
+
+
 def test_report_linear_models_study_without_images(tmp_path):
     """Config values missing for some models (FA has no prior), exact log p(x) for some."""
     study = tmp_path / "linear"
@@ -675,8 +728,10 @@ def test_report_linear_models_study_without_images(tmp_path):
     pd.DataFrame(rows).to_csv(study / "results.csv", index=False)
     text = render_report(study).read_text(encoding="utf-8")
     check_html(text)
-    assert "Best configuration by IS estimate of log p(x) (IWAE_K, K as configured)" in text
-    assert "model=dlvm, prior=normal" in text
+    # the DLVM has no exact value: ranked by the IS estimate
+    assert "Which model?" in text and "Rank is by" not in text
+    assert "by IS estimate of log p(x) (IWAE_K, K as configured)" in text
+    assert "<td>dlvm</td>" in text  # prior is a function of the model: not in the label
     assert "Between levels of <code>model</code>" in text
     assert "exact log p(x) (linear models)" in text
     assert "fig-samples" not in text and "fig-reconstructions" not in text
