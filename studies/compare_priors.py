@@ -141,7 +141,9 @@ def main(args: argparse.Namespace) -> runner.StudyResult:
         f"{configs[0].likelihood} observation model) trained with "
         f"{' and '.join('ELBO' if o == 'elbo' else f'IWAE_{args.num_particles}' for o in args.objectives)} "
         f"for {args.epochs} epochs"
-        + (f" (ELBO with KL warm-up over {args.warmup_epochs} epochs)" if args.warmup_epochs else "")
+        # from the grid: no warm-up is mentioned when no run of the grid has one (IWAE only)
+        + (f" (ELBO with KL warm-up over {args.warmup_epochs} epochs)"
+           if any(c.warmup_epochs for c in configs) else "")
         + (f"; VampPrior runs start from {args.vamp_warm_start_epochs} epoch(s) with the standard "
            f"normal prior (encoder and decoder carried over)"
            if getattr(args, "vamp_warm_start_epochs", 0) and "vamp" in args.priors else "")

@@ -167,6 +167,44 @@ def test_khat_too_narrow_guide_is_bad_for_most_rows(ppca, ppca_data):
     assert "bad (k > 0.7)" in result.summary()
 
 
+@pytest.mark.parametrize("draws", [25, 100, 1000])
+def test_importance_diagnostics_flag_rows_by_the_k_aware_threshold(ppca, ppca_data, draws):
+    from pyro_lvm.inference import khat_threshold
+
+    with torch.no_grad():
+        ppca.guide_scale_tril = ppca.guide_scale_tril * 0.6
+    result = D.importance_diagnostics(ppca, ppca_data[:60], num_samples=draws, progress=False)
+    table = result.per_row
+    threshold = khat_threshold(draws)
+    assert result.threshold == threshold
+    k = table["khat"].to_numpy()
+    np.testing.assert_array_equal(table["unreliable"], np.isfinite(k) & (k > threshold))
+    assert (table.loc[table["category"] == "good", "khat"] <= threshold).all()
+    assert (table.loc[table["category"] == "ok", "khat"] > threshold).all()
+    # positive control: some rows lie on each side of the threshold
+    assert 0 < result.fraction_unreliable < 1
+    assert result.to_dict()["khat_fraction_unreliable"] == result.fraction_unreliable
+    assert f"k <= {threshold:.2f}" in result.summary()
+
+
+def test_weight_summaries_psis_estimate_equals_arviz():
+    """The PSIS-smoothed log p(x) per row: log of the mean of ArviZ's unnormalized smoothed
+    weights, on the same log weights."""
+    from pyro_lvm.inference.diagnostics import importance
+
+    rng = np.random.default_rng(3)
+    z = rng.normal(size=(8, 400))
+    log_w = (-0.5 * (z / 3.0) ** 2 - math.log(3.0)) - (-0.5 * z**2) - 20.0  # q too narrow
+    log_w[0] = -5.0  # constant weights: the exact guide, no smoothing
+    summary = importance._weight_summaries(log_w.copy(), np.finfo(np.float64).eps, 0)
+    smoothed, _ = az.psislw(log_w[1:].copy(), normalize=False)
+    top = smoothed.max(axis=1, keepdims=True)
+    expected = np.log(np.exp(smoothed - top).mean(axis=1)) + top[:, 0]
+    np.testing.assert_allclose(summary["log_px_psis"][1:], expected, atol=1e-10)
+    assert summary["log_px_psis"][0] == pytest.approx(-5.0)
+    assert np.all(np.abs(summary["log_px_psis"][1:] - summary["log_px"][1:]) > 1e-8)
+
+
 def test_importance_diagnostics_seed_and_rng(ppca, ppca_data):
     with torch.no_grad():
         ppca.guide_scale_tril = ppca.guide_scale_tril * 0.8

@@ -82,6 +82,25 @@ def test_study_script_smoke(script, tmp_path, capsys):
         assert exact["exact_test_log_likelihood"].notna().all()
 
 
+def test_compare_priors_header_and_reliability_from_the_actual_grid(tmp_path):
+    """An IWAE-only grid: no "KL warm-up" in the header; every run records the share of rows
+    above the K-aware k-hat threshold and the PSIS-smoothed estimate; the verdict says which
+    prior and how reliable the estimates are."""
+    from pyro_lvm.studies import compare_priors
+
+    args = compare_priors.parse_args(["--smoke", "--objectives", "iwae", "--priors", "normal",
+                                      "mixture", "--out-dir", str(tmp_path), "--no-progress"])
+    compare_priors.main(args)
+    study_dir = tmp_path / "compare_priors-smoke"
+    meta = json.loads((study_dir / "study.json").read_text())
+    assert "warm-up" not in meta["description"] and "IWAE" in meta["description"]
+    table = pd.read_csv(study_dir / "results.csv")
+    assert table["khat_unreliable_frac"].between(0, 1).all()
+    assert np.isfinite(table["test_log_likelihood_psis"]).all()
+    html = (study_dir / "index.html").read_text()
+    assert "Which prior?" in html and "Pareto k̂ above" in html
+
+
 def test_compare_priors_command_line_smoke(tmp_path):
     """The main job as a user runs it: a fresh process, from the repository root."""
     proc = subprocess.run(

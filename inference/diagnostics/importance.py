@@ -13,13 +13,15 @@ import pandas as pd
 import torch
 
 
+from pyro_lvm.inference import reliability
 from pyro_lvm.inference.diagnostics._common import _check_int, _iter_log_weights, _prepare, _seeded
 
 
-#: Pareto k-hat below which importance sampling is reliable (Vehtari et al. 2024).
+#: The K-aware threshold at K = 100 draws (kept for reference; rows are classified by
+#: :func:`pyro_lvm.inference.reliability.khat_threshold` of the actual number of draws).
 KHAT_GOOD = 0.5
 #: Pareto k-hat above which importance sampling (and the guide) should not be trusted.
-KHAT_OK = 0.7
+KHAT_OK = reliability.KHAT_BAD
 
 def _logsumexp(a: np.ndarray, axis: int) -> np.ndarray:
     top = np.max(a, axis=axis, keepdims=True)
@@ -71,6 +73,9 @@ def _weight_summaries(log_w: np.ndarray, eps: float, first_row: int) -> Dict[str
         khat[varying] = np.asarray(k_varying, dtype=np.float64)
         # smoothed log weights are normalized: ESS = 1 / sum(w~^2)
         ess_psis[varying] = np.exp(-_logsumexp(2.0 * np.asarray(smoothed), axis=1))
+    log_px_psis = lse - math.log(k)
+    if len(varying):
+        log_px_psis[varying] = reliability.psis_log_mean_from_smoothed(log_w[varying], smoothed)
     ess[constant] = k
     ess_psis[constant] = k
 
@@ -82,17 +87,13 @@ def _weight_summaries(log_w: np.ndarray, eps: float, first_row: int) -> Dict[str
     log_px_se = sd_w / (mean_w * math.sqrt(k))
     log_px_se[constant] = 0.0
     return {"khat": khat, "ess": ess, "ess_psis": ess_psis, "log_px": log_px,
-            "log_px_se": log_px_se, "constant": constant}
+            "log_px_se": log_px_se, "log_px_psis": log_px_psis, "constant": constant}
 
 
-def _khat_category(khat: np.ndarray) -> np.ndarray:
+def _khat_category(khat: np.ndarray, num_samples: int) -> np.ndarray:
     # +inf: ArviZ could not fit the tail (fewer than 5 distinct large weights, e.g. a discrete
     # latent with few values); NaN: the fit failed. Neither says how heavy the tail is.
-    category = np.full(khat.shape, "undetermined", dtype=object)
-    category[khat < KHAT_GOOD] = "good"
-    category[(khat >= KHAT_GOOD) & (khat <= KHAT_OK)] = "ok"
-    category[(khat > KHAT_OK) & np.isfinite(khat)] = "bad"
-    return category
+    return reliability.khat_category(khat, num_samples)
 
 
 @dataclass
@@ -105,13 +106,17 @@ class ImportanceDiagnostics:
         One row per data row: ``row``, ``khat`` (Pareto shape of the weights' right tail;
         ``-inf`` when the weights are constant to working precision, ``inf`` when the tail
         had too few distinct values to fit, e.g. for a discrete latent with few states),
-        ``category`` (``good`` k < 0.5, ``ok`` 0.5 <= k <= 0.7, ``bad`` k > 0.7,
-        ``undetermined`` for ``inf`` or a failed fit; median and max k-hat skip those), ``ess`` and ``ess_fraction``
+        ``category`` (``good`` k <= t(K) = min(1 - 1/log10 K, 0.7), ``ok`` t(K) < k <= 0.7,
+        ``bad`` k > 0.7, ``undetermined`` for ``inf`` or a failed fit; median and max k-hat
+        skip those; :func:`pyro_lvm.inference.khat_threshold`), ``unreliable`` (finite k above
+        t(K): the row's estimate and its standard error are not trustworthy), ``ess`` and ``ess_fraction``
         (:math:`(\\sum_k w_k)^2 / \\sum_k w_k^2` and that over K), ``ess_psis`` and
         ``ess_psis_fraction`` (the same for the Pareto-smoothed weights), ``constant_weights``,
         ``log_px_estimate`` and ``log_px_se`` (the importance-sampled estimate
         :math:`\\log \\frac1K \\sum_k w_k` of log p(x) and its delta-method Monte Carlo
-        standard error; an estimate, consistent as K grows, biased low for finite K).
+        standard error; an estimate, consistent as K grows, biased low for finite K),
+        ``log_px_psis`` (the Pareto-smoothed estimate, the log of the mean of the smoothed
+        weights; :func:`pyro_lvm.inference.reliability.psis_log_mean`).
     num_samples : int
         K, the number of importance samples per row.
     """
@@ -123,13 +128,23 @@ class ImportanceDiagnostics:
         return float((self.per_row["category"] == category).mean())
 
     @property
+    def threshold(self) -> float:
+        """The K-aware k-hat threshold min(1 - 1/log10 K, 0.7) for these draws."""
+        return reliability.khat_threshold(self.num_samples)
+
+    @property
+    def fraction_unreliable(self) -> float:
+        """Fraction of rows flagged: finite k-hat above :attr:`threshold`."""
+        return float(self.per_row["unreliable"].mean())
+
+    @property
     def fraction_good(self) -> float:
-        """Fraction of rows with k-hat < 0.5."""
+        """Fraction of rows with k-hat <= :attr:`threshold`."""
         return self._fraction("good")
 
     @property
     def fraction_ok(self) -> float:
-        """Fraction of rows with 0.5 <= k-hat <= 0.7 (usable)."""
+        """Fraction of rows with :attr:`threshold` < k-hat <= 0.7 (more draws would help)."""
         return self._fraction("ok")
 
     @property
@@ -167,6 +182,8 @@ class ImportanceDiagnostics:
             "khat_fraction_good": self.fraction_good,
             "khat_fraction_ok": self.fraction_ok,
             "khat_fraction_bad": self.fraction_bad,
+            "khat_threshold": self.threshold,
+            "khat_fraction_unreliable": self.fraction_unreliable,
             "ess_fraction_median": self.ess_fraction_median,
             "ess_psis_fraction_median": float(np.median(self.per_row["ess_psis_fraction"])),
             "importance_num_samples": float(self.num_samples),
@@ -177,9 +194,10 @@ class ImportanceDiagnostics:
         return (
             f"Pareto k-hat of the importance weights over {n} rows (K = {self.num_samples}): "
             f"median {self.khat_median:.3g}, max {self.khat_max:.3g}; "
-            f"{100 * self.fraction_good:.1f}% good (k < {KHAT_GOOD}), "
-            f"{100 * self.fraction_ok:.1f}% ok ({KHAT_GOOD}-{KHAT_OK}), "
-            f"{100 * self.fraction_bad:.1f}% bad (k > {KHAT_OK})"
+            f"{100 * self.fraction_good:.1f}% good (k <= {self.threshold:.2f}), "
+            f"{100 * self.fraction_ok:.1f}% ok ({self.threshold:.2f}-{KHAT_OK}, more draws would "
+            f"help), {100 * self.fraction_bad:.1f}% bad (k > {KHAT_OK}); "
+            f"{100 * self.fraction_unreliable:.1f}% of the rows' estimates are unreliable"
             + (f", {100 * self.fraction_undetermined:.1f}% undetermined"
                if self.fraction_undetermined > 0 else "")
             + f". Median ESS fraction {self.ess_fraction_median:.3g}.")
@@ -195,8 +213,10 @@ def importance_diagnostics(pair, data, num_samples: int = 1000, *, mask=None, de
     :math:`w_{ik} = p(x_i, z_{ik}) / q(z_{ik} \\mid x_i)`. Pareto smoothed importance sampling
     (ArviZ :func:`arviz.psislw`) fits a generalized Pareto distribution to the largest weights;
     its shape :math:`\\hat k` says how heavy the right tail of the weights is. If
-    :math:`\\hat k < 0.5` the weights have finite variance and the guide is a usable proposal
-    (and close to the posterior); :math:`0.5 \\le \\hat k \\le 0.7` is usable with PSIS;
+    :math:`\\hat k \\le \\min(1 - 1/\\log_{10} K, 0.7)` (:func:`pyro_lvm.inference.khat_threshold`,
+    0.5 at K = 100) the estimate for that row is reliable and the guide a usable proposal;
+    above it and up to 0.7 more draws would make it reliable; each row above the threshold
+    is flagged (``unreliable``: its estimate and standard error are not trustworthy);
     :math:`\\hat k > 0.7` means the importance-sampled estimates for that row (including
     ``log p(x)``) are unreliable and the guide misses posterior mass -- typically it is too
     narrow. This is the check of Yao, Vehtari, Simpson & Gelman (2018) applied to each data
@@ -249,9 +269,12 @@ def importance_diagnostics(pair, data, num_samples: int = 1000, *, mask=None, de
                 "constant_weights": summary["constant"],
                 "log_px_estimate": summary["log_px"],
                 "log_px_se": summary["log_px_se"],
+                "log_px_psis": summary["log_px_psis"],
             }))
     per_row = pd.concat(frames, ignore_index=True)
-    per_row.insert(2, "category", _khat_category(per_row["khat"].to_numpy()))
+    per_row.insert(2, "category", _khat_category(per_row["khat"].to_numpy(), num_samples))
+    per_row.insert(3, "unreliable", reliability.khat_unreliable(per_row["khat"].to_numpy(),
+                                                                 num_samples))
     return ImportanceDiagnostics(per_row=per_row, num_samples=num_samples)
 
 

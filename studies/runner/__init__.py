@@ -59,8 +59,11 @@ called a bound):
     Mean KL(q(z|x) || p(z)) over test rows, and the number of latent dimensions with
     Var_x E_q[z_j | x] > 0.01 (Burda et al. 2016).
 ``khat_good_frac``, ``khat_ok_frac``, ``khat_bad_frac``, ``khat_median``, ``khat_max``
-    Pareto k-hat of each test row's importance weights (k < 0.5 good, 0.5-0.7 usable,
-    > 0.7 unreliable).
+    Pareto k-hat of each test row's importance weights from ``khat_num_samples`` = K draws
+    (k <= min(1 - 1/log10 K, 0.7) good, from there to 0.7 more draws needed, > 0.7 bad).
+``khat_unreliable_frac``, ``test_log_likelihood_psis``
+    Share of test rows with k-hat above min(1 - 1/log10 K, 0.7) (estimates not
+    trustworthy), and the mean PSIS-smoothed estimate of log p(x) from the same K draws.
 ``bits_per_dim`` / ``_se``
     For binary data.
 ``train_time_s``, ``eval_time_s``, ``wall_time_s``, ``device``

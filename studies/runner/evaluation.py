@@ -27,6 +27,7 @@ ARTIFACTS = {
     "latent_mean": "[n_test, d] posterior means E_q[z | x] of the test rows",
     "labels": "[n_test] labels of the test rows (when known)",
     "khat": "[n_test] Pareto k-hat of each test row's importance weights",
+    "log_px_psis": "[n_test] PSIS-smoothed estimate of log p(x) per row (k-hat's draws)",
     "ess": "[n_test] effective sample size of each test row's importance weights",
     "log_px": "[n_test] per-row IS estimate of log p(x)",
     "log_px_se": "[n_test] its Monte Carlo standard error",
@@ -120,7 +121,11 @@ def _diagnostics(model, dataset: Dataset, config: RunConfig, device) -> Tuple[Di
         khat_median=float(np.median(khat)) if khat.size else math.nan,
         khat_max=float(np.max(finite)) if finite.size else math.nan,
         khat_num_samples=k,
+        # rows above min(1 - 1/log10 K, 0.7): their estimates are not trustworthy
+        khat_unreliable_frac=imp.fraction_unreliable,
+        test_log_likelihood_psis=float(imp.per_row["log_px_psis"].mean()),
     )
+    arrays["log_px_psis"] = imp.per_row["log_px_psis"].to_numpy(dtype=float)
     usage = diagnostics.latent_usage(model, x, mask=mask, device=device, seed=config.seed,
                                      progress=False)
     metrics["active_units"] = usage.num_active

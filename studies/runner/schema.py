@@ -24,7 +24,8 @@ METRIC_COLUMNS = (
     "test_log_likelihood", "test_log_likelihood_se", "test_log_likelihood_data_se",
     "exact_test_log_likelihood", "test_elbo", "test_elbo_se", "kl", "active_units",
     "khat_good_frac", "khat_ok_frac", "khat_bad_frac", "khat_undetermined_frac", "khat_median",
-    "khat_max", "khat_num_samples", "kl_se", "mean_ess",
+    "khat_max", "khat_num_samples", "khat_unreliable_frac", "test_log_likelihood_psis",
+    "kl_se", "mean_ess",
     "bits_per_dim", "bits_per_dim_se", "final_train_objective", "final_valid_objective",
     "epochs_run", "num_parameters", "train_time_s", "eval_time_s", "wall_time_s",
 )
