@@ -58,7 +58,7 @@ from scipy import stats
 from . import analysis
 
 __all__ = ["ComparisonVerdict", "factor_comparisons", "factor_verdict", "holm_intervals",
-           "row_standard_error", "strata_columns"]
+           "refining_columns", "row_standard_error", "strata_columns"]
 
 #: Largest share of test rows above the k-hat threshold for which a comparison is called.
 MAX_UNRELIABLE_SHARE = 0.1
@@ -182,14 +182,38 @@ def strata_columns(results: pd.DataFrame, factor: str,
     columns = analysis.config_columns(results) if columns is None else list(columns)
     others = [c for c in analysis.varying_columns(results, columns) if c != factor]
     tied = analysis.tied_columns(results, factor, others)
+    refining = refining_columns(results, factor, columns)
     strata: list[str] = []
     for column in others:
-        if column in tied:
+        if column in tied or column in refining:
             continue
         if any(column in analysis.tied_columns(results, chosen, [column]) for chosen in strata):
             continue
         strata.append(column)
     return strata, tied
+
+
+def refining_columns(results: pd.DataFrame, factor: str,
+                     columns: Sequence[str] | None = None) -> list[str]:
+    """Varying columns that split a level of ``factor`` (``num_particles`` 5 and 50 of
+    ``objective=iwae``) and determine it (``objective`` is a function of ``num_particles``):
+    they are part of the levels compared ("iwae (num_particles=5)"), not strata."""
+    columns = analysis.config_columns(results) if columns is None else list(columns)
+    others = [c for c in analysis.varying_columns(results, columns) if c != factor]
+    tied = set(analysis.tied_columns(results, factor, others))
+    return [c for c in others if c not in tied
+            and factor in analysis.tied_columns(results, c, [factor])]
+
+
+def _levels(frame: pd.DataFrame, factor: str, refining: Sequence[str]) -> pd.Series:
+    level = frame[factor].map(analysis._format_value)
+    if not refining:
+        return level
+    detail = [frame[c].map(lambda v, c=c: f"{c}={analysis._format_value(v)}") for c in refining]
+    extra = detail[0]
+    for part in detail[1:]:
+        extra = extra + ", " + part
+    return level + " (" + extra + ")"
 
 
 def _level_stats(frame: pd.DataFrame, share_column: str | None) -> tuple[float, float]:
@@ -251,17 +275,18 @@ def factor_comparisons(
     """
     analysis._require_columns(results, [factor, metric], "factor_comparisons")
     strata, _ = strata_columns(results, factor, columns)
+    refining = refining_columns(results, factor, columns)
     ok = results.loc[analysis._ok_mask(results)].copy()
     ok["_value"] = analysis._finite_metric(ok, metric)
     ok = ok.loc[ok["_value"].notna()]
-    ok["_level"] = ok[factor].map(analysis._format_value)
+    ok["_level"] = _levels(ok, factor, refining)
     ok["_stratum"] = analysis._key_strings(ok, strata)
     ok["_seed"] = (ok["seed"].map(analysis._format_value) if "seed" in ok.columns
                    else ok.index.astype(str))
     if ok.duplicated(["_stratum", "_level", "_seed"]).any():
         raise ValueError(f"factor_comparisons: two runs share the level of {factor!r}, the "
                          f"settings {strata} and the seed; the pairing would be ambiguous")
-    levels = list(pd.unique(results[factor].map(analysis._format_value)))
+    levels = list(pd.unique(_levels(results, factor, refining)))
     sign = 1.0 if higher_is_better else -1.0
     rows = []
     for stratum_key, group in ok.groupby("_stratum", sort=False):
@@ -356,8 +381,11 @@ class ComparisonVerdict:
             return (f"{row['level_a']} vs {row['level_b']} {where}: no seed finished in both, "
                     f"no comparison.")
         if not np.isfinite(row["ci_low"]):
+            rows = (f" (test-set se {row['se_rows']:.2f})" if np.isfinite(row["se_rows"])
+                    else "")
             return (f"{row['level_a']} vs {row['level_b']} {where}: difference {diff:+.2f} "
-                    f"{self.units} from {seeds}; no interval (at least 2 seeds needed).")
+                    f"{self.units}{rows} from {seeds}; no interval (the seed spread needs at "
+                    f"least 2 seeds).")
         interval = f"[{row['ci_low']:.2f}, {row['ci_high']:.2f}]"
         evidence = f"({seeds})"
         if not row["distinguishable"]:

@@ -132,3 +132,23 @@ def test_verdict_declines_on_unreliable_estimates():
     assert "more importance samples or a better guide" in text
     assert not v.comparisons["called"].any() and v.comparisons["distinguishable"].all()
     assert "between 0% and 25% of the test rows" in v.reliability
+
+
+def test_levels_split_by_a_setting_that_determines_them():
+    """compare_objectives: ELBO (K = 1) vs IWAE with K = 5 and 50; K is part of the level."""
+    rows = []
+    for objective, k, value in (("elbo", 1, -10.0), ("iwae", 5, -9.5), ("iwae", 50, -9.0)):
+        for seed in range(3):
+            rows.append({"run_id": f"{objective}{k}-{seed}", "objective": objective,
+                         "num_particles": k, "seed": seed, "status": "ok",
+                         "test_log_likelihood": value + 0.1 * seed + 0.01 * (seed == 1) * k})
+    frame = pd.DataFrame(rows)
+    columns = ["objective", "num_particles"]
+    assert comparisons.refining_columns(frame, "objective", columns) == ["num_particles"]
+    assert comparisons.strata_columns(frame, "objective", columns) == ([], [])
+    c = comparisons.factor_comparisons(frame, "objective", columns=columns)
+    assert set(zip(c["level_a"], c["level_b"])) == {
+        ("iwae (num_particles=5)", "elbo (num_particles=1)"),
+        ("iwae (num_particles=50)", "elbo (num_particles=1)"),
+        ("iwae (num_particles=50)", "iwae (num_particles=5)")}
+    assert (c["n_pairs"] == 3).all()
