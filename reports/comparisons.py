@@ -82,7 +82,7 @@ def holm_intervals(estimate, se, df, confidence: float = 0.95) -> pd.DataFrame:
     hypotheses get the interval of their own step, the others that of the first accepted step
     (wider than :math:`1-\\alpha`, narrower than Bonferroni's :math:`1 - \\alpha/m` except
     for the first). Rows with a missing or non-positive ``se`` or ``df`` are not tested (NaN)
-    and do not count in :math:`m`.
+    and do not count in :math:`m`; a zero ``se`` makes the estimate exact (p = 0 unless it is 0).
 
     Parameters
     ----------
@@ -106,10 +106,14 @@ def holm_intervals(estimate, se, df, confidence: float = 0.95) -> pd.DataFrame:
         raise ValueError(f"estimate, se and df must be 1-D of one length, got "
                          f"{estimate.shape}, {se.shape}, {df.shape}")
     alpha = 1.0 - float(confidence)
-    testable = np.isfinite(estimate) & np.isfinite(se) & (se > 0) & np.isfinite(df) & (df > 0)
+    testable = np.isfinite(estimate) & np.isfinite(se) & (se >= 0) & np.isfinite(df) & (df > 0)
     t = np.full(estimate.shape, math.nan)
     p = np.full(estimate.shape, math.nan)
-    t[testable] = estimate[testable] / se[testable]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        # se = 0 (deterministic fits, identical differences): the difference is known exactly
+        t[testable] = np.where(se[testable] > 0, estimate[testable] / se[testable],
+                               np.where(estimate[testable] == 0, 0.0,
+                                        np.sign(estimate[testable]) * np.inf))
     p[testable] = 2.0 * stats.t.sf(np.abs(t[testable]), df[testable])
     index = np.nonzero(testable)[0]
     m = index.size
@@ -270,7 +274,8 @@ def factor_comparisons(
         there is none), ``level_a``, ``level_b``, ``n_pairs``, ``mean_a``, ``mean_b``,
         ``mean_difference`` (a − b), ``se_seed``, ``se_rows``, ``se``, ``df``, ``p_value``,
         ``p_holm``, ``level``, ``ci_low``, ``ci_high``, ``distinguishable``,
-        ``unreliable_a``, ``unreliable_b`` (shares), ``reliable``, ``called`` (a is better:
+        ``unreliable_a``, ``unreliable_b`` (shares; NaN when not recorded), ``reliable``
+        (no recorded share above ``max_unreliable_share``), ``called`` (a is better:
         distinguishable and reliable).
     """
     analysis._require_columns(results, [factor, metric], "factor_comparisons")
@@ -324,8 +329,10 @@ def factor_comparisons(
     for column in ("p_value", "p_holm", "level", "ci_low", "ci_high"):
         frame[column] = tests[column].to_numpy()
     frame["distinguishable"] = tests["rejected"].to_numpy()
+    # a share that was not recorded (no k-hat; an exact metric) does not block the call;
+    # the verdict says when reliability is unknown
     shares = frame[["unreliable_a", "unreliable_b"]]
-    frame["reliable"] = (shares.le(max_unreliable_share) & shares.notna()).all(axis=1)
+    frame["reliable"] = (shares.le(max_unreliable_share) | shares.isna()).all(axis=1)
     frame["called"] = frame["distinguishable"] & frame["reliable"]
     frame["confidence"] = float(confidence)
     return frame
@@ -372,6 +379,7 @@ class ComparisonVerdict:
     num_khat_samples: int | None
     max_unreliable_share: float = MAX_UNRELIABLE_SHARE
     units: str = "nats/row"
+    check_reliability: bool = True
 
     def _line(self, row) -> str:
         where = f"with {row['stratum']}" if row["stratum"] else "overall"
@@ -393,7 +401,11 @@ class ComparisonVerdict:
                     f"difference {diff:+.2f} {self.units} {interval} {evidence}.")
         claim = f"{row['level_a']} > {row['level_b']} by {diff:.2f} {self.units} {interval}"
         if row["called"]:
-            return f"{where[0].upper() + where[1:]}: {claim} {evidence}."
+            unknown = (self.check_reliability and not (
+                np.isfinite(row["unreliable_a"]) and np.isfinite(row["unreliable_b"])))
+            caveat = ("; how reliable these importance-sampled estimates are is unknown (no "
+                      "k-hat recorded)" if unknown else "")
+            return f"{where[0].upper() + where[1:]}: {claim} {evidence}{caveat}."
         return (f"{where[0].upper() + where[1:]}: {claim} {evidence} by the estimates, but no "
                 f"winner is called: {self._shares(row)}.")
 
@@ -447,9 +459,15 @@ def factor_verdict(results: pd.DataFrame, factor: str, metric: str = "test_log_l
     """
     from pyro_lvm.inference.reliability import khat_threshold
 
+    # an exact value (linear models) has no importance-sampling error to be unreliable
+    check = metric != "exact_test_log_likelihood"
+    if not check:
+        kwargs["unreliable_column"] = None
+        num_khat_samples = None
     comparisons = factor_comparisons(results, factor, metric, **kwargs)
     threshold = khat_threshold(num_khat_samples) if num_khat_samples else None
     return ComparisonVerdict(
         factor=factor, metric=metric, label=analysis.metric_label(metric, num_samples),
         comparisons=comparisons, threshold=threshold, num_khat_samples=num_khat_samples,
-        max_unreliable_share=kwargs.get("max_unreliable_share", MAX_UNRELIABLE_SHARE))
+        max_unreliable_share=kwargs.get("max_unreliable_share", MAX_UNRELIABLE_SHARE),
+        check_reliability=check)

@@ -66,6 +66,10 @@ def test_holm_intervals_all_rejected_and_untestable_rows():
     assert h["level"][order[0]] == pytest.approx(1 - 0.05)
     assert h["level"][order[1]] == pytest.approx(1 - 0.1)
     assert math.isnan(h["ci_low"][2]) and math.isnan(h["p_holm"][2])
+    # a zero standard error (identical paired differences): known exactly
+    h0 = comparisons.holm_intervals([0.8, 0.0], [0.0, 0.0], [2, 2])
+    assert h0["rejected"].tolist() == [True, False]
+    assert (h0["ci_low"][0], h0["ci_high"][0]) == (0.8, 0.8)
     with pytest.raises(ValueError, match="one length"):
         comparisons.holm_intervals([1.0], [1.0, 2.0], [2])
 
@@ -152,3 +156,18 @@ def test_levels_split_by_a_setting_that_determines_them():
         ("iwae (num_particles=50)", "elbo (num_particles=1)"),
         ("iwae (num_particles=50)", "iwae (num_particles=5)")}
     assert (c["n_pairs"] == 3).all()
+
+
+def test_verdict_without_k_hat_calls_with_a_caveat_and_exact_needs_none():
+    frame, per_row = _grid()
+    frame["khat_unreliable_frac"] = np.nan
+    columns = ["prior", "objective", "num_particles"]
+    v = comparisons.factor_verdict(frame, "prior", columns=columns, per_row=per_row)
+    assert v.comparisons["called"].all()
+    assert "reliable these importance-sampled estimates are is unknown" in " ".join(v.sentences)
+    exact = frame.rename(columns={"test_log_likelihood": "exact_test_log_likelihood"})
+    exact["khat_unreliable_frac"] = 0.9  # ignored: an exact value is not importance-sampled
+    v = comparisons.factor_verdict(exact, "prior", "exact_test_log_likelihood",
+                                   columns=columns, num_khat_samples=100)
+    assert v.comparisons["called"].all() and v.reliability is None
+    assert "unknown" not in " ".join(v.sentences)

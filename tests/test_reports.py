@@ -737,6 +737,27 @@ def test_report_linear_models_study_without_images(tmp_path):
     assert "fig-samples" not in text and "fig-reconstructions" not in text
 
 
+def test_linear_models_verdict_ranks_by_the_exact_value_when_every_run_has_one(tmp_path):
+    study = tmp_path / "exact"
+    study.mkdir()
+    _write_json(study / "study.json", {"name": "linear", "primary_factor": "model",
+                                       "primary_metric": "test_log_likelihood"})
+    rows = []
+    # the IS estimates order fa above ppca; the exact values the other way round
+    for model, is_value, exact in (("fa", -60.0, -61.0), ("ppca", -60.5, -60.2)):
+        for seed in (0, 1, 2):
+            rows.append({"run_id": f"{model}-s{seed}", "model": model, "seed": seed,
+                         "status": "ok", "test_log_likelihood": is_value + 0.01 * seed,
+                         "exact_test_log_likelihood": exact + 0.01 * seed * (model == "fa")})
+    pd.DataFrame(rows).to_csv(study / "results.csv", index=False)
+    text = render_report(study).read_text(encoding="utf-8")
+    verdict = text[text.index('id="verdict"'):text.index('id="results"')]
+    assert "by exact log p(x) (linear models)" in verdict
+    assert "ppca &gt; fa by 0.79" in verdict
+    results = text[text.index('id="results"'):text.index('id="key"')]
+    assert re.search(r"<td>1</td>\s*<td>ppca</td>", results)
+
+
 def test_report_of_interrupted_study_counts_pending_runs(tmp_path):
     """The runner writes rows with status "pending" for runs not done yet: not failures."""
     study = make_study(tmp_path / "interrupted", artifacts=False, priors=PRIORS[:2],
