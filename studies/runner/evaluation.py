@@ -2,6 +2,7 @@
 the arrays the report draws (samples, reconstructions, latent means and draws)."""
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -147,10 +148,17 @@ def evaluate_run(model, dataset: Dataset, config: RunConfig, device, notes: List
 
     x, mask = dataset.test, dataset.mask("test")
     K = int(config.num_eval_samples)
-    ll = log_likelihood(model, x, num_samples=K, mask=mask, device=device, seed=config.seed,
-                        progress=False)
-    el = heldout_elbo(model, x, num_samples=min(K, 50), mask=mask, device=device,
-                      seed=config.seed + 1, progress=False)
+
+    def phase(what):
+        return progress.phase(what) if progress is not None else contextlib.nullcontext()
+
+    bars = bool(progress is not None and progress.bars)
+    with phase(f"the test log-likelihood (K = {K}, {x.shape[0]} rows)"):
+        ll = log_likelihood(model, x, num_samples=K, mask=mask, device=device, seed=config.seed,
+                            progress=bars)
+    with phase("the held-out ELBO"):
+        el = heldout_elbo(model, x, num_samples=min(K, 50), mask=mask, device=device,
+                          seed=config.seed + 1, progress=bars)
     metrics: Dict[str, Any] = {
         "test_log_likelihood": ll.mean,
         "test_log_likelihood_se": ll.mc_se,
@@ -170,12 +178,14 @@ def evaluate_run(model, dataset: Dataset, config: RunConfig, device, notes: List
     if "exact_log_px" in per_row.columns:
         arrays["exact_log_px"] = per_row["exact_log_px"].to_numpy(float)
     try:
-        diag_metrics, diag_arrays = _diagnostics(model, dataset, config, device)
+        with phase("k-hat and latent usage"):
+            diag_metrics, diag_arrays = _diagnostics(model, dataset, config, device)
         metrics.update(diag_metrics)
         arrays.update(diag_arrays)
     except Exception as exc:  # secondary numbers: keep the run's log-likelihood, say what broke
         notes.append(f"diagnostics (k-hat, latent usage) failed: {type(exc).__name__}: {exc}")
-    arrays.update(_report_arrays(model, dataset, config, device, notes))
+    with phase("samples, reconstructions and latent draws"):
+        arrays.update(_report_arrays(model, dataset, config, device, notes))
     hook = families.get_family(config.model).evaluate
     if hook is not None:
         family_metrics, family_arrays = hook(model, dataset, config, device)

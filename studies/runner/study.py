@@ -22,6 +22,7 @@ from pyro_lvm.studies.datasets import SPLITS, Dataset, load_dataset, validate_fo
 from pyro_lvm.studies.runner import execution, families, provenance, storage
 from pyro_lvm.studies.runner.evaluation import ARTIFACTS
 from pyro_lvm.studies.runner.lock import StudyLock
+from pyro_lvm.studies.runner.progress import StudyProgress
 from pyro_lvm.studies.runner.results import read_result, results_frame
 from pyro_lvm.studies.runner.schema import (METRIC_COLUMNS, STATUS_COLUMNS, RunConfig,
                                             StudyDataError)
@@ -380,8 +381,6 @@ def _run_locked(name, study_dir, dataset, configs, *, fresh, progress, render, c
 def _run_all(name, study_dir, dataset, configs, todo, results, executed, notes, meta, *,
              skipped, progress, num_threads, on_run_end) -> pd.DataFrame:
     """Execute the runs of ``todo`` one after another, saving the table after each."""
-    from tqdm.auto import tqdm
-
     def save_table():
         frame = results_frame(configs, results)
         storage.write_text(study_dir / "results.csv", frame.to_csv(index=False))
@@ -390,23 +389,23 @@ def _run_all(name, study_dir, dataset, configs, todo, results, executed, notes, 
     save_table()
     status = "interrupted"
     current = None
-    bar = tqdm(todo, desc=name, unit="run", disable=not progress, leave=True)
+    display = StudyProgress(name, len(todo), enabled=progress)
+    runs = display.runs(todo)
     threads_before = torch.get_num_threads()
     if num_threads:
         torch.set_num_threads(int(num_threads))
     meta["num_threads"] = torch.get_num_threads()
     try:
-        for c in bar:
+        for index, c in enumerate(runs):
             current = study_dir / "runs" / c.run_id
-            bar.set_postfix_str(c.run_id, refresh=True)
             result = execution.execute_run(c, dataset, current,
+                                           progress=display.start_run(index, c.run_id),
                                            notes=[notes[c.run_id]] if c.run_id in notes else None)
             current = None
             results[c.run_id] = result
             executed.append(c.run_id)
             save_table()
-            if result["status"] != "ok" and progress:
-                tqdm.write(f"run {c.run_id} failed: {result['error']}", file=sys.stderr)
+            display.end_run(index, c.run_id, result)
             if on_run_end is not None:
                 on_run_end(c, result)
         status = "finished"
@@ -417,8 +416,8 @@ def _run_all(name, study_dir, dataset, configs, todo, results, executed, notes, 
                 shutil.rmtree(current, ignore_errors=True)
         raise
     finally:
+        runs.close()  # the run bar
         torch.set_num_threads(threads_before)
-        bar.close()
         frame = results_frame(configs, results)
         _finish_meta(meta, status, executed, skipped, frame)
         _close_study(study_dir, frame, meta, strict=status == "finished")
