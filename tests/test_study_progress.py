@@ -97,3 +97,26 @@ def test_provenance_lists_every_invocation(tmp_path, tiny_data, monkeypatch):
     table = pd.read_csv(tmp_path / "p" / "results.csv")
     assert meta["compute_time_s"] == pytest.approx(table["wall_time_s"].sum())
     assert meta["compute_time_s"] > 0
+
+
+def test_allow_missing_and_label_column_flags(tmp_path):
+    """The flags the loader's hints name: NaN cells become a mask, a label column is kept out."""
+    import numpy as np
+
+    from pyro_lvm.studies.runner import dataset_from_args
+
+    rng = np.random.default_rng(0)
+    table = pd.DataFrame(rng.normal(size=(40, 4)), columns=list("abcd"))
+    table.iloc[3, 1] = np.nan
+    table["kind"] = rng.integers(0, 3, size=40)
+    path = tmp_path / "cells.csv"
+    table.to_csv(path, index=False)
+    args = compare_priors.parse_args(["--dataset", str(path), "--allow-missing",
+                                      "--label-column", "kind"])
+    dataset = dataset_from_args(args, likelihood="gaussian")
+    assert dataset.data_dim == 4 and dataset.masks is not None
+    assert sum(int((~m).sum()) for m in dataset.masks.values()) == 1
+    assert dataset.label("test") is not None
+    with pytest.raises(ValueError, match="--allow-missing"):
+        dataset_from_args(compare_priors.parse_args(["--dataset", str(path), "--label-column",
+                                                     "kind"]), likelihood="gaussian")
