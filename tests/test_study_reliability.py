@@ -51,6 +51,22 @@ def _smoke(out, *extra, **kwargs):
                           text=True, timeout=300, **kwargs)
 
 
+def _smoke_here(out, capsys, *extra):
+    """The smoke study in this process (as the command line runs it): (status, stdout, stderr)."""
+    from pyro_lvm.studies import compare_objectives
+    from pyro_lvm.studies.runner import cli
+
+    capsys.readouterr()
+    argv = [*SMOKE[2:], "--out-dir", str(out), *extra]
+    try:
+        cli(compare_objectives.main, lambda: compare_objectives.parse_args(argv))
+        status = 0
+    except SystemExit as stop:
+        status = stop.code
+    captured = capsys.readouterr()
+    return status, captured.out, captured.err
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     """An uninterrupted smoke study (and how long it took)."""
@@ -156,7 +172,7 @@ def test_two_invocations_at_once(wait, tmp_path, reference):
 
 # ------------------------------------------------------------------------ kill -9
 @pytest.mark.slow
-def test_sigkill_at_random_moments_then_resume(tmp_path, reference):
+def test_sigkill_at_random_moments_then_resume(tmp_path, reference, capsys):
     ref_dir, seconds = reference
     rng = np.random.default_rng(20261130)
     killed = []
@@ -167,8 +183,8 @@ def test_sigkill_at_random_moments_then_resume(tmp_path, reference):
         time.sleep(float(rng.uniform(0.3, 1.0)) * seconds)
         proc.send_signal(signal.SIGKILL)
         killed.append(proc.wait() == -signal.SIGKILL)
-        rerun = _smoke(out)
-        assert rerun.returncode == 0, rerun.stderr[-2000:]
+        status, _, err = _smoke_here(out, capsys)
+        assert status == 0, err[-2000:]
         study_dir = out / "compare_objectives-smoke"
         pd.testing.assert_frame_equal(_table(study_dir), _table(ref_dir))
         assert json.loads((study_dir / "study.json").read_text())["status"] == "finished"
@@ -194,36 +210,36 @@ def small_disk(tmp_path):
 
 
 @pytest.mark.slow
-def test_full_disk_one_line_then_resume(small_disk, reference):
+def test_full_disk_one_line_then_resume(small_disk, reference, capsys):
     mount, remount = small_disk
-    proc = _smoke(mount)
-    assert proc.returncode == 1, (proc.returncode, proc.stderr[-2000:])
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and "No space left on device" in lines[0], proc.stderr
+    status, _, err = _smoke_here(mount, capsys)
+    assert status == 1, (status, err[-2000:])
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "No space left on device" in lines[0], err
     assert "free space on that file system" in lines[0] and str(mount) in lines[0]
     study_dir = mount / "compare_objectives-smoke"
     meta = json.loads((study_dir / "study.json").read_text())
     assert meta["status"] == "failed (I/O error)"
     remount("size=20m")  # space freed: the same command finishes, the run that failed included
-    proc = _smoke(mount)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    status, _, err = _smoke_here(mount, capsys)
+    assert status == 0, err[-2000:]
     pd.testing.assert_frame_equal(_table(study_dir), _table(reference[0]))
     assert json.loads((study_dir / "study.json").read_text())["status"] == "finished"
 
 
 @pytest.mark.slow
-def test_read_only_directory(small_disk, reference):
+def test_read_only_directory(small_disk, reference, capsys):
     mount, remount = small_disk
     remount("size=20m")
-    assert _smoke(mount).returncode == 0
+    assert _smoke_here(mount, capsys)[0] == 0
     remount("ro")
     before = _snapshot(mount)
-    done = _smoke(mount)  # nothing to compute: the results are printed, nothing is written
-    assert done.returncode == 0, done.stderr
-    assert "2 of 2 runs ok (0 run now, 2 found finished on disk" in done.stdout
-    more = _smoke(mount, "--seeds", "0", "1", "2")  # one run to compute: one line
-    assert more.returncode == 1
-    lines = more.stderr.strip().splitlines()
+    status, out, err = _smoke_here(mount, capsys)  # nothing to compute: printed, not written
+    assert status == 0, err
+    assert "2 of 2 runs ok (0 run now, 2 found finished on disk" in out
+    status, _, err = _smoke_here(mount, capsys, "--seeds", "0", "1", "2")  # one to compute
+    assert status == 1
+    lines = err.strip().splitlines()
     assert len(lines) == 1 and "Read-only file system" in lines[0] and "--out-dir" in lines[0]
     assert _snapshot(mount) == before
     meta = json.loads((mount / "compare_objectives-smoke" / "study.json").read_text())
