@@ -410,18 +410,21 @@ def test_binary_bernoulli_log_prob_is_torchs_and_expands_like_it():
                                .sum(-1), rtol=1e-6, atol=1e-4)
 
 
-def test_model_checks_the_data_per_call_unless_validated_up_front():
-    from pyro_lvm.models.validation import data_checked, per_call_data_checks
+def test_model_checks_the_data_on_every_call_while_validation_is_on():
+    """No hidden flag: a model checks its input whenever Pyro's validation is on (inside fit
+    too), only pyro.validation_enabled(False) turns that off, and fit rejects a bad row before
+    the first step."""
+    from pyro_lvm.models import validation
 
+    assert not hasattr(validation, "data_checked")
     model = _dlvm("normal", "bernoulli")
     x = _data()
     x[1, 1] = 0.25
-    assert per_call_data_checks()
+    assert validation.per_call_data_checks()
     with isolated_param_store():
-        with data_checked():
-            assert not per_call_data_checks()
-            with pyro.validation_enabled(False):  # the caller vouches for the data
-                log_weights(model.model, model.guide, x, 2)
+        with pyro.validation_enabled(False):  # the caller vouches for the data
+            assert not validation.per_call_data_checks()
+            log_weights(model.model, model.guide, x, 2)
         with pytest.raises(ValueError, match=r"outside \{0, 1\}.*row 1, column 1"):
             log_weights(model.model, model.guide, x, 2)
         with pytest.raises(ValueError, match="shape"):

@@ -11,8 +11,6 @@ import pyro
 import pyro.poutine as poutine
 import torch
 
-from pyro_lvm.models.validation import data_checked
-
 __all__ = ["ObjectiveAdapter", "default_optimizer", "optimizer_factory", "collect_params",
            "param_names", "optimizer_name", "train_step"]
 
@@ -62,13 +60,9 @@ class ObjectiveAdapter:
 
     def train_loss(self, xb: torch.Tensor, mb: Optional[torch.Tensor]) -> torch.Tensor:
         """Scaled minibatch loss with gradients accumulated into ``.grad`` (returns it detached).
-
-        The rows were validated once before training, so the models' per-call data checks are
-        skipped (:func:`models.validation.data_checked`)."""
-        with data_checked():
-            return self._train_loss(xb, mb)
-
-    def _train_loss(self, xb: torch.Tensor, mb: Optional[torch.Tensor]) -> torch.Tensor:
+        The rows were validated once before training (the engine's checks, the pair's own
+        ``check_data`` included); models still check each call while Pyro's validation is on
+        (:func:`pyro_lvm.models.validation.per_call_data_checks`: no flag switches that off)."""
         if self.kind == "pyro":
             # Pyro warns on NaN losses (forward and backward); fit raises a precise
             # NonFiniteLossError instead, so the warning would only duplicate it.
@@ -93,7 +87,7 @@ class ObjectiveAdapter:
 
     def eval_sum(self, xb: torch.Tensor, mb: Optional[torch.Tensor]) -> float:
         """:math:`\\sum_{i \\in B} \\widehat{\\mathcal{L}}_i` on a chunk, without gradients."""
-        with torch.no_grad(), data_checked():
+        with torch.no_grad():
             return -float(self.objective.loss(self.model_fn, self.guide_fn, xb, mask=mb))
 
 
