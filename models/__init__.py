@@ -3,6 +3,8 @@
 - :mod:`pyro_lvm.models.linear`: factor analysis and probabilistic PCA (exact marginal and posterior,
   closed-form / EM fits).
 - :mod:`pyro_lvm.models.poisson_pca`: Poisson PCA, a linear latent model for counts.
+- :mod:`pyro_lvm.models.cluster_dlvm`: a DLVM with a mixture prior and an enumerated component
+  latent, for clustering.
 - :mod:`pyro_lvm.models.dlvm`: deep latent variable models (VAEs) built from :mod:`pyro_lvm.models.priors`,
   :mod:`pyro_lvm.models.likelihoods` and :mod:`pyro_lvm.models.networks`.
 - :mod:`pyro_lvm.models.flows`: IAF guide and flow prior for DLVMs.
@@ -21,12 +23,13 @@ from pyro_lvm.models.likelihoods import (Bernoulli, Binomial, Categorical, Gauss
                                          NegativeBinomial, Poisson, StudentT, make_likelihood)
 from pyro_lvm.models.linear import PPCA, FactorAnalysis
 from pyro_lvm.models.poisson_pca import PoissonPCA
+from pyro_lvm.models.cluster_dlvm import ClusterDLVM
 from pyro_lvm.models.networks import mlp
 from pyro_lvm.models.priors import MixturePrior, Prior, StandardNormalPrior, VampPrior, make_prior
 from pyro_lvm.models.validation import check_binary, check_data, check_mask
 
 __all__ = [
-    "FactorAnalysis", "PPCA", "PoissonPCA", "DLVM", "LectureDLVM",
+    "FactorAnalysis", "PPCA", "PoissonPCA", "DLVM", "LectureDLVM", "ClusterDLVM",
     "Prior", "StandardNormalPrior", "MixturePrior", "VampPrior", "make_prior",
     "Likelihood", "Bernoulli", "Gaussian", "StudentT", "make_likelihood",
     "Poisson", "NegativeBinomial", "Binomial", "Categorical",

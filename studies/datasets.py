@@ -56,7 +56,8 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
-from pyro_lvm.models.validation import check_binary, check_data, check_magnitude, check_mask
+from pyro_lvm.models.validation import (check_binary, check_counts, check_data, check_magnitude,
+                                         check_mask)
 from pyro_lvm.paths import checkout_root
 
 __all__ = [
@@ -67,6 +68,8 @@ __all__ = [
     "mnist_search_paths",
     "BUILTIN_DATASETS",
     "LIKELIHOODS",
+    "COUNT_LIKELIHOODS",
+    "SUITABLE_LIKELIHOODS",
     "MNIST_SHA256",
     "ENV_VAR",
 ]
@@ -75,7 +78,16 @@ __all__ = [
 ENV_VAR = "PYRO_LVM_DATA"
 BUILTIN_DATASETS = ("digits", "binarized-mnist")
 #: Observation models the loader knows how to validate for.
-LIKELIHOODS = ("bernoulli", "gaussian", "studentt")
+LIKELIHOODS = ("bernoulli", "gaussian", "studentt", "poisson", "negbinomial", "binomial",
+               "categorical")
+#: Observation models of counts (non-negative integers).
+COUNT_LIKELIHOODS = ("poisson", "negbinomial", "binomial")
+#: What :attr:`Dataset.kind` can be, and the observation models that suit each kind.
+SUITABLE_LIKELIHOODS = {
+    "binary": ("bernoulli", "categorical"),
+    "count": ("poisson", "negbinomial", "binomial"),
+    "continuous": ("gaussian", "studentt"),
+}
 SPLITS = ("train", "valid", "test")
 MNIST_FILE = "binarized_mnist.npz"
 MNIST_AMAT = {s: f"binarized_mnist_{s}.amat" for s in SPLITS}
@@ -111,6 +123,10 @@ class Dataset:
         ``(8, 8)`` for digits, ``(28, 28)`` for MNIST, None for tabular data.
     discrete : bool
         True for binary data (Bernoulli models; bits per dimension make sense).
+    kind : {"binary", "count", "continuous"}
+        Detected from the values the models see (observed entries): all in {0, 1}; all
+        non-negative integers (e.g. digits with ``scale=None``, an integer-valued CSV); anything
+        else. :attr:`suitable_likelihoods` lists the observation models for it.
     source : str
         Where the data came from (file path, scikit-learn, array) and what was done to it.
     feature_names : list of str, optional
@@ -145,6 +161,7 @@ class Dataset:
     fill_values: Optional[np.ndarray] = None
     scaling: Optional[Dict[str, Any]] = None
     sha256: str = field(default="", init=False)
+    kind: str = field(default="", init=False)
 
     def __post_init__(self):
         for split in SPLITS:
@@ -157,6 +174,35 @@ class Dataset:
         if self.original_dim is None:
             self.original_dim = self.data_dim
         self.sha256 = self._hash()
+        self.kind = self._detect_kind()
+
+    def _detect_kind(self) -> str:
+        binary, count = True, True
+        for split in SPLITS:
+            x = getattr(self, split)
+            m = self.mask(split)
+            if m is not None:
+                x = x[m.bool()]
+            if x.numel() == 0:
+                continue
+            binary = binary and bool(((x == 0) | (x == 1)).all())
+            count = count and bool(((x >= 0) & (x == torch.round(x))).all())
+        return "binary" if binary else "count" if count else "continuous"
+
+    @property
+    def suitable_likelihoods(self) -> Tuple[str, ...]:
+        """Observation models that suit the data's :attr:`kind` (binary: Bernoulli, or
+        categorical when the columns are one-hot groups; counts: Poisson, negative binomial,
+        binomial with ``total_count >=`` :attr:`max_count`; continuous: Gaussian, Student-t)."""
+        return SUITABLE_LIKELIHOODS[self.kind]
+
+    @property
+    def max_count(self) -> Optional[int]:
+        """Largest value over all splits for count or binary data (a lower bound for a
+        binomial's ``total_count``), None for continuous data."""
+        if self.kind == "continuous":
+            return None
+        return int(max(float(getattr(self, s).max()) for s in SPLITS if getattr(self, s).numel()))
 
     # ------------------------------------------------------------------ accessors
     @property
@@ -186,6 +232,9 @@ class Dataset:
             "sha256": self.sha256,
             "image_shape": list(self.image_shape) if self.image_shape else None,
             "discrete": self.discrete,
+            "kind": self.kind,
+            "suitable_likelihoods": list(self.suitable_likelihoods),
+            "max_count": self.max_count,
             "has_labels": self.labels is not None,
             "has_missing": self.masks is not None,
             "kept_columns": None if self.kept_columns is None else self.kept_columns.tolist(),
@@ -269,9 +318,13 @@ def load_dataset(
     scale : {"auto", "standardize", "minmax", None}
         Scaling fitted on the training split: ``(x - mean) / sd`` or ``(x - min) / range``.
         ``"auto"`` standardizes continuous digits and leaves binary and user data as given.
-    likelihood : {"bernoulli", "gaussian", "studentt"}, optional
-        The observation model the data are meant for, to validate against: Bernoulli needs
-        values in {0, 1}; Gaussian and Student-t need no constant column.
+    likelihood : {"bernoulli", "gaussian", "studentt", "poisson", "negbinomial", "binomial", \
+"categorical"}, optional
+        The observation model the data are meant for, to validate against: Bernoulli and
+        categorical need values in {0, 1}; Gaussian and Student-t need no constant column;
+        the count models need non-negative integers (and ``scale="auto"`` then leaves digits
+        unscaled, as counts 0..16). Whatever is passed, the loaded :class:`Dataset` records
+        the detected ``kind`` and its ``suitable_likelihoods``.
     mask : array of bool, optional
         Observed-entry mask of user data (True = observed), same shape as the data.
     allow_missing : bool
@@ -319,6 +372,8 @@ def load_dataset(
     if max_rows is not None and (int(max_rows) != max_rows or max_rows < 1):
         raise ValueError(f"max_rows must be a positive integer, got {max_rows!r}")
     fractions = _check_split(split)
+    if likelihood in COUNT_LIKELIHOODS and scale == "auto":
+        scale = None  # counts stay counts
 
     if dequantize and not (isinstance(name_or_data, str) and name_or_data == "digits"):
         raise ValueError("dequantize=True is implemented for the integer-valued 'digits' only")
@@ -341,9 +396,19 @@ def load_dataset(
     return ds
 
 
-def validate_for_likelihood(ds: Dataset, likelihood: str) -> None:
-    """Check a loaded dataset against an observation model (ValueError naming the problem)."""
-    if likelihood == "bernoulli":
+def validate_for_likelihood(ds: Dataset, likelihood: str, total_count=None) -> None:
+    """Check a loaded dataset against an observation model (ValueError naming the problem,
+    its split, rows and columns). ``total_count`` bounds the values for a binomial model."""
+    if likelihood in COUNT_LIKELIHOODS:
+        model = {"poisson": "Poisson", "negbinomial": "negative binomial"}.get(likelihood, likelihood)
+        limit = total_count if likelihood == "binomial" else None
+        if ds.scaling is not None:
+            raise ValueError(f"{ds.name} was scaled ({ds.scaling['method']}); a {model} model needs "
+                             f"the raw counts: load it with scale=None")
+        for split in SPLITS:
+            check_counts(getattr(ds, split), name=f"{ds.name} {split} split", mask=ds.mask(split),
+                         total_count=limit, model=model)
+    elif likelihood in ("bernoulli", "categorical"):
         for split in SPLITS:
             check_binary(getattr(ds, split), name=f"{ds.name} {split} split", mask=ds.mask(split))
     elif likelihood in ("gaussian", "studentt"):
@@ -699,6 +764,10 @@ def _load_user(data, fractions, seed, binarize, threshold, scale, likelihood, ma
             names = cols
         elif cols is not None and names is not None and cols != names:
             raise ValueError(f"the {what} has columns {cols}, the train split {names}")
+        if likelihood in COUNT_LIKELIHOODS and not binarize:
+            # before the shuffle, so rows in the message are the user's own rows
+            check_counts(x, name=f"{name} {what}", model=likelihood,
+                         mask=None if x_mask is None else torch.as_tensor(x_mask))
         if likelihood == "bernoulli" and not binarize:
             # before the shuffle, so rows in the message are the user's own rows
             check_binary(x, name=f"{name} {what}", mask=None if x_mask is None else torch.as_tensor(x_mask))

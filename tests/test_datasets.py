@@ -75,7 +75,7 @@ def test_split_and_option_validation():
     with pytest.raises(ValueError, match="scale"):
         load_dataset("digits", scale="zscore")
     with pytest.raises(ValueError, match="likelihood"):
-        load_dataset("digits", likelihood="poisson")
+        load_dataset("digits", likelihood="zipf")
     with pytest.raises(ValueError, match="non-binary"):
         load_dataset("digits", binarize=True, scale="standardize")
 
