@@ -1,0 +1,131 @@
+"""Model families of the count and cluster studies, registered with the runner on import
+(:mod:`pyro_lvm.studies.runner.families`):
+
+* ``"poisson-pca"``: :class:`pyro_lvm.models.PoissonPCA` (offset started at the log column
+  means of the training rows).
+* ``"cluster-dlvm"``: :class:`pyro_lvm.models.ClusterDLVM` with ``num_clusters`` components
+  (``extra``); its evaluation hook adds clustering scores on the test rows -- ARI and NMI
+  (scikit-learn) against the labels of the DLVM's clusters (:math:`\\arg\\max_c p(c\\mid x)`),
+  of k-means and a diagonal ``GaussianMixture`` on the DLVM's latent means, on PCA scores (PCA
+  of the training rows, as many components as latent dimensions) and of k-means on the raw
+  data, all seeded by the run's seed so that every comparison is paired -- and replaces the
+  run's ``samples`` by cluster-wise samples :math:`x \\sim p(x \\mid c)`, one column per
+  cluster.
+
+Count likelihoods take their options from ``extra["model_kwargs"]`` as for any DLVM, e.g.
+``{"likelihood_options": {"total_count": 16}}`` for a binomial model of the digits.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, Tuple
+
+import numpy as np
+import torch
+
+from pyro_lvm.studies.datasets import Dataset
+from pyro_lvm.studies.runner import families
+from pyro_lvm.studies.runner.schema import RunConfig
+
+__all__ = ["CLUSTER_METHODS", "clustering_scores"]
+
+#: Columns the cluster-dlvm hook adds: ``ari_<method>`` and ``nmi_<method>`` for each.
+CLUSTER_METHODS = ("dlvm", "kmeans_latent", "gmm_latent", "kmeans_pca", "gmm_pca", "kmeans_raw")
+SAMPLES_PER_CLUSTER = 4
+
+
+def _build_poisson_pca(config: RunConfig, dataset: Dataset):
+    from pyro_lvm.models.poisson_pca import PoissonPCA
+
+    if config.prior != "normal" or config.likelihood != "poisson":
+        raise ValueError("poisson-pca has a standard normal prior and a Poisson observation "
+                         "model: use prior='normal', likelihood='poisson'")
+    kwargs = dict(config.extra.get("model_kwargs", {}))
+    model = PoissonPCA(dataset.data_dim, config.latent_dim, hidden=tuple(config.hidden), **kwargs)
+    return model.init_from_data(dataset.train)
+
+
+def _build_cluster_dlvm(config: RunConfig, dataset: Dataset):
+    from pyro_lvm.models.cluster_dlvm import ClusterDLVM
+
+    kwargs = dict(config.extra.get("model_kwargs", {}))
+    return ClusterDLVM(dataset.data_dim, config.latent_dim,
+                       int(config.extra.get("num_clusters", 10)), likelihood=config.likelihood,
+                       hidden=tuple(config.hidden), **kwargs)
+
+
+def clustering_scores(labels: np.ndarray, assignments: Dict[str, np.ndarray]) -> Dict[str, float]:
+    """``ari_<name>`` and ``nmi_<name>`` (scikit-learn) of each assignment against ``labels``."""
+    from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
+
+    out = {}
+    for name, assigned in assignments.items():
+        out[f"ari_{name}"] = float(adjusted_rand_score(labels, assigned))
+        out[f"nmi_{name}"] = float(normalized_mutual_info_score(labels, assigned))
+    return out
+
+
+def baseline_assignments(train: np.ndarray, test: np.ndarray, num_clusters: int,
+                         num_components: int, seed: int, prefix: str = "") -> Dict[str, np.ndarray]:
+    """k-means and a diagonal GaussianMixture on PCA scores (PCA fitted on ``train``) and
+    k-means on the raw rows, each fitted on ``test`` with ``seed``."""
+    from sklearn.cluster import KMeans
+    from sklearn.decomposition import PCA
+    from sklearn.mixture import GaussianMixture
+
+    scores = PCA(num_components, random_state=seed).fit(train).transform(test)
+    return {
+        "kmeans_pca": KMeans(num_clusters, n_init=10, random_state=seed).fit_predict(scores),
+        "gmm_pca": GaussianMixture(num_clusters, covariance_type="diag", random_state=seed,
+                                   reg_covar=1e-4).fit(scores).predict(scores),
+        "kmeans_raw": KMeans(num_clusters, n_init=10, random_state=seed).fit_predict(test),
+    }
+
+
+def _evaluate_cluster_dlvm(model, dataset: Dataset, config: RunConfig,
+                           device) -> Tuple[Dict[str, Any], Dict[str, np.ndarray]]:
+    from sklearn.cluster import KMeans
+    from sklearn.mixture import GaussianMixture
+
+    labels = dataset.label("test")
+    x = dataset.test.to(device)
+    mask = dataset.mask("test")
+    seed, C = int(config.seed), model.num_clusters
+    model.eval()
+    with torch.no_grad():
+        latent = model.encode(x, None if mask is None else mask.to(device))[0].cpu().double().numpy()
+    assignments = {
+        "dlvm": model.predict(x, mask, num_samples=int(config.extra.get("cluster_samples", 100)),
+                              seed=seed),
+        "kmeans_latent": KMeans(C, n_init=10, random_state=seed).fit_predict(latent),
+        "gmm_latent": GaussianMixture(C, covariance_type="diag", random_state=seed,
+                                      reg_covar=1e-4).fit(latent).predict(latent),
+    }
+    assignments.update(baseline_assignments(dataset.train.double().numpy(),
+                                            dataset.test.double().numpy(), C,
+                                            config.latent_dim, seed))
+    metrics: Dict[str, Any] = {"num_clusters": C,
+                               "occupied_clusters": int(len(np.unique(assignments["dlvm"])))}
+    if labels is not None:
+        metrics.update(clustering_scores(np.asarray(labels), assignments))
+    arrays = {"cluster_assignments": assignments["dlvm"].astype(np.int64),
+              "samples": _cluster_samples(model, dataset, seed)}
+    return metrics, arrays
+
+
+def _cluster_samples(model, dataset: Dataset, seed: int) -> np.ndarray:
+    """Rows ``[SAMPLES_PER_CLUSTER * C, pixels]``: row r, column c of a 10-column mosaic holds a
+    draw of :math:`x \\sim p(x \\mid c)` (decoder mean at :math:`z \\sim p(z \\mid c)`)."""
+    _, means, scales = model.prior.mixture_components()
+    C = means.shape[0]
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    with torch.no_grad():
+        eps = torch.randn((SAMPLES_PER_CLUSTER, C, means.shape[1]), generator=gen)
+        z = means + scales * eps.to(means)
+        x = model.likelihood.mean(model.decoder(z)).reshape(SAMPLES_PER_CLUSTER * C, -1)
+    images = dataset.to_images(x.cpu().numpy())
+    return (x.cpu().numpy() if images is None else images.reshape(images.shape[0], -1))
+
+
+families.register_family(families.Family("poisson-pca", _build_poisson_pca), replace=True)
+families.register_family(families.Family("cluster-dlvm", _build_cluster_dlvm,
+                                         evaluate=_evaluate_cluster_dlvm), replace=True)
