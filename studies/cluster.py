@@ -56,7 +56,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                                       "bernoulli for binarized MNIST)")
     g.add_argument("--cluster-samples", type=runner.positive_int, default=100,
                    help="guide draws per test row for p(c | x) (default: %(default)s)")
-    return runner.parse_study_args(parser, argv, smoke={"cluster_samples": lambda a: 10})
+    # two seeds even in a smoke run: the comparison with k-means is paired on the seed
+    return runner.parse_study_args(parser, argv, smoke={"cluster_samples": 10, "seeds": [0, 1]})
 
 
 def build_grid(args: argparse.Namespace, dataset) -> list:
