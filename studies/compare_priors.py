@@ -67,6 +67,8 @@ from pyro_lvm.studies.runner import expand_grid  # noqa: E402
 NAME = "compare_priors"
 PRIORS = ("normal", "mixture", "vamp")
 OBJECTIVES = ("elbo", "iwae")
+LIKELIHOOD_CHOICES = ["bernoulli", "gaussian", "studentt", "poisson", "negbinomial", "binomial",
+                      "categorical"]
 DEFAULTS = dict(latent_dim=2, hidden="64x64", epochs=30, batch_size=100, lr=1e-2,
                 num_particles=5, num_eval_samples=1000, seeds=[0, 1, 2], warmup_epochs=10)
 
@@ -83,8 +85,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--continuous", action="store_true",
                    help="digits as standardized continuous data with a Gaussian observation "
                         "model instead of binarized digits with a Bernoulli one")
-    g.add_argument("--likelihood", choices=["bernoulli", "gaussian", "studentt"], default=None,
-                   help="observation model (default: bernoulli for binary data, gaussian otherwise)")
+    g.add_argument("--likelihood", choices=LIKELIHOOD_CHOICES, default=None,
+                   help="observation model (default: bernoulli for binary data, gaussian "
+                        "otherwise); the count models keep digits as counts 0..16")
+    g.add_argument("--total-count", type=runner.positive_int, default=None,
+                   help="binomial trials (default: 16 for digits, else the largest count)")
+    g.add_argument("--categorical-groups", type=_group_sizes, default=None,
+                   help="sizes of the consecutive one-hot column groups for "
+                        "--likelihood categorical, e.g. 3,2,4")
     g.add_argument("--num-components", type=runner.positive_int, default=10,
                    help="components of the mixture prior (default: %(default)s)")
     g.add_argument("--num-pseudo-inputs", type=runner.positive_int, default=None,
@@ -99,7 +107,29 @@ def parse_args(argv=None) -> argparse.Namespace:
                "num_pseudo_inputs": lambda a: min(a.num_pseudo_inputs or 10, 10)})
 
 
+def _group_sizes(text: str) -> list:
+    try:
+        sizes = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated group sizes, got {text!r}") from None
+    if any(v < 2 for v in sizes):
+        raise argparse.ArgumentTypeError(f"every categorical group needs >= 2 columns, got {text!r}")
+    return sizes
+
+
+def _likelihood_options(args: argparse.Namespace, dataset) -> dict:
+    """Constructor options of the count / category likelihoods (empty for the others)."""
+    if args.likelihood == "binomial":
+        total = args.total_count or (16 if dataset.name.startswith("digits") else dataset.max_count)
+        return {"total_count": int(total)}
+    if args.likelihood == "categorical":
+        return {"groups": list(args.categorical_groups)}
+    return {}
+
+
 def _check(args: argparse.Namespace):
+    if args.likelihood == "categorical" and not args.categorical_groups:
+        return "--likelihood categorical needs --categorical-groups (sizes of one-hot groups)"
     warm = args.vamp_warm_start_epochs
     if warm and "vamp" in args.priors and warm >= args.epochs:
         return (f"--vamp-warm-start-epochs={warm} leaves no epoch for the VampPrior: it must be "
@@ -110,9 +140,11 @@ def _check(args: argparse.Namespace):
 def build_grid(args: argparse.Namespace, dataset) -> list:
     likelihood = args.likelihood or ("bernoulli" if dataset.discrete else "gaussian")
     pseudo = args.num_pseudo_inputs or (50 if dataset.name.startswith("digits") else 500)
-    base = runner.base_config_from_args(
-        args, model="dlvm", likelihood=likelihood,
-        extra={"num_components": args.num_components, "num_pseudo_inputs": pseudo})
+    extra = {"num_components": args.num_components, "num_pseudo_inputs": pseudo}
+    options = _likelihood_options(args, dataset)
+    if options:
+        extra["model_kwargs"] = {"likelihood_options": options}
+    base = runner.base_config_from_args(args, model="dlvm", likelihood=likelihood, extra=extra)
     objectives = []
     for objective in args.objectives:
         if objective == "elbo":
@@ -129,7 +161,8 @@ def build_grid(args: argparse.Namespace, dataset) -> list:
 
 def main(args: argparse.Namespace) -> runner.StudyResult:
     likelihood = args.likelihood
-    binarize = not args.continuous and args.dataset == "digits"
+    counts = likelihood in ("poisson", "negbinomial", "binomial")
+    binarize = not args.continuous and args.dataset == "digits" and not counts
     if likelihood is None and args.dataset in ("digits", "binarized-mnist"):
         likelihood = "bernoulli" if binarize or args.dataset == "binarized-mnist" else "gaussian"
     dataset = runner.dataset_from_args(args, binarize=binarize, likelihood=likelihood)

@@ -95,3 +95,48 @@ def test_responsibilities_match_quadrature_at_d1():
 def test_clusterdlvm_refuses_its_own_prior_arguments():
     with pytest.raises(ValueError, match="sets its own mixture prior"):
         ClusterDLVM(P, D, C, prior="normal")
+
+
+@pytest.fixture(scope="module")
+def digits_clusters():
+    """A ClusterDLVM on the digits as counts (binomial, 16 trials), VaDE-style: a short fit,
+    the mixture started at a GaussianMixture of the encoder means, a second short fit; and
+    k-means on the raw pixels with the same seed (the paired baseline)."""
+    from sklearn.cluster import KMeans
+
+    from pyro_lvm.inference import fit
+    from pyro_lvm.studies.datasets import load_dataset
+
+    pyro.set_rng_seed(0)
+    ds = load_dataset("digits", likelihood="binomial", split=(0.8, 0.0, 0.2))
+    x, y = ds.train, ds.labels["train"]
+    model = ClusterDLVM(ds.data_dim, 8, 10, likelihood="binomial",
+                        likelihood_options={"total_count": 16}, hidden=(64,))
+    fit(model, x, epochs=20, batch_size=128, lr=3e-3, device="cpu", progress=False, seed=0)
+    model.init_clusters(x, seed=0)
+    fit(model, x, epochs=20, batch_size=128, lr=1e-3, device="cpu", progress=False, seed=0)
+    kmeans = KMeans(10, n_init=10, random_state=0).fit_predict(x.numpy())
+    return y, model.predict(x, num_samples=50, seed=0), kmeans
+
+
+@pytest.mark.slow
+def test_digits_clusters_are_far_above_chance(digits_clusters):
+    from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
+
+    y, dlvm, _ = digits_clusters
+    assert len(np.unique(dlvm)) >= 8  # no collapse onto a few components
+    assert adjusted_rand_score(y, dlvm) > 0.4 and normalized_mutual_info_score(y, dlvm) > 0.5
+    # positive control: the same assignments against shuffled labels score near 0
+    shuffled = np.random.default_rng(0).permutation(y)
+    assert abs(adjusted_rand_score(shuffled, dlvm)) < 0.05
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="issue 16 asks for ARI >= k-means on raw pixels; with "
+                   "this short CPU training the mixture-latent DLVM scores below k-means "
+                   "(see benchmarks/README.md); strict: a pass is reported so the mark goes")
+def test_digits_clusters_at_least_kmeans_on_raw_pixels(digits_clusters):
+    from sklearn.metrics import adjusted_rand_score
+
+    y, dlvm, kmeans = digits_clusters
+    assert adjusted_rand_score(y, dlvm) >= adjusted_rand_score(y, kmeans)

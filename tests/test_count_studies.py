@@ -1,0 +1,32 @@
+"""The studies take the count and category observation models (--likelihood)."""
+import numpy as np
+import pandas as pd
+import pytest
+
+from pyro_lvm.studies import compare_priors
+
+
+def test_compare_priors_with_a_count_likelihood(tmp_path):
+    args = compare_priors.parse_args(["--smoke", "--likelihood", "poisson", "--priors", "normal",
+                                      "--objectives", "elbo", "--out-dir", str(tmp_path),
+                                      "--no-progress", "--no-report"])
+    result = compare_priors.main(args)
+    table = result.results
+    assert (table["status"] == "ok").all() and (table["likelihood"] == "poisson").all()
+    assert table["bits_per_dim"].notna().all()  # a log-probability of counts
+
+
+def test_compare_priors_categorical_needs_groups_and_runs_with_them(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        compare_priors.parse_args(["--smoke", "--likelihood", "categorical"])
+    assert "--categorical-groups" in capsys.readouterr().err
+    rng = np.random.default_rng(0)
+    onehot = np.hstack([np.eye(3)[rng.integers(0, 3, 80)], np.eye(2)[rng.integers(0, 2, 80)]])
+    path = tmp_path / "cats.csv"
+    pd.DataFrame(onehot, columns=[f"a{i}" for i in range(3)] + ["b0", "b1"]).to_csv(path, index=False)
+    args = compare_priors.parse_args(["--smoke", "--dataset", str(path), "--likelihood",
+                                      "categorical", "--categorical-groups", "3,2", "--priors",
+                                      "normal", "--objectives", "elbo", "--out-dir",
+                                      str(tmp_path), "--no-progress", "--no-report"])
+    result = compare_priors.main(args)
+    assert (result.results["status"] == "ok").all()
