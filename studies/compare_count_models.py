@@ -8,8 +8,8 @@ Grid (x seeds), all with the same latent dimension, on the same training and tes
   a negative-binomial (per-pixel dispersion) observation model;
 * Poisson PCA (:class:`pyro_lvm.models.PoissonPCA`, SVI with the ELBO);
 * factor analysis as a Gaussian reference, fitted by EM on dequantized training rows
-  :math:`x + u`, :math:`u \sim U[0,1)^p`, and scored as the probability model of integers
-  :math:`P(x) = \int_{[0,1)^p} p_{FA}(x + u)\,du` (Theis, van den Oord & Bethge 2016).
+  :math:`x + u`, :math:`u \\sim U[0,1)^p`, and scored as the probability model of integers
+  :math:`P(x) = \\int_{[0,1)^p} p_{FA}(x + u)\\,du` (Theis, van den Oord & Bethge 2016).
 
 Every model is judged by its test log-likelihood on the count scale: the importance-sampled
 estimate, K draws per row, of a log *probability* of the integer counts for every model (for

@@ -4,7 +4,7 @@
 * ``"poisson-pca"``: :class:`pyro_lvm.models.PoissonPCA` (offset started at the log column
   means of the training rows).
 * ``"fa-dequantized"``: factor analysis fitted by EM on dequantized training rows and scored
-  as the probability model of integers :math:`P(x) = \int_{[0,1)^p} p_{FA}(x + u)\,du`
+  as the probability model of integers :math:`P(x) = \\int_{[0,1)^p} p_{FA}(x + u)\\,du`
   (:class:`pyro_lvm.models.dequantized.Dequantized`), so that its test log-likelihood is a
   log-probability comparable with those of count models.
 * ``"cluster-dlvm"``: :class:`pyro_lvm.models.ClusterDLVM` with ``num_clusters`` components
