@@ -21,6 +21,7 @@ and ``--smoke`` changes only the flags the user did not give.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import math
 import shlex
 import sys
@@ -30,6 +31,7 @@ import pandas as pd
 
 from pyro_lvm.paths import DEFAULT_OUT_DIR
 from pyro_lvm.studies.datasets import Dataset, load_dataset
+from pyro_lvm.studies.runner.executors import EXECUTORS, make_executor, ray_missing_message
 from pyro_lvm.studies.runner.schema import RunConfig, StudyDataError, slug
 from pyro_lvm.studies.runner.lock import StudyLocked
 from pyro_lvm.studies.runner.study import StudyIOError, StudyResult, run_study
@@ -171,6 +173,13 @@ def add_common_args(parser: argparse.ArgumentParser, *, omit: Iterable[str] = ()
     g.add_argument("--wait", action="store_true",
                    help="when another invocation is running this study, wait for it to finish "
                         "instead of refusing")
+    g.add_argument("--executor", choices=list(EXECUTORS), default="local",
+                   help="who runs the runs: 'local' (one after another in this process) or 'ray' "
+                        "(each run a Ray task; needs pip install -e \".[ray]\"; default: "
+                        "%(default)s)")
+    g.add_argument("--ray-address", default=None,
+                   help="with --executor ray: an existing Ray cluster ('auto', or the address "
+                        "`ray start --head` prints); default: a private local Ray")
     g.add_argument("--no-report", action="store_true", help="do not render the HTML report")
     g.add_argument("--no-progress", action="store_true",
                    help="no progress bars and no progress log lines")
@@ -219,10 +228,19 @@ def parse_study_args(parser: argparse.ArgumentParser, argv: Optional[Sequence[st
         for dest, value in settings.items():
             if hasattr(args, dest) and dest not in args.given:
                 setattr(args, dest, value(args) if callable(value) else value)
-    problem = check(args) if check is not None else None
+    problem = _executor_problem(args) or (check(args) if check is not None else None)
     if problem:
         parser.error(problem)
     return args
+
+
+def _executor_problem(args: argparse.Namespace) -> Optional[str]:
+    executor = getattr(args, "executor", "local")
+    if getattr(args, "ray_address", None) and executor != "ray":
+        return "--ray-address needs --executor ray"
+    if executor == "ray" and importlib.util.find_spec("ray") is None:
+        return ray_missing_message()
+    return None
 
 
 # ---------------------------------------------------------------------------- from flags to a study
@@ -275,6 +293,8 @@ def run_from_args(name: str, args: argparse.Namespace, dataset: Dataset, configs
                      retry_failed=args.retry_failed, metadata=metadata,
                      num_threads=args.threads or None, findings=findings,
                      wait=getattr(args, "wait", False),
+                     executor=make_executor(getattr(args, "executor", "local"),
+                                            address=getattr(args, "ray_address", None)),
                      command_line=" ".join(shlex.quote(a) for a in ["python"] + sys.argv))
 
 

@@ -21,6 +21,7 @@ Ray is an optional extra: ``pip install -e ".[ray]"``.
 from __future__ import annotations
 
 import dataclasses
+import os
 import pathlib
 import sys
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
@@ -113,7 +114,10 @@ class RayExecutor:
         if self.address:
             ray.init(address=self.address, **kwargs)
         else:
-            ray.init(num_cpus=self.num_cpus, **kwargs)
+            # workers import a user's --model modules from the driver's current directory
+            path = [os.getcwd()] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+            ray.init(num_cpus=self.num_cpus,
+                     runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(path)}}, **kwargs)
         return True
 
     def run(self, tasks: Sequence[RunTask], dataset, *,

@@ -46,12 +46,12 @@ class StudyProgress:
         self._bar = None
 
     def runs(self, todo: Iterable) -> Iterator:
-        """Iterate over the runs to do, showing the run bar (or a line per run)."""
+        """Iterate over ``todo`` (the runs as they finish), showing the run bar."""
         from tqdm.auto import tqdm
 
         if self.terminal:
             self._bar = tqdm(todo, desc=self.name, unit="run", file=self.stream, leave=True,
-                             position=0)
+                             position=0, total=self.total)
             try:
                 yield from self._bar
             finally:

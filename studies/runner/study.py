@@ -21,6 +21,7 @@ from pyro_lvm.paths import DEFAULT_OUT_DIR
 from pyro_lvm.studies.datasets import SPLITS, Dataset, load_dataset, validate_for_likelihood
 from pyro_lvm.studies.runner import execution, families, provenance, storage
 from pyro_lvm.studies.runner.evaluation import ARTIFACTS
+from pyro_lvm.studies.runner.executors import LocalExecutor, RunTask
 from pyro_lvm.studies.runner.lock import StudyLock
 from pyro_lvm.studies.runner.progress import StudyProgress
 from pyro_lvm.studies.runner.results import read_result, results_frame
@@ -229,6 +230,7 @@ def run_study(
     num_threads: Optional[int] = None,
     findings: Optional[Callable[[pd.DataFrame], List[str]]] = None,
     wait: bool = False,
+    executor=None,
 ) -> StudyResult:
     """Run (or resume) a study and render its report.
 
@@ -265,6 +267,11 @@ def run_study(
     wait : bool
         When another invocation holds the study's lock (:mod:`.lock`), wait for it instead
         of raising :class:`~pyro_lvm.studies.runner.lock.StudyLocked`.
+    executor : LocalExecutor or RayExecutor, optional
+        Who runs the runs (:mod:`.executors`): by default one after another in this process;
+        ``RayExecutor(address=...)`` runs each as a Ray task calling the same run function
+        (the same results), on a private local Ray or an existing cluster. The lock, the
+        results table and the report stay with this process.
 
     A study directory that cannot be written and has nothing left to compute is only read
     (the results are returned; nothing is written).
@@ -294,7 +301,7 @@ def run_study(
     options = dict(fresh=fresh, progress=progress, render=render, command_line=command_line,
                    title=title, description=description, retry_failed=retry_failed,
                    on_run_end=on_run_end, metadata=metadata, num_threads=num_threads,
-                   findings=findings)
+                   findings=findings, executor=executor)
     if not fresh and _read_only(study_dir):
         done = _results_on_disk(study_dir, configs, retry_failed)
         if done is not None:  # nothing to compute and nothing may be written: just read
@@ -334,7 +341,7 @@ def _results_on_disk(study_dir: pathlib.Path, configs, retry_failed: bool):
 
 def _run_locked(name, study_dir, dataset, configs, *, fresh, progress, render, command_line,
                 title, description, retry_failed, on_run_end, metadata, num_threads,
-                findings) -> StudyResult:
+                findings, executor) -> StudyResult:
     """:func:`run_study` once the study's lock is held."""
     meta_path, runs_dir = study_dir / "study.json", study_dir / "runs"
     old_meta = None if fresh else storage.read_json(meta_path)
@@ -364,7 +371,7 @@ def _run_locked(name, study_dir, dataset, configs, *, fresh, progress, render, c
     executed: List[str] = []
     frame = _run_all(name, study_dir, dataset, configs, todo, results, executed, notes, meta,
                      skipped=skipped, progress=progress, num_threads=num_threads,
-                     on_run_end=on_run_end)
+                     on_run_end=on_run_end, executor=executor)
     if findings is not None:
         try:
             meta["findings"] = [str(line) for line in findings(frame)]
@@ -379,8 +386,9 @@ def _run_locked(name, study_dir, dataset, configs, *, fresh, progress, render, c
 
 
 def _run_all(name, study_dir, dataset, configs, todo, results, executed, notes, meta, *,
-             skipped, progress, num_threads, on_run_end) -> pd.DataFrame:
-    """Execute the runs of ``todo`` one after another, saving the table after each."""
+             skipped, progress, num_threads, on_run_end, executor=None) -> pd.DataFrame:
+    """Execute the runs of ``todo`` with ``executor`` (default: one after another in this
+    process), saving the table after each finished run."""
     def save_table():
         frame = results_frame(configs, results)
         storage.write_text(study_dir / "results.csv", frame.to_csv(index=False))
@@ -388,20 +396,20 @@ def _run_all(name, study_dir, dataset, configs, todo, results, executed, notes, 
 
     save_table()
     status = "interrupted"
-    current = None
+    executor = executor if executor is not None else LocalExecutor()
+    tasks = [RunTask(c, study_dir / "runs" / c.run_id,
+                     [notes[c.run_id]] if c.run_id in notes else None) for c in todo]
     display = StudyProgress(name, len(todo), enabled=progress)
-    runs = display.runs(todo)
+    runs = display.runs(executor.run(tasks, dataset, start_progress=display.start_run,
+                                     num_threads=num_threads))
     threads_before = torch.get_num_threads()
     if num_threads:
         torch.set_num_threads(int(num_threads))
     meta["num_threads"] = torch.get_num_threads()
+    meta["executor"] = executor.name
     try:
-        for index, c in enumerate(runs):
-            current = study_dir / "runs" / c.run_id
-            result = execution.execute_run(c, dataset, current,
-                                           progress=display.start_run(index, c.run_id),
-                                           notes=[notes[c.run_id]] if c.run_id in notes else None)
-            current = None
+        for index, (task, result) in enumerate(runs):  # in the order runs finish
+            c = task.config
             results[c.run_id] = result
             executed.append(c.run_id)
             save_table()
@@ -412,8 +420,9 @@ def _run_all(name, study_dir, dataset, configs, todo, results, executed, notes, 
     except OSError as exc:
         if execution.is_io_failure(exc):
             status = "failed (I/O error)"
-            if current is not None:  # unfinished: redone next time; its files free some space
-                shutil.rmtree(current, ignore_errors=True)
+            for task in tasks:  # unfinished: redone next time; their files free some space
+                if task.config.run_id not in results and not (task.run_dir / "result.json").exists():
+                    shutil.rmtree(task.run_dir, ignore_errors=True)
         raise
     finally:
         runs.close()  # the run bar
