@@ -3,8 +3,10 @@ starts (or resumes) the fit and runs epochs of :func:`~pyro_lvm.inference.fit.st
 with the callbacks, validation and checkpoints around them."""
 from __future__ import annotations
 
+import functools
 import math
 import numbers
+import sys
 import time
 from typing import Callable, Iterable, List, Optional
 
@@ -21,6 +23,7 @@ from pyro_lvm.inference.fit.callbacks import HOOKS, check_callbacks
 from pyro_lvm.inference.fit.forensics import raise_non_finite
 from pyro_lvm.inference.fit.state import (FitResult, FitState, StopFit, all_finite,
                                           history_frame)
+from pyro_lvm.inference.fit.cuda_graph import GraphedTrainStep, cuda_graph_unavailable
 from pyro_lvm.inference.fit.step import (ObjectiveAdapter, collect_params, optimizer_factory,
                                          optimizer_name, train_step)
 
@@ -61,7 +64,7 @@ class FitRun:
 
     def __init__(self, *, pair, guide, model_fn, guide_fn, module, objective, x, mask,
                  x_valid, valid_mask, epochs, batch_size, seed, device, callbacks,
-                 optimizer, lr, clip_norm, checkpoint, progress, check_pair):
+                 optimizer, lr, clip_norm, checkpoint, progress, check_pair, cuda_graph=False):
         self.pair, self.guide, self.module = pair, guide, module
         self.model_fn, self.guide_fn = model_fn, guide_fn
         self.device, self.seed, self.epochs, self.batch_size = device, seed, epochs, batch_size
@@ -111,6 +114,16 @@ class FitRun:
         self.finite_snapshot = None  # (epoch index, FitState.snapshot()) known to be finite
         self.fit_start = time.perf_counter()
         self.bar = None
+        self.step_fn = self._step_function(cuda_graph)
+
+    def _step_function(self, cuda_graph: bool):
+        """The step: eager :func:`train_step`, or graph-captured replays (``cuda_graph``)."""
+        if cuda_graph:
+            why_not = cuda_graph_unavailable(self.device)
+            if why_not is None:
+                return GraphedTrainStep(self)
+            print(f"{why_not}; training eagerly", file=sys.stderr)
+        return functools.partial(train_step, self)
 
     # -- small services used by the step and the forensics ---------------------------------
     def elapsed(self) -> float:
@@ -253,7 +266,7 @@ class FitRun:
                 idx = order_dev[step * batch_size:(step + 1) * batch_size]
                 xb = self.x.index_select(0, idx)
                 mb = None if self.mask is None else self.mask.index_select(0, idx)
-                loss_value = train_step(self, xb, mb, order[step * batch_size:(step + 1) * batch_size],
+                loss_value = self.step_fn(xb, mb, order[step * batch_size:(step + 1) * batch_size],
                                         epoch=epoch, step=step)
                 rows = int(idx.shape[0])
                 state.loss = loss_value
@@ -380,7 +393,7 @@ def fit(pair, data, objective=None, epochs: int = 10, batch_size: int = 128, lr:
         seed: int = 0, device="auto", validation=None, callbacks: Optional[Iterable] = None,
         mask=None, valid_mask=None, guide: Optional[Callable] = None, progress: bool = True,
         checkpoint=None, clip_norm: Optional[float] = None, optimizer=None,
-        check_pair: bool = True) -> FitResult:
+        check_pair: bool = True, cuda_graph: bool = False) -> FitResult:
     """Fit a model/guide pair by minibatch stochastic variational inference.
 
     Maximizes the objective's bound :math:`\\sum_i \\mathcal{L}_i` with minibatch estimates
@@ -447,6 +460,14 @@ def fit(pair, data, objective=None, epochs: int = 10, batch_size: int = 128, lr:
         Run :func:`inference.check_contract` on the first rows before training (with its own
         random state, so the fit's draws are unaffected). Disable only for pairs the check
         cannot handle.
+    cuda_graph : bool
+        On a CUDA device, capture the training step in CUDA graphs and replay it
+        (:mod:`pyro_lvm.inference.fit.cuda_graph`): the pair's Python and Pyro's bookkeeping
+        then run only while capturing. The first 3 steps and any batch of another shape (the
+        last, partial batch of an epoch) run eagerly; a step that cannot be captured (e.g.
+        data-dependent Python in the pair) falls back to eager training with a one-line
+        message, as does a fit that is not on a CUDA device. Same draws from the same seed
+        on every run; not the same draws as the eager step.
 
     Returns
     -------
@@ -489,5 +510,5 @@ def fit(pair, data, objective=None, epochs: int = 10, batch_size: int = 128, lr:
                  valid_mask=valid_mask_t, epochs=epochs, batch_size=batch_size, seed=seed,
                  device=dev, callbacks=callbacks, optimizer=optimizer, lr=lr,
                  clip_norm=clip_norm, checkpoint=checkpoint, progress=progress,
-                 check_pair=check_pair)
+                 check_pair=check_pair, cuda_graph=bool(cuda_graph))
     return run.run()
