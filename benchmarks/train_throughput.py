@@ -25,7 +25,10 @@ loss back to the host every step. The repetitions alternate (sides in order, the
 ...), so that all sides see the same machine state. Throughput is rows per second at the
 *median step time* over all steps of all repetitions (the first step of each repetition, with
 its lazy initialisations, excluded); ``[min-max]`` is the range of the per-repetition rates.
-Ratios are to the hand-written loop.
+Ratios are to the hand-written loop. Each step's *CPU time* (``time.thread_time``: with one
+torch thread every kernel runs on the calling thread) is recorded too: on a machine shared with
+other jobs it does not count the time spent waiting for a core, so its ratio ("CPU-time /
+hand") is the steadier measure of the work each side does per step.
 
 Before timing, ``fit``'s objective on the DLVM and on the user pair is checked to be the
 *same* as the hand-written one: on one minibatch with the same seed (the same noise draws) the
@@ -147,10 +150,11 @@ class _StepClock:
     """fit callback: a timestamp after every optimizer step."""
 
     def __init__(self):
-        self.times = []
+        self.times, self.cpu_times = [], []
 
     def on_step_end(self, state):
         self.times.append(time.perf_counter())
+        self.cpu_times.append(time.thread_time())
 
 
 def _steady_rate(times, batch_size) -> float:
@@ -164,6 +168,13 @@ def _step_durations(times):
     return [b - a for a, b in zip(times[:-1], times[1:])]
 
 
+def _timing(times, cpu_times, batch_size, **extra) -> dict:
+    """Wall-clock and CPU-time (this thread's: with one torch thread every kernel runs on it)
+    step durations; CPU time does not count the time the thread waits for a core."""
+    return dict(rate=_steady_rate(times, batch_size), durations=_step_durations(times),
+                cpu_durations=_step_durations(cpu_times), **extra)
+
+
 def _plain_loop(params, rows, loss_fn, args, device, fused: bool = False) -> dict:
     """zero_grad / loss / backward / Adam.step / loss.item(), minibatches as fit draws them."""
     with common.Stopwatch(device) as sw:
@@ -174,7 +185,7 @@ def _plain_loop(params, rows, loss_fn, args, device, fused: bool = False) -> dic
         generator = torch.Generator().manual_seed(args.seed)
         order = torch.randperm(n, generator=generator).to(device)
         pyro.set_rng_seed(args.seed)
-        times, losses = [], []
+        times, cpu_times, losses = [], [], []
         for start in range(0, n, args.batch_size):
             xb = x.index_select(0, order[start:start + args.batch_size])
             optimizer.zero_grad(set_to_none=True)
@@ -183,8 +194,9 @@ def _plain_loop(params, rows, loss_fn, args, device, fused: bool = False) -> dic
             optimizer.step()
             losses.append(loss.item())
             times.append(time.perf_counter())
-    return dict(rate=_steady_rate(times, args.batch_size), durations=_step_durations(times),
-                end_to_end=n / sw.seconds, last_loss=losses[-1])
+            cpu_times.append(time.thread_time())
+    return _timing(times, cpu_times, args.batch_size, end_to_end=n / sw.seconds,
+                   last_loss=losses[-1])
 
 
 
@@ -196,9 +208,8 @@ def run_fit(pair, rows, objective, args, device) -> dict:
         result = fit(pair, rows, objective=objective, epochs=1, batch_size=args.batch_size,
                      lr=args.lr, seed=args.seed, device=device, progress=False,
                      callbacks=[clock])
-    return dict(rate=_steady_rate(clock.times, args.batch_size),
-                durations=_step_durations(clock.times),
-                end_to_end=rows.shape[0] / sw.seconds, last_loss=result.step_losses[-1])
+    return _timing(clock.times, clock.cpu_times, args.batch_size,
+                   end_to_end=rows.shape[0] / sw.seconds, last_loss=result.step_losses[-1])
 
 
 def run_hand(mirror, rows, spec, args, device, fused: bool = False) -> dict:
@@ -215,7 +226,8 @@ def run_pyro_svi(user, rows, spec, args, device) -> dict:
 
     kind, k, _ = spec
     loss = (pyro.infer.Trace_ELBO() if kind == "elbo" else
-            pyro.infer.RenyiELBO(alpha=0, num_particles=k, vectorize_particles=True))
+            pyro.infer.RenyiELBO(alpha=0, num_particles=k, vectorize_particles=True,
+                                 max_plate_nesting=2))
     user.to(device)
     with isolated_param_store(), common.Stopwatch(device) as sw:
         x = rows.to(device)
@@ -223,12 +235,13 @@ def run_pyro_svi(user, rows, spec, args, device) -> dict:
         svi = pyro.infer.SVI(user.model, user.guide, pyro.optim.Adam({"lr": args.lr}), loss)
         order = torch.randperm(n, generator=torch.Generator().manual_seed(args.seed)).to(device)
         pyro.set_rng_seed(args.seed)
-        times, losses = [], []
+        times, cpu_times, losses = [], [], []
         for start in range(0, n, args.batch_size):
             losses.append(svi.step(x.index_select(0, order[start:start + args.batch_size])))
             times.append(time.perf_counter())
-    return dict(rate=_steady_rate(times, args.batch_size), durations=_step_durations(times),
-                end_to_end=n / sw.seconds, last_loss=losses[-1])
+            cpu_times.append(time.thread_time())
+    return _timing(times, cpu_times, args.batch_size, end_to_end=n / sw.seconds,
+                   last_loss=losses[-1])
 
 
 def pythae_model(arch, spec, device):
@@ -369,9 +382,11 @@ def _make_objective(name):
 def _summary(outs, batch_size) -> dict:
     durations = [d for o in outs for d in o["durations"]]
     median_ms = 1e3 * common.median_and_spread(durations)[0]
+    cpu_ms = 1e3 * common.median_and_spread([d for o in outs for d in o["cpu_durations"]])[0]
     _, lo, hi = common.median_and_spread([o["rate"] for o in outs])
     return dict(median_step_ms=median_ms, rows_per_s=1e3 * batch_size / median_ms, min=lo,
-                max=hi, end_to_end=common.median_and_spread([o["end_to_end"] for o in outs])[0])
+                max=hi, end_to_end=common.median_and_spread([o["end_to_end"] for o in outs])[0],
+                median_cpu_ms=cpu_ms, cpu_rows_per_s=1e3 * batch_size / cpu_ms)
 
 
 def _time_objective(name, pairs, train, args, device, notes) -> dict:
@@ -407,8 +422,10 @@ def _time_objective(name, pairs, train, args, device, notes) -> dict:
                 timed[side].append(runners[side](rows))
     stats = {side: _summary(outs, args.batch_size) for side, outs in timed.items()}
     hand = stats["hand"]["rows_per_s"]
+    hand_cpu = stats["hand"]["cpu_rows_per_s"]
     for side in stats.values():
         side["ratio"] = side["rows_per_s"] / hand
+        side["cpu_ratio"] = side["cpu_rows_per_s"] / hand_cpu
     return dict(objective=name, k=spec[1], gradient=spec[2], steps=steps,
                 validation=validate, batch_size=args.batch_size, sides=stats)
 
@@ -427,10 +444,12 @@ def _print_results(results, checks, profiles, args, device, arch_text, notes) ->
                 continue
             table.append(dict(objective=r["objective"], side=LABELS[side],
                               rate=f"{s['rows_per_s']:,.0f} [{s['min']:,.0f}-{s['max']:,.0f}]",
-                              ms=s["median_step_ms"], ratio=s["ratio"]))
+                              ms=s["median_step_ms"], ratio=s["ratio"],
+                              cpu_ms=s["median_cpu_ms"], cpu_ratio=s["cpu_ratio"]))
     print(common.format_table(table, [
         ("objective", "objective", ""), ("side", "side", ""), ("rate", "rows/s", ""),
-        ("ms", "median ms/step", ".2f"), ("ratio", "/ hand", ".3f")]))
+        ("ms", "median ms/step", ".2f"), ("ratio", "/ hand", ".3f"),
+        ("cpu_ms", "CPU ms/step", ".2f"), ("cpu_ratio", "CPU-time / hand", ".3f")]))
     for note in sorted(notes):
         print(f"  note: {note}")
     print("\n  same objective as the hand-written one on the same batch and noise:")
@@ -448,10 +467,12 @@ def _print_results(results, checks, profiles, args, device, arch_text, notes) ->
         for f in prof["top_cumulative"]:
             print(f"    {f['cum_ms_per_step']:9.2f}  {f['function']}  ({f['calls']} calls)")
     for side, target in TARGETS.items():
-        ratios = [r["sides"][side]["ratio"] for r in results if side in r["sides"]]
-        if ratios:
-            print(f"  {LABELS[side]} / hand-written >= {target} for every objective: "
-                  f"{'PASS' if min(ratios) >= target else 'FAIL'} (lowest {min(ratios):.3f})")
+        for key, what in (("ratio", "wall clock"), ("cpu_ratio", "CPU time")):
+            ratios = [r["sides"][side][key] for r in results if side in r["sides"]]
+            if ratios:
+                print(f"  {LABELS[side]} / hand-written >= {target} for every objective "
+                      f"({what}): {'PASS' if min(ratios) >= target else 'FAIL'} (lowest "
+                      f"{min(ratios):.3f})")
 
 
 def main(args=None) -> dict:

@@ -447,3 +447,40 @@ def test_default_optimizer_is_fused_adam_where_torch_has_the_kernel():
     # complex parameters have no fused kernel: the plain implementation is used
     plain = default_optimizer([torch.nn.Parameter(torch.randn(2, dtype=torch.complex64))], 0.1)
     assert isinstance(plain, torch.optim.Adam) and not plain.defaults.get("fused")
+
+
+def test_validation_is_skipped_only_after_a_validated_call_on_vouched_data():
+    from pyro_lvm.models.validation import data_checked
+
+    checked = []
+
+    class Probe(dist.Normal):
+        def log_prob(self, value):
+            checked.append(self._validate_args)
+            return super().log_prob(value)
+
+    def model(x, mask=None):
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("z", Probe(x.new_zeros(2), 1.0).to_event(1))
+
+    def guide(x, mask=None):
+        loc = pyro.param("loc", torch.zeros(2))
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("z", Probe(loc, 1.0).to_event(1))
+
+    x = torch.zeros(3, 2)
+    objective = ELBO()
+    with isolated_param_store(), pyro.validation_enabled(True):
+        for _ in range(2):  # the caller's own loop: every call validated
+            objective(model, guide, x)
+        assert checked and all(checked)
+        checked.clear()
+        with data_checked():  # fit: the data were validated up front
+            objective(model, guide, x)
+            assert all(checked)  # the first call on the pair is validated ...
+            checked.clear()
+            objective(model, guide, x)
+            assert checked and not any(checked)  # ... later ones are not
+            checked.clear()
+            ELBO()(model, guide, x)  # a new objective validates its first call again
+            assert all(checked)
