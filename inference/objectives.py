@@ -92,7 +92,6 @@ Ladder variational autoencoders (KL warm-up); Higgins et al. (2017), beta-VAE.
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import numbers
 import warnings
@@ -103,7 +102,6 @@ import pyro
 import pyro.poutine as poutine
 from pyro.distributions.torch_distribution import ExpandedDistribution, MaskedDistribution
 from pyro.distributions.util import scale_and_mask
-from pyro.infer.util import is_validation_enabled
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.runtime import _PYRO_STACK
 from pyro.poutine.util import site_is_subsample
@@ -112,7 +110,6 @@ from torch.distributions import Distribution, TransformedDistribution
 from torch.distributions.constraints import Constraint
 
 from pyro_lvm.inference.kl import closed_form_kl
-from pyro_lvm.models.validation import per_call_data_checks
 
 __all__ = [
     "PARTICLE_PLATE",
@@ -661,24 +658,6 @@ class _Objective:
             raise ValueError(f"{type(self).__name__}: gradient must be one of {allowed}, got "
                              f"{gradient!r}")
         self.gradient = gradient
-        self._validated_pairs: set = set()
-
-    def _validation(self, model, guide):
-        """Pyro's argument validation for one call: as set, except that calls on data the
-        caller has validated up front (``fit`` does: :func:`models.validation.data_checked`)
-        skip it once one call of this objective on this pair has been validated.
-
-        The checks re-examine, every step, constraints that the first step established
-        (support of the data, shapes, positive scales); a parameter that later becomes NaN or
-        invalid still shows up as a non-finite loss, which ``fit`` stops on and locates by a
-        re-run. Measured: a few percent of a training step (``benchmarks/README.md``)."""
-        if not is_validation_enabled() or per_call_data_checks():
-            return contextlib.nullcontext()
-        key = (id(getattr(model, "__self__", model)), id(getattr(guide, "__self__", guide)))
-        if key not in self._validated_pairs:
-            self._validated_pairs.add(key)
-            return contextlib.nullcontext()
-        return pyro.validation_enabled(False)
 
     def _surrogate(self, model, guide, x, mask, *, bound: str):
         """Bound and surrogate of the ``"stl"`` / ``"dreg"`` estimators: one pass for a guide
@@ -730,8 +709,7 @@ class _Objective:
         """
         x = _check_x(x)
         scale = self._minibatch_scale(num_data, x.shape[0])
-        with self._validation(model, guide):
-            bound, surrogate = self._bound_and_surrogate(model, guide, x, mask)
+        bound, surrogate = self._bound_and_surrogate(model, guide, x, mask)
         if surrogate is None:
             return -scale * bound.sum()
         return -scale * (bound.sum().detach() + (surrogate - surrogate.detach()))
@@ -747,7 +725,7 @@ class _Objective:
         """The value of :meth:`differentiable_loss` as a float, computed without gradients."""
         x = _check_x(x)
         scale = self._minibatch_scale(num_data, x.shape[0])
-        with torch.no_grad(), self._validation(model, guide):
+        with torch.no_grad():
             return float(-scale * self._bound(model, guide, x, mask).sum())
 
     def bound_per_point(self, model: Callable, guide: Callable, x: torch.Tensor,
