@@ -114,6 +114,12 @@ def build_parser() -> argparse.ArgumentParser:
                     help="stop after this many epochs without a better validation objective "
                          "(counted after warm-up) and restore the best epoch")
     ap.add_argument("--clip-norm", type=float, default=None)
+    ap.add_argument("--cuda-graph", action="store_true",
+                    help="fit(..., cuda_graph=True): replay the training step from CUDA graphs "
+                         "(a CUDA device; elsewhere fit says so and trains eagerly)")
+    ap.add_argument("--time-limit", type=float, default=None,
+                    help="stop training after this many seconds (then evaluate as usual; the "
+                         "epochs reached are in curve.csv)")
     ap.add_argument("--train-rows", type=int, default=None,
                     help="train on a fixed random subset of this many rows (default all 50000)")
     ap.add_argument("--valid-rows", type=int, default=None,
@@ -211,6 +217,22 @@ class AfterWarmup:
 
     def load_state_dict(self, value):
         self.inner.load_state_dict(value)
+
+
+class TimeLimit:
+    """Stops the fit (``StopFit``) once ``seconds`` of training have passed."""
+
+    def __init__(self, seconds: float):
+        self.seconds, self.start = seconds, None
+
+    def on_fit_start(self, state):
+        self.start = time.perf_counter()
+
+    def on_step_end(self, state):
+        from pyro_lvm.inference.fit import StopFit
+
+        if time.perf_counter() - self.start > self.seconds:
+            raise StopFit(f"time limit of {self.seconds:g} s reached")
 
 
 class CurveWriter:
@@ -338,12 +360,14 @@ def main(args=None) -> dict:
         stopper = EarlyStopping(patience=args.early_stopping_patience)
         callbacks.append(AfterWarmup(stopper, args.warmup_epochs))
     callbacks.append(CurveWriter(out / "curve.csv"))
+    if args.time_limit:
+        callbacks.append(TimeLimit(args.time_limit))
 
     eps = args.adam_eps
     result = fit(model, data["train"], objective=objective, epochs=args.epochs,
                  batch_size=args.batch_size, lr=args.lr, seed=args.seed, device=device,
                  validation=data["valid"], callbacks=callbacks, progress=not args.no_progress,
-                 checkpoint=checkpoint, clip_norm=args.clip_norm,
+                 checkpoint=checkpoint, clip_norm=args.clip_norm, cuda_graph=args.cuda_graph,
                  optimizer=lambda params: default_optimizer(params, args.lr, eps=eps))
     result.history.to_csv(out / "curve.csv", index=False)
     torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()},

@@ -80,9 +80,15 @@ LARGE_K = 20
 # float32 network, sums over 784 pixels and B rows: the two sides differ by rounding only
 LOSS_RTOL = 1e-5
 GRAD_RTOL = 1e-3
-SIDES = ("fit_dlvm", "fit_user", "pyro_svi", "pythae", "hand", "hand_fused")
+SIDES = ("fit_dlvm", "fit_dlvm_graph", "fit_user", "fit_user_graph", "pyro_svi", "pythae",
+         "hand", "hand_fused", "hand_graph")
+#: sides that replay CUDA graphs (skipped with a note on other devices)
+GRAPH_SIDES = ("fit_dlvm_graph", "fit_user_graph", "hand_graph")
+DEFAULT_SIDES = [s for s in SIDES if s not in GRAPH_SIDES]
 LABELS = {"fit_dlvm": "fit (DLVM)", "fit_user": "fit (user pair)", "pyro_svi": "Pyro SVI",
-          "pythae": "pythae", "hand": "hand-written", "hand_fused": "hand+fused Adam"}
+          "pythae": "pythae", "hand": "hand-written", "hand_fused": "hand+fused Adam",
+          "fit_dlvm_graph": "fit (DLVM), CUDA graph", "fit_user_graph": "fit (user pair), CUDA graph",
+          "hand_graph": "hand-written, CUDA graph"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -101,8 +107,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--validation", default="on", choices=["on", "off"],
                     help="Pyro/torch.distributions argument validation (Pyro's default is on)")
-    ap.add_argument("--sides", nargs="+", default=list(SIDES), choices=list(SIDES),
-                    help="which loops to time (hand is always timed: the ratios' reference)")
+    ap.add_argument("--sides", nargs="+", default=DEFAULT_SIDES, choices=list(SIDES),
+                    help="which loops to time (hand is always timed: the ratios' reference); "
+                         "the *_graph sides replay CUDA graphs (fit(..., cuda_graph=True) and a "
+                         "hand-written captured step) and need a CUDA device")
     ap.add_argument("--profile", action="store_true",
                     help="cProfile one fit call per objective and pair")
     ap.add_argument("--profile-steps", type=int, default=20)
@@ -200,14 +208,14 @@ def _plain_loop(params, rows, loss_fn, args, device, fused: bool = False) -> dic
 
 
 
-def run_fit(pair, rows, objective, args, device) -> dict:
+def run_fit(pair, rows, objective, args, device, cuda_graph: bool = False) -> dict:
     from pyro_lvm.inference.fit import fit
 
     clock = _StepClock()
     with common.Stopwatch(device) as sw:
         result = fit(pair, rows, objective=objective, epochs=1, batch_size=args.batch_size,
                      lr=args.lr, seed=args.seed, device=device, progress=False,
-                     callbacks=[clock])
+                     callbacks=[clock], cuda_graph=cuda_graph)
     return _timing(clock.times, clock.cpu_times, args.batch_size,
                    end_to_end=rows.shape[0] / sw.seconds, last_loss=result.step_losses[-1])
 
@@ -218,6 +226,51 @@ def run_hand(mirror, rows, spec, args, device, fused: bool = False) -> dict:
     return _plain_loop(list(mirror.parameters()), rows,
                        lambda xb, n: mirror.loss(xb, kind, k, gradient, num_data=n), args, device,
                        fused=fused)
+
+
+def run_hand_graph(mirror, rows, spec, args, device, warmup: int = 3) -> dict:
+    """The hand-written step captured once in a CUDA graph and replayed (the PyTorch recipe
+    for whole-network capture: warm-up on a side stream, capturable Adam, static input)."""
+    kind, k, gradient = spec
+    mirror.to(device)
+    params = list(mirror.parameters())
+    with common.Stopwatch(device) as sw:
+        x = rows.to(device)
+        n = x.shape[0]
+        optimizer = torch.optim.Adam(params, lr=args.lr, capturable=True)
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(args.seed)).to(device)
+        pyro.set_rng_seed(args.seed)
+        batches = [order[i:i + args.batch_size] for i in range(0, n, args.batch_size)]
+        static_x = x.index_select(0, batches[0]).clone()
+
+        def step():
+            optimizer.zero_grad(set_to_none=True)
+            loss = mirror.loss(static_x, kind, k, gradient, num_data=n)
+            loss.backward()
+            optimizer.step()
+            return loss
+
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        times, cpu_times, losses, graph, static_loss = [], [], [], None, None
+        for i, idx in enumerate(batches):
+            static_x.copy_(x.index_select(0, idx))
+            if i < warmup or static_x.shape[0] != idx.shape[0]:
+                with torch.cuda.stream(side):
+                    losses.append(step().item())
+                torch.cuda.current_stream().wait_stream(side)
+            else:
+                if graph is None:
+                    graph = torch.cuda.CUDAGraph()
+                    optimizer.zero_grad(set_to_none=True)
+                    with torch.cuda.graph(graph):
+                        static_loss = step()
+                graph.replay()
+                losses.append(static_loss.item())
+            times.append(time.perf_counter())
+            cpu_times.append(time.thread_time())
+    return _timing(times[warmup:], cpu_times[warmup:], args.batch_size, end_to_end=n / sw.seconds,
+                   last_loss=losses[-1])
 
 
 def run_pyro_svi(user, rows, spec, args, device) -> dict:
@@ -402,6 +455,15 @@ def _time_objective(name, pairs, train, args, device, notes) -> dict:
         "hand": lambda data: run_hand(mirror, data, spec, args, device),
         "hand_fused": lambda data: run_hand(mirror, data, spec, args, device, fused=True),
     }
+    if device.type == "cuda":
+        runners["fit_dlvm_graph"] = lambda data: run_fit(dlvm, data, objective, args, device,
+                                                         cuda_graph=True)
+        runners["fit_user_graph"] = lambda data: run_fit(user, data, objective, args, device,
+                                                         cuda_graph=True)
+        runners["hand_graph"] = lambda data: run_hand_graph(mirror, data, spec, args, device)
+    elif any(s in args.sides for s in GRAPH_SIDES):
+        notes.add("the CUDA-graph sides (*_graph) are skipped: each needs a CUDA device "
+                  f"(this run is on {device.type})")
     if spec[2] == "standard":  # Pyro and pythae have no DReG
         runners["pyro_svi"] = lambda data: run_pyro_svi(user, data, spec, args, device)
         pythae = pythae_model(args.arch, spec, device)

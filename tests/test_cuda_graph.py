@@ -108,6 +108,24 @@ def test_a_changing_kl_weight_is_captured_again(monkeypatch):
     assert made[0].captures > 1  # beta changes every step during the warm-up
 
 
+class HalveLearningRate:
+    """A learning-rate schedule: lr halves at every epoch start."""
+
+    def on_epoch_start(self, state):
+        if state.epoch > 0:
+            for group in state.optimizer.param_groups:
+                group["lr"] = group["lr"] / 2
+
+
+def test_a_learning_rate_schedule_is_captured_again(monkeypatch):
+    x = _data()
+    eager = _fit(x, callbacks=[HalveLearningRate()])
+    made = []
+    graphed = _fit(x, monkeypatch, StandInBackend, made, callbacks=[HalveLearningRate()])
+    _same(eager, graphed)
+    assert made[0].captures == 2  # epoch 0 is all warm-up; then one graph per learning rate
+
+
 def test_a_step_that_cannot_be_captured_trains_eagerly_with_one_line(monkeypatch, capsys):
     x = _data()
     eager = _fit(x)

@@ -29,9 +29,10 @@ What runs eagerly (documented in :func:`pyro_lvm.inference.fit`):
 * everything, after a capture that failed (one line says why; data-dependent Python in a
   pair, such as a ``.item()`` in the model, makes capture impossible).
 
-Objective settings that change during the fit (``KLWarmup`` changes ``beta`` every step) are
-baked into a captured graph, so the step is captured again whenever the objective's scalar
-attributes change.
+Objective settings and optimizer hyperparameters that change during the fit (``KLWarmup``
+changes ``beta`` every step, a schedule changes ``lr``) are baked into a captured graph as
+constants, so the step is captured again whenever the objective's scalar attributes or the
+optimizer's hyperparameters change.
 """
 from __future__ import annotations
 
@@ -92,19 +93,34 @@ class _SideStream:
         return False
 
 
-def _objective_signature(objective) -> Tuple:
-    """The objective's scalar settings (a change means the captured graph is stale)."""
-    items = getattr(objective, "__dict__", {}).items()
-    return tuple(sorted((k, v) for k, v in items if isinstance(v, (bool, int, float, str))))
+def _scalars(d) -> Tuple:
+    return tuple(sorted((k, v) for k, v in d.items()
+                        if isinstance(v, (bool, int, float, str, tuple))))
+
+
+def _settings_signature(run) -> Tuple:
+    """The objective's scalar settings and the optimizer's hyperparameters: both are baked
+    into a captured graph as constants, so a change (KL warm-up's beta, a learning-rate
+    schedule) means the graph is stale."""
+    objective = run.adapter.objective
+    groups = tuple(_scalars({k: v for k, v in g.items() if k != "params"})
+                   for g in run.state.optimizer.param_groups)
+    return _scalars(getattr(objective, "__dict__", {})), groups
 
 
 def _make_capturable(optimizer: torch.optim.Optimizer) -> None:
-    """Optimizers with a ``capturable`` option (Adam, AdamW, ...) must keep their step
-    counters on the device to be replayed; fused kernels are capturable already."""
+    """Optimizers with a ``capturable`` option (Adam, AdamW, ...) refuse to be captured
+    without it; it keeps their step counters on the device (moved there if a resumed
+    optimizer state holds them on the host)."""
     for group in optimizer.param_groups:
-        on_cuda = all(p.is_cuda for p in group["params"])
-        if on_cuda and "capturable" in group and not group.get("fused"):
-            group["capturable"] = True
+        if "capturable" not in group or not all(p.is_cuda for p in group["params"]):
+            continue
+        group["capturable"] = True
+        for p in group["params"]:
+            state = optimizer.state.get(p) or {}
+            step = state.get("step")
+            if torch.is_tensor(step) and step.device != p.device:
+                state["step"] = step.to(device=p.device, dtype=torch.float32)
 
 
 class GraphedTrainStep:
@@ -138,15 +154,16 @@ class GraphedTrainStep:
                  *, epoch: int, step: int) -> float:
         if self.failed is not None:
             return train_step(self.run, xb, mb, batch_rows, epoch=epoch, step=step)
-        if self.shape is None:
+        if self.shape is None:  # the first step: before the optimizer creates its state
             self.shape = (tuple(xb.shape), None if mb is None else tuple(mb.shape))
+            _make_capturable(self.run.state.optimizer)
         if (tuple(xb.shape), None if mb is None else tuple(mb.shape)) != self.shape:
             return train_step(self.run, xb, mb, batch_rows, epoch=epoch, step=step)
         if self.warmup_left > 0:
             self.warmup_left -= 1
             with self.backend.side_stream():
                 return train_step(self.run, xb, mb, batch_rows, epoch=epoch, step=step)
-        if self.graphs is None or self.signature != _objective_signature(self.run.adapter.objective):
+        if self.graphs is None or self.signature != _settings_signature(self.run):
             if not self._capture(xb, mb):
                 return train_step(self.run, xb, mb, batch_rows, epoch=epoch, step=step)
         return self._replay(xb, mb, batch_rows, epoch=epoch, step=step)
@@ -154,7 +171,6 @@ class GraphedTrainStep:
     # ------------------------------------------------------------------------- internals
     def _capture(self, xb: torch.Tensor, mb: Optional[torch.Tensor]) -> bool:
         run, state = self.run, self.run.state
-        _make_capturable(state.optimizer)
         self.static_x = xb.clone()
         self.static_m = None if mb is None else mb.clone()
         loss_graph, update_graph = self.backend.new_graph(), self.backend.new_graph()
@@ -169,7 +185,7 @@ class GraphedTrainStep:
             self.graphs = None
             return False
         self.graphs = (loss_graph, update_graph)
-        self.signature = _objective_signature(run.adapter.objective)
+        self.signature = _settings_signature(run)
         self.captures += 1
         return True
 

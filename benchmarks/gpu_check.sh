@@ -1,0 +1,88 @@
+#!/usr/bin/env bash
+# One prepared device check (issue 18), under 8 minutes on one GPU:
+#   1. the CUDA tests (pytest -m cuda);
+#   2. training throughput on CUDA at batch 100 and 1000 for ELBO, IWAE-5 and IWAE-50:
+#      fit eager and graph-captured (DLVM and a user's pair), Pyro's SVI, the hand-written loop
+#      eager and graph-captured, as ratios in one run;
+#   3. evaluation throughput at K = 5000;
+#   4. time-boxed binarized-MNIST fits (ELBO and IWAE-5, Burda et al.'s network, graph-captured)
+#      with their test NLL beside the published 88.71 / 87.63.
+# Results land as text/JSON tables in OUT_DIR (default: $OUT, else ./gpu-check-out); SUMMARY.md
+# there collects them. Every step has its own time limit and a failing step does not stop the
+# others (its exit status is in SUMMARY.md).
+#
+#   bash benchmarks/gpu_check.sh [--dry-run] [OUT_DIR]
+#
+# --dry-run runs the same steps on the CPU with tiny sizes (the test suite does this) to check
+# the script itself; its numbers mean nothing.
+set -uo pipefail
+DRY=0
+if [[ "${1:-}" == "--dry-run" ]]; then DRY=1; shift; fi
+OUT_DIR="$(mkdir -p "${1:-${OUT:-./gpu-check-out}}" && cd "${1:-${OUT:-./gpu-check-out}}" && pwd)"
+cd "$(dirname "$0")/.."
+export PYTHONUNBUFFERED=1
+SUMMARY="$OUT_DIR/SUMMARY.md"
+
+if [[ $DRY == 1 ]]; then
+  DEVICE=cpu
+  TRAIN="--smoke --threads 1"
+  EVAL="--smoke --threads 1"
+  MNIST="--smoke --threads 1"
+  TESTS=(--collect-only -q -m cuda)
+  LIMIT_TESTS=120; LIMIT_TRAIN=180; LIMIT_EVAL=120; LIMIT_MNIST=180
+  BATCHES=(100)
+else
+  DEVICE=cuda
+  TRAIN="--steps 200 --steps-large 50 --repeats 3"
+  EVAL="--rows 1000 --num-samples 5000 --repeats 2"
+  MNIST="--architecture burda --epochs ${MNIST_EPOCHS:-3280} --time-limit ${MNIST_SECONDS:-85} --eval-rows 2000 --eval-samples 5000 --no-progress"
+  TESTS=(-q -m cuda -p no:cacheprovider)
+  LIMIT_TESTS=75; LIMIT_TRAIN=80; LIMIT_EVAL=45; LIMIT_MNIST=120
+  BATCHES=(100 1000)
+fi
+
+{
+  echo "# GPU check $(date -u +%Y-%m-%dT%H:%M:%SZ)$( [[ $DRY == 1 ]] && echo ' (dry run on the CPU: numbers mean nothing)')"
+  echo
+  echo '```'
+  python - <<'EOF'
+import platform, torch
+print("python", platform.python_version(), "| torch", torch.__version__)
+if torch.cuda.is_available():
+    p = torch.cuda.get_device_properties(0)
+    print("device:", p.name, f"{p.total_memory / 2**30:.0f} GiB", "| CUDA", torch.version.cuda)
+else:
+    print("device: no CUDA device")
+EOF
+  echo '```'
+} > "$SUMMARY"
+
+step() {  # step NAME LIMIT_S COMMAND...: run with a time limit, keep its output, note its status
+  local name=$1 limit=$2; shift 2
+  local t0=$SECONDS
+  timeout --kill-after=10 "$limit" "$@" > "$OUT_DIR/$name.txt" 2>&1
+  local rc=$?
+  local status="ok"
+  [[ $rc == 124 || $rc == 137 ]] && status="time limit ($limit s)"
+  [[ $rc != 0 && $status == ok ]] && status="failed (exit $rc)"
+  { echo; echo "## $name: $status in $((SECONDS - t0)) s"; echo; echo '```';
+    tail -n 40 "$OUT_DIR/$name.txt"; echo '```'; } >> "$SUMMARY"
+  echo "$name: $status ($((SECONDS - t0)) s)"
+}
+
+step cuda_tests "$LIMIT_TESTS" python -m pytest "${TESTS[@]}"
+for b in "${BATCHES[@]}"; do
+  # shellcheck disable=SC2086
+  step "train_b$b" "$LIMIT_TRAIN" python benchmarks/train_throughput.py --device "$DEVICE" \
+      --batch-size "$b" --objectives elbo iwae_5 iwae_50 \
+      --sides fit_dlvm fit_dlvm_graph fit_user fit_user_graph pyro_svi hand hand_graph \
+      --json "$OUT_DIR/train_b$b.json" $TRAIN
+done
+# shellcheck disable=SC2086
+step eval_k5000 "$LIMIT_EVAL" python benchmarks/eval_throughput.py --device "$DEVICE" $EVAL
+for objective in elbo iwae; do
+  # shellcheck disable=SC2086
+  step "mnist_$objective" "$LIMIT_MNIST" python benchmarks/mnist_nll.py --device "$DEVICE" \
+      --objective "$objective" --cuda-graph --out "$OUT_DIR/mnist_$objective" $MNIST
+done
+echo "summary: $SUMMARY"

@@ -1,0 +1,32 @@
+"""benchmarks/gpu_check.sh, the one prepared device check: its CPU dry run."""
+from __future__ import annotations
+
+import os
+import pathlib
+import shutil
+import subprocess
+
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None,
+                    reason="needs bash and coreutils' timeout")
+def test_gpu_check_dry_run_runs_every_step_and_writes_the_summary(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "OUT"}
+    proc = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_check.sh"), "--dry-run",
+                           str(tmp_path / "out")], capture_output=True, text=True, timeout=900,
+                          env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = tmp_path / "out"
+    summary = (out / "SUMMARY.md").read_text()
+    assert "dry run on the CPU" in summary
+    steps = ["cuda_tests", "train_b100", "eval_k5000", "mnist_elbo", "mnist_iwae"]
+    for name in steps:
+        assert f"## {name}: ok" in summary, summary[-4000:]
+        assert (out / f"{name}.txt").is_file()
+    assert (out / "train_b100.json").is_file()
+    # the CUDA-only sides say why they did not run instead of failing
+    assert "needs a CUDA device" in (out / "train_b100.txt").read_text()
