@@ -426,6 +426,20 @@ def _range(*arrays: np.ndarray) -> tuple[float, float]:
     return (low, high) if high > low else (low - 0.5, high + 0.5)
 
 
+#: Widest figure in inches: at _DPI it fits a 1280 px page without being scaled down.
+_MAX_WIDTH = 14.0
+
+
+def _image_panel(n_panels: int, mosaic_width: int, mosaic_height: int) -> tuple[float, float]:
+    """Panel size (inches) of an image mosaic: 0.04 in per pixel (8x8 digits: 3.2 in for
+    10 images), at least 3.4 in wide, and narrower for large images so that a row of facets
+    stays within :data:`_MAX_WIDTH`; the height keeps the mosaic's aspect ratio."""
+    width = max(3.4, 0.04 * mosaic_width)
+    width = min(width, _MAX_WIDTH / min(_MAX_COLS, max(n_panels, 1)))
+    height = max(1.2, width * mosaic_height / max(mosaic_width, 1) + 0.6)
+    return width, height
+
+
 def samples_grid(samples: Mapping[str, np.ndarray], image_shape: Sequence[int],
                  max_images: int = 40) -> str | None:
     """Model samples :math:`x \\sim p(x)` as image mosaics, one panel per configuration."""
@@ -436,7 +450,7 @@ def samples_grid(samples: Mapping[str, np.ndarray], image_shape: Sequence[int],
     h, w = (int(s) for s in image_shape)
     cols = 10
     rows = math.ceil(max(v.shape[0] for v in samples.values()) / cols)
-    panel = (max(3.4, 0.32 * cols * w / 8), max(1.2, 0.32 * rows * h / 8 + 0.6))
+    panel = _image_panel(len(samples), cols * w, rows * h)
     fig, axes = _facets(len(samples), panel=panel)
     for ax, (label, x) in zip(axes, samples.items()):
         _show_mosaic(ax, image_mosaic(x, image_shape, cols), label, *_range(x))
@@ -457,7 +471,7 @@ def reconstructions(pairs: Mapping[str, tuple[np.ndarray, np.ndarray]],
                 f"originals {o.shape} and reconstructions {r.shape} of {label} differ in shape")
     h, w = (int(s) for s in image_shape)
     cols = max(o.shape[0] for o, _ in pairs.values())
-    panel = (max(3.4, 0.32 * cols * w / 8), max(1.2, 0.32 * 2 * h / 8 + 0.6))
+    panel = _image_panel(len(pairs), cols * w, 2 * h)
     fig, axes = _facets(len(pairs), panel=panel)
     for ax, (label, (o, r)) in zip(axes, pairs.items()):
         top = image_mosaic(o, image_shape, o.shape[0])

@@ -204,6 +204,17 @@ def test_kde_grid_matches_scipy_gaussian_kde():
     assert density[density >= level].sum() / density.sum() == pytest.approx(0.5, abs=0.05)
 
 
+def test_image_figures_of_large_images_fit_a_1280_px_page():
+    rng = np.random.default_rng(2)
+    images = {f"c{i}": rng.uniform(size=(40, 28 * 28)) for i in range(5)}
+    for uri in (figures.samples_grid(images, (28, 28)),
+                figures.reconstructions({k: (v[:10], v[:10]) for k, v in images.items()},
+                                        (28, 28))):
+        png = base64.b64decode(uri[len(DATA_URI):])
+        width = int.from_bytes(png[16:20], "big")
+        assert 600 < width <= 1200, width
+
+
 def test_image_mosaic_places_images():
     images = np.arange(3 * 4, dtype=float).reshape(3, 4)
     mosaic = figures.image_mosaic(images, (2, 2), columns=2)
