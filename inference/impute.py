@@ -157,7 +157,8 @@ def _restore_type(values: np.ndarray, like):
     return values.astype(arr.dtype if np.issubdtype(arr.dtype, np.floating) else np.float64)
 
 
-def _require_mask_argument(model_fn, guide_fn) -> None:
+def require_mask_argument(model_fn, guide_fn) -> None:
+    """Raise ValueError unless both functions accept a ``mask`` keyword."""
     for fn, role in ((model_fn, "model"), (guide_fn, "guide")):
         if not _accepts_mask(fn):
             name = getattr(fn, "__qualname__", type(fn).__name__)
@@ -165,6 +166,14 @@ def _require_mask_argument(model_fn, guide_fn) -> None:
                 f"the {role} {name} takes no mask argument, so it cannot leave missing entries "
                 f"out of the likelihood; missing data need {role}(x, mask=None) with mask a "
                 f"boolean tensor like x (True = observed) used to mask the observation site")
+
+
+def _unwrap_fit_result(pair):
+    """``(pair, param_state)``: a :class:`~pyro_lvm.inference.FitResult` gives its trained
+    pair and its own parameter store (plain-function pairs keep their values only there)."""
+    if hasattr(pair, "param_store_state") and hasattr(pair, "history") and hasattr(pair, "model"):
+        return pair.model, pair.param_store_state
+    return pair, None
 
 
 def _check_method(method: str, num_imputations) -> int:
@@ -373,13 +382,14 @@ def impute(pair, x, mask=None, num_samples: int = 1000, *, method: str = "mean",
     num_samples = check_int(num_samples, "num_samples")
     num_imputations = _check_method(method, num_imputations)
     mask_np = missing_mask(x, mask, allow_missing=allow_missing)
+    pair, param_state = _unwrap_fit_result(pair)
     model_fn, guide_fn, _ = resolve_pair(pair, guide)
-    _require_mask_argument(model_fn, guide_fn)
+    require_mask_argument(model_fn, guide_fn)
     x_np = _as_numpy(x).astype(np.float64)
     t0 = time.perf_counter()
     with contextlib.ExitStack() as stack:
         ctx = stack.enter_context(session(pair, x_np, mask=mask_np, device=device, guide=guide,
-                                          seed=seed))
+                                          seed=seed, param_state=param_state))
         budget = max_elements or default_max_elements(ctx.device)
         probe = _probe(ctx.model_fn, ctx.guide_fn, ctx.x, ctx.mask)
         # the accumulators and the draws add a few [K, rows, columns] tensors per chunk
@@ -502,10 +512,12 @@ def conditional_log_likelihood(pair, x, mask, num_samples: int = 1000, *, seed: 
         r, c = np.argwhere(~np.isfinite(x_np))[0]
         raise ValueError(f"x must hold the true value of every entry (held-out ones included) "
                          f"to score them; it is not finite at row {r}, column {c}")
+    pair, param_state = _unwrap_fit_result(pair)
     model_fn, guide_fn, _ = resolve_pair(pair, guide)
-    _require_mask_argument(model_fn, guide_fn)
+    require_mask_argument(model_fn, guide_fn)
     x_true_all = torch.as_tensor(x_np)
-    with session(pair, x_np, mask=mask_np, device=device, guide=guide, seed=seed) as ctx:
+    with session(pair, x_np, mask=mask_np, device=device, guide=guide, seed=seed,
+                 param_state=param_state) as ctx:
         budget = max_elements or default_max_elements(ctx.device)
         probe = _probe(ctx.model_fn, ctx.guide_fn, ctx.x, ctx.mask)
         width = 2 * max(probe.width, pair_eval_width(pair), ctx.x.shape[1])

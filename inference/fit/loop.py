@@ -393,7 +393,8 @@ def fit(pair, data, objective=None, epochs: int = 10, batch_size: int = 128, lr:
         seed: int = 0, device="auto", validation=None, callbacks: Optional[Iterable] = None,
         mask=None, valid_mask=None, guide: Optional[Callable] = None, progress: bool = True,
         checkpoint=None, clip_norm: Optional[float] = None, optimizer=None,
-        check_pair: bool = True, cuda_graph: bool = False) -> FitResult:
+        check_pair: bool = True, cuda_graph: bool = False,
+        allow_missing: bool = False) -> FitResult:
     """Fit a model/guide pair by minibatch stochastic variational inference.
 
     Maximizes the objective's bound :math:`\\sum_i \\mathcal{L}_i` with minibatch estimates
@@ -437,6 +438,11 @@ def fit(pair, data, objective=None, epochs: int = 10, batch_size: int = 128, lr:
         saved in the checkpoint.
     mask, valid_mask : bool array-like of the data's shape, optional
         Observed entries (True); missing entries may hold NaN. Passed to model and guide.
+    allow_missing : bool
+        Treat NaN entries of ``data`` / ``validation`` as missing (combined with ``mask``);
+        without it NaN is an error naming row and column. The pair must accept ``mask``
+        (checked before any step). With a DLVM and ``objective=IWAE(K)`` this is MIWAE
+        (Mattei & Frellsen 2019): the importance-weighted bound on the observed entries.
     guide : callable, optional
         The guide, when ``pair`` is a bare model callable.
     progress : bool
@@ -503,6 +509,14 @@ def fit(pair, data, objective=None, epochs: int = 10, batch_size: int = 128, lr:
         from pyro_lvm.inference.objectives import ELBO
 
         objective = ELBO()
+    if allow_missing:
+        from pyro_lvm.inference.impute import missing_mask, require_mask_argument
+
+        require_mask_argument(model_fn, guide_fn)
+        mask = missing_mask(data, mask, allow_missing=True, name="data")
+        if validation is not None:
+            valid_mask = missing_mask(validation, valid_mask, allow_missing=True,
+                                      name="validation")
     x, train_mask, x_valid, valid_mask_t = _prepare_inputs(pair, module, data, mask, validation,
                                                            valid_mask)
     run = FitRun(pair=pair, guide=guide, model_fn=model_fn, guide_fn=guide_fn, module=module,
