@@ -494,28 +494,41 @@ class _RatioAccumulator:
         return log_ratio, se, self.sw ** 2 / self.sww
 
 
-def conditional_log_likelihood(pair, x, mask, num_samples: int = 1000, *, seed: int = 0,
+def conditional_log_likelihood(pair, x, mask, num_samples: int = 1000, *, scored=None,
+                               seed: int = 0,
                                device="auto", guide=None, batch_size: Optional[int] = None,
                                chunk_size: Optional[int] = None,
                                max_elements: Optional[int] = None) -> ConditionalLogLikelihood:
     """Importance-sampling estimate of :math:`\\log p(x_m \\mid x_o)` per row, where ``x``
     holds the true values of every entry and ``mask`` (True = observed) marks the entries
-    conditioned on; the others are scored (see the module docstring for the estimator and its
-    standard error). Proposal: the guide given the observed entries. Other arguments as in
-    :func:`impute`. Raises ValueError before any work on bad input (NaN anywhere in ``x``
-    included: the held-out values must be known).
+    conditioned on; the others (or only those of ``scored``, a bool mask disjoint from
+    ``mask``, e.g. when some entries are unknown) are scored (see the module docstring for the
+    estimator and its standard error). Proposal: the guide given the observed entries. Other
+    arguments as in :func:`impute`. Raises ValueError before any work on bad input (a
+    non-finite scored or observed value included: the held-out values must be known).
     """
     num_samples = check_int(num_samples, "num_samples")
     mask_np = missing_mask(x, mask)
     x_np = _as_numpy(x).astype(np.float64)
-    if not np.isfinite(x_np).all():
-        r, c = np.argwhere(~np.isfinite(x_np))[0]
+    if scored is None:
+        scored_np = ~mask_np
+    else:
+        scored_np = _as_numpy(scored)
+        if scored_np.shape != mask_np.shape or scored_np.dtype != bool:
+            raise ValueError(f"scored must be a boolean array of shape {mask_np.shape}")
+        if (scored_np & mask_np).any():
+            raise ValueError("scored entries must be missing (mask False): an observed entry "
+                             "cannot also be scored")
+    known = mask_np | scored_np
+    if not np.isfinite(x_np[known]).all():
+        r, c = np.argwhere(known & ~np.isfinite(x_np))[0]
         raise ValueError(f"x must hold the true value of every entry (held-out ones included) "
                          f"to score them; it is not finite at row {r}, column {c}")
     pair, param_state = _unwrap_fit_result(pair)
     model_fn, guide_fn, _ = resolve_pair(pair, guide)
     require_mask_argument(model_fn, guide_fn)
-    x_true_all = torch.as_tensor(x_np)
+    x_true_all = torch.as_tensor(np.where(known, x_np, 0.0))
+    scored_all = torch.as_tensor(scored_np)
     with session(pair, x_np, mask=mask_np, device=device, guide=guide, seed=seed,
                  param_state=param_state) as ctx:
         budget = max_elements or default_max_elements(ctx.device)
@@ -528,26 +541,29 @@ def conditional_log_likelihood(pair, x, mask, num_samples: int = 1000, *, seed: 
         for start in range(0, ctx.x.shape[0], rows):
             xb, mb = ctx.x[start:start + rows], ctx.mask[start:start + rows]
             truth = x_true_all[start:start + rows].to(device=ctx.device, dtype=xb.dtype)
+            sb = scored_all[start:start + rows].to(ctx.device)
             acc = _RatioAccumulator(xb.shape[0], ctx.device)
             done = 0
             while done < num_samples:
                 k = min(particles, num_samples - done)
                 lw, obs = _chunk(ctx, xb, mb, k)
                 _raise_if_invalid((torch.isnan(lw) | (lw == math.inf)).any(0))
-                log_r = torch.where(mb, torch.zeros((), dtype=lw.dtype, device=lw.device),
-                                    obs.log_prob(truth)).sum(-1)
+                log_r = torch.where(sb, obs.log_prob(truth),
+                                    torch.zeros((), dtype=lw.dtype, device=lw.device)).sum(-1)
                 acc.update(lw, lw + log_r)
                 done += k
             out.append([t.cpu().numpy() for t in acc.result()])
         exact = None
         if callable(getattr(pair, "log_marginal", None)):
-            full = torch.as_tensor(pair.log_marginal(x_true_all.to(ctx.device, ctx.x.dtype)))
+            known_t = torch.as_tensor(known, device=ctx.device)
+            full = torch.as_tensor(pair.log_marginal(x_true_all.to(ctx.device, ctx.x.dtype),
+                                                     mask=known_t))
             obs_only = torch.as_tensor(pair.log_marginal(ctx.x, mask=ctx.mask))
             exact = (full - obs_only).detach().cpu().numpy().astype(np.float64)
     per_row = pd.DataFrame({"log_p_missing": np.concatenate([o[0] for o in out]),
                             "se": np.concatenate([o[1] for o in out]),
                             "ess": np.concatenate([o[2] for o in out]),
-                            "num_missing": (~mask_np).sum(1)})
+                            "num_missing": scored_np.sum(1)})
     if exact is not None:
         per_row["exact"] = exact
     n = len(per_row)

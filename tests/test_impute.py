@@ -259,3 +259,24 @@ def test_scoring_helpers():
     # order-statistic positions q (M + 1): [2.75, 8.25] holds 3 (row 1) but not 2 (row 0)
     assert c["num_missing"] == 2 and c["coverage"] == 0.5
     assert c["mean_width"] == pytest.approx(5.5)
+
+
+def test_conditional_log_likelihood_of_a_subset_of_the_missing_entries():
+    """``scored`` limits the scored entries (others unknown, e.g. missing in the file)."""
+    m = _ppca(seed=5)
+    x = m.sample(30).numpy()
+    mask = _mask(*x.shape, seed=5)
+    rng = np.random.default_rng(1)
+    scored = ~mask & (rng.random(x.shape) < 0.5)
+    x_unknown = np.where(mask | scored, x, np.nan)
+    res = conditional_log_likelihood((m.model, _exact_posterior_guide(m)), x_unknown, mask,
+                                     scored=scored, num_samples=2000)
+    exact = (m.log_marginal(x, mask=mask | scored) - m.log_marginal(x, mask=mask)).detach().numpy()
+    pr = res.per_row
+    assert (pr["num_missing"].to_numpy() == scored.sum(1)).all()
+    z = (pr["log_p_missing"].to_numpy() - exact)[scored.any(1)] / pr["se"].to_numpy()[scored.any(1)]
+    assert np.all(np.abs(z) < 3.5)
+    with pytest.raises(ValueError, match="cannot also be scored"):
+        conditional_log_likelihood(m, x, mask, scored=scored | mask)
+    with pytest.raises(ValueError, match="true value"):
+        conditional_log_likelihood(m, np.where(scored, np.nan, x), mask, scored=scored)
