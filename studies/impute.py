@@ -262,10 +262,11 @@ def score(out: MethodOutput, x: np.ndarray, mask: np.ndarray, scored: np.ndarray
     metrics["num_held_out"] = int(scored.sum())
     metrics.update(coverage_90=math.nan, interval_width_90=math.nan, rubin_mean=math.nan,
                    rubin_mean_se=math.nan, complete_mean=math.nan)
-    if out.draws is not None:
+    if out.draws is not None and not binary:  # 0/1 draws: quantile intervals are degenerate
         cov = interval_coverage(np.where(known, out.draws, 0.0), np.where(known, x, 0.0),
                                 ~scored, level=0.9)
         metrics.update(coverage_90=cov["coverage"], interval_width_90=cov["mean_width"])
+    if out.draws is not None:
         column = int(np.argmax(scored.sum(0)))
         if out.draws.shape[0] >= 2 and known[:, column].all():
             pooled = pooled_column_mean(out.draws, column)

@@ -52,6 +52,7 @@ def test_binary_data_use_bernoulli_miwae_and_accuracy(tmp_path, monkeypatch):
     table = result.results
     assert (table["status"] == "ok").all(), table[["run_id", "error"]]
     assert table["accuracy"].between(0, 1).all()
+    assert table["coverage_90"].isna().all()  # no quantile intervals for 0/1 draws
     assert "Imputed examples" in result.report.read_text()
     with pytest.raises(ValueError, match="not for binary"):
         study.main(study.parse_args(argv + ["--methods", "miwae-gaussian"]))
