@@ -14,6 +14,7 @@ import os
 import pathlib
 import socket
 import sys
+import time
 from typing import Any, Dict, Optional
 
 import filelock
@@ -58,9 +59,15 @@ class StudyLock:
     def info_path(self) -> pathlib.Path:
         return self.study_dir / INFO_NAME
 
-    def holder(self) -> Optional[Dict[str, Any]]:
-        info = storage.read_json(self.info_path)
-        return info if isinstance(info, dict) else None
+    def holder(self, patience_s: float = 2.0) -> Optional[Dict[str, Any]]:
+        """The holder's information; the holder writes it just after taking the lock, so a
+        contender that lost the race waits up to ``patience_s`` for it to appear."""
+        deadline = time.monotonic() + patience_s
+        while True:
+            info = storage.read_json(self.info_path)
+            if isinstance(info, dict) or time.monotonic() >= deadline:
+                return info if isinstance(info, dict) else None
+            time.sleep(0.05)
 
     def acquire(self) -> "StudyLock":
         self.study_dir.mkdir(parents=True, exist_ok=True)
