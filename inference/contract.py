@@ -2,8 +2,8 @@
 
 The contract (see ``DESIGN.md``)::
 
-    model(x, mask=None)   # p(z) p(x | z); every sample site inside pyro.plate("data", N, dim=-1)
-    guide(x, mask=None)   # q(z | x); the same latent site names, the same plate
+    model(x[, mask])   # p(z) p(x | z); every sample site inside pyro.plate("data", N, dim=-1)
+    guide(x[, mask])   # q(z | x); the same latent site names (enumerated discrete sites aside)
 
 Every estimator in :mod:`pyro_lvm.inference` relies on the per-data-point decomposition
 
@@ -21,7 +21,6 @@ before a long fit, not from a broadcasting error deep inside an objective.
 """
 from __future__ import annotations
 
-import inspect
 import re
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Optional, Tuple
@@ -37,6 +36,7 @@ try:  # recent torch wraps a mixture's component support in its own constraint c
 except ImportError:  # pragma: no cover - older torch
     _WRAPPING_CONSTRAINTS = (constraints.independent,)
 
+from pyro_lvm.inference import pairs
 from pyro_lvm.inference.engine import isolated_param_store, resolve_pair
 from pyro_lvm.inference.objectives import DATA_PLATE, PARTICLE_PLATE, trace_log_terms
 
@@ -98,28 +98,6 @@ class ContractReport:
 # ----------------------------------------------------------------------------------------
 # helpers
 # ----------------------------------------------------------------------------------------
-
-def _describe(fn: Callable) -> str:
-    name = getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None) or type(fn).__name__
-    return name
-
-
-def _check_signature(fn: Callable, role: str) -> None:
-    """The contract calls ``model(x, mask=mask)``; a function without ``mask`` fails late."""
-    try:
-        signature = inspect.signature(fn)
-    except (TypeError, ValueError):  # builtins and exotic callables: cannot tell, run it
-        return
-    try:
-        signature.bind(object(), mask=None)
-    except TypeError as exc:
-        raise ContractError(
-            f"the {role} {_describe(fn)}{signature} cannot be called as {role}(x, mask=None) "
-            f"({exc}); the contract is {role}(x, mask=None) with mask a boolean tensor of x's "
-            f"shape marking observed entries (None = fully observed). Add a `mask=None` "
-            f"keyword argument (it may be ignored if your data are never missing)"
-        ) from None
-
 
 def _sample_sites(trace: poutine.Trace):
     """(name, site) of the real sample sites of a trace (plates' subsample sites excluded)."""
@@ -222,41 +200,27 @@ def _check_data_plate(model_trace, guide_trace, traces, num_rows: int) -> None:
                         f"is done by the fitting loop, not with subsample_size)")
     for role, trace in traces:
         for name, site in _sample_sites(trace):
-            if not any(f.name == DATA_PLATE for f in site["cond_indep_stack"]):
-                kind = "observed" if site["is_observed"] else "latent"
+            if site["is_observed"] and not any(f.name == DATA_PLATE
+                                               for f in site["cond_indep_stack"]):
                 raise ContractError(
-                    f"{kind} site {name!r} in the {role} is outside pyro.plate({DATA_PLATE!r}): "
-                    f"every sample site must be per data point (global latent variables are "
-                    f"not supported; make them parameters, or per-row latents inside the plate)")
+                    f"observed site {name!r} in the {role} is outside "
+                    f"pyro.plate({DATA_PLATE!r}): every sample site must be per data point")
+    # latent sites outside the plate (global latents): pairs.check_sites says why and what to do
 
 
 def _check_site_names(model_trace, guide_trace):
-    """An observed site in the model; the same latent sites in model and guide. Returns
-    ``(observed sites, model latent names, guide latent names)``."""
+    """An observed site in the model; the same latent sites in model and guide (enumerated
+    discrete model sites aside), all inside the data plate
+    (:func:`pyro_lvm.inference.pairs.check_sites`). Returns ``(observed sites, guide latent
+    names, enumerated model sites)``."""
     observed = {name: site for name, site in _sample_sites(model_trace) if site["is_observed"]}
     if not observed:
         raise ContractError(
             "the model has no observed site: the likelihood must be a sample site with "
             "obs=x, e.g. pyro.sample('x', dist.Normal(loc, scale).to_event(1), obs=x), "
             "inside the data plate")
-    model_latent = [n for n, s in _sample_sites(model_trace) if not s["is_observed"]]
-    guide_latent = [n for n, s in _sample_sites(guide_trace) if not s["is_observed"]]
-    only_model = [n for n in model_latent if n not in guide_latent]
-    only_guide = [n for n in guide_latent if n not in model_latent]
-    if only_model:
-        raise ContractError(
-            f"latent site(s) {only_model} in the model have no counterpart in the guide "
-            f"(guide latent sites: {guide_latent}); the guide must sample every latent "
-            f"site of the model under the same name, otherwise it is drawn from the prior "
-            f"and the bound is wrong")
-    if only_guide:
-        where = [n for n in only_guide if n in observed]
-        raise ContractError(
-            f"latent site(s) {only_guide} in the guide have no latent counterpart in the "
-            f"model (model latent sites: {model_latent})"
-            + (f"; {where} are observed in the model and must not be sampled by the guide"
-               if where else "; check the site names"))
-    return observed, model_latent, guide_latent
+    sites = pairs.check_sites(model_trace, guide_trace, error=ContractError)
+    return observed, sites["latent"], sites["enumerated"]
 
 
 def _check_latent_families(model_trace, guide_trace, guide_latent, *,
@@ -304,8 +268,9 @@ def _check_latent_families(model_trace, guide_trace, guide_latent, *,
     return latent_sites, guide_distributions, non_reparam
 
 
-def _check_batch_shapes(traces, num_rows: int) -> None:
-    """The data plate is the only batch dimension of every site."""
+def _check_batch_shapes(traces, num_rows: int, enumerated=()) -> None:
+    """The data plate is the only batch dimension of every site (enumerated model sites,
+    summed out by the log weights, aside)."""
     for role, trace in traces:
         try:
             trace.compute_log_prob()
@@ -316,6 +281,8 @@ def _check_batch_shapes(traces, num_rows: int) -> None:
     for role, trace in traces:
         for name, site in _sample_sites(trace):
             if role == "guide" and site["is_observed"]:
+                continue
+            if role == "model" and name in enumerated:
                 continue
             fn = site["fn"]
             batch_shape = tuple(getattr(fn, "batch_shape", ()))
@@ -333,8 +300,9 @@ def _check_batch_shapes(traces, num_rows: int) -> None:
                     f"n = x.shape[0]{hint}")
 
 
-def _check_particle_plate(model_fn, guide_fn, x, mask, num_rows: int) -> None:
-    """Every site broadcasts with a particle plate on the left of the data plate."""
+def _check_particle_plate(model_fn, guide_fn, x, mask, num_rows: int, enumerated=()) -> None:
+    """Every site broadcasts with a particle plate on the left of the data plate (with
+    enumerated sites, the values they enumerate on the dims further left)."""
     try:
         terms = trace_log_terms(model_fn, guide_fn, x, num_particles=_CHECK_PARTICLES,
                                 mask=mask)
@@ -352,6 +320,9 @@ def _check_particle_plate(model_fn, guide_fn, x, mask, num_rows: int) -> None:
             if role == "guide" and site["is_observed"]:
                 continue
             shape = tuple(site["log_prob"].shape)
+            if role == "model" and (name in enumerated
+                                    or (enumerated and shape[-2:] == expected)):
+                continue
             if shape != expected:
                 raise ContractError(
                     f"with {_CHECK_PARTICLES} particles vectorized on the left, site {name!r} "
@@ -397,10 +368,12 @@ def check_contract(pair, x, mask=None, *, guide=None, require_reparameterized: b
     Raises
     ------
     ContractError
-        (a ``ValueError``) naming the first violation found, in this order: model or guide
-        does not accept ``mask=``; running model or guide fails; no ``pyro.plate("data")``, or
-        a data plate of the wrong size or not at ``dim=-1``; a sample site outside the data
-        plate; no observed site; latent sites in the model but not the guide or vice versa;
+        (a ``ValueError``) naming the first violation found, in this order: ``mask`` marks
+        missing values but model or guide takes no ``mask``; running model or guide fails; no ``pyro.plate("data")``, or
+        a data plate of the wrong size or not at ``dim=-1``; an observed site outside the data
+        plate; no observed site; a latent site outside the data plate (a global latent);
+        latent sites in the model but not the guide (unless marked
+        ``infer={"enumerate": "parallel"}``, summed out exactly) or vice versa;
         a latent without ``rsample`` (when ``require_reparameterized``); guide support wider
         than the prior's; log-densities that cannot be computed, or a site whose batch shape
         is not ``[n]`` (missing ``.to_event``); code that does not broadcast over a particle
@@ -409,19 +382,21 @@ def check_contract(pair, x, mask=None, *, guide=None, require_reparameterized: b
     model_fn, guide_fn, _module = resolve_pair(pair, guide)
     mask = _check_inputs(x, mask)
     num_rows = int(x.shape[0])
-    _check_signature(model_fn, "model")
-    _check_signature(guide_fn, "guide")
+    if mask is not None and not bool(mask.all()):
+        for fn, role in ((model_fn, "model"), (guide_fn, "guide")):
+            if pairs.takes_no_mask(fn):
+                raise ContractError(pairs.mask_required_message(fn, role, mask))
     with isolated_param_store():
         guide_trace = _run(guide_fn, "guide", x, mask)
         model_trace = _run(model_fn, "model", x, mask, replay_trace=guide_trace)
         traces = (("guide", guide_trace), ("model", model_trace))
         _check_data_plate(model_trace, guide_trace, traces, num_rows)
-        observed, model_latent, guide_latent = _check_site_names(model_trace, guide_trace)
+        observed, guide_latent, enumerated = _check_site_names(model_trace, guide_trace)
         latent_sites, guide_distributions, non_reparam = _check_latent_families(
             model_trace, guide_trace, guide_latent,
             require_reparameterized=require_reparameterized, check_support=check_support)
-        _check_batch_shapes(traces, num_rows)
-        _check_particle_plate(model_fn, guide_fn, x, mask, num_rows)
+        _check_batch_shapes(traces, num_rows, enumerated)
+        _check_particle_plate(model_fn, guide_fn, x, mask, num_rows, enumerated)
     return ContractReport(
         latent_sites=latent_sites,
         observed_sites={n: tuple(getattr(s["fn"], "event_shape", ())) for n, s in observed.items()},

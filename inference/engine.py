@@ -32,6 +32,7 @@ import pyro
 import torch
 from pyro.poutine.util import site_is_subsample
 
+from pyro_lvm.inference import pairs
 from pyro_lvm.inference.objectives import log_weights, trace_log_terms
 from pyro_lvm.models import check_data, check_mask
 
@@ -120,26 +121,34 @@ def resolve_pair(pair, guide=None):
     """Normalize the ways a model/guide pair can be given.
 
     Accepts an object with ``.model`` and ``.guide`` methods (the usual ``PyroModule``),
-    a ``(model_fn, guide_fn)`` tuple, or a model callable plus ``guide=``.
+    a ``(model_fn, guide_fn)`` tuple, a model callable plus ``guide=``, or the
+    :class:`~pyro_lvm.inference.fit.FitResult` of any of these. A model or guide without a
+    ``mask`` argument is returned wrapped to be callable as ``fn(x, mask=None)``
+    (:func:`pyro_lvm.inference.pairs.mask_optional`).
 
     Returns
     -------
     (model_fn, guide_fn, module)
-        ``module`` is the ``torch.nn.Module`` that owns the parameters (moved by ``.to``),
-        or None for plain functions.
+        ``module`` is the ``torch.nn.Module`` that owns the parameters (moved by ``.to``):
+        the pair, or the owner of bound ``model``/``guide`` methods; None for plain functions.
     """
+    pair, guide = pairs.unwrap_fit_result(pair, guide)
     if guide is not None:
-        module = pair if isinstance(pair, torch.nn.Module) else None
         model_fn = pair.model if hasattr(pair, "model") and callable(pair.model) else pair
-        return model_fn, guide, module
+        return _adapted(pair, model_fn, guide)
     if isinstance(pair, tuple) and len(pair) == 2 and all(callable(f) for f in pair):
-        return pair[0], pair[1], None
+        return _adapted(pair, pair[0], pair[1])
     if callable(getattr(pair, "model", None)) and callable(getattr(pair, "guide", None)):
-        return pair.model, pair.guide, pair if isinstance(pair, torch.nn.Module) else None
+        return _adapted(pair, pair.model, pair.guide)
     raise TypeError(
         f"expected a model/guide pair: an object with .model(x, mask=None) and .guide(x, mask=None) "
         f"methods, a (model, guide) tuple, or a model with guide=...; got {type(pair).__name__}"
     )
+
+
+def _adapted(pair, model_fn, guide_fn):
+    module = pairs.owning_module(pair, model_fn, guide_fn)
+    return pairs.mask_optional(model_fn, "model"), pairs.mask_optional(guide_fn, "guide"), module
 
 
 def check_int(value, name: str, minimum: int = 1) -> int:
@@ -212,12 +221,12 @@ class Session:
     seed: Optional[int]
 
 
-def _activated_state(param_state, module, device) -> Optional[dict]:
+def _activated_state(pair, param_state, module, device) -> Optional[dict]:
     """The parameter-store state to evaluate in: ``param_state`` (e.g.
-    ``FitResult.param_store_state``), or for a plain-function pair a snapshot of the global
-    store (so nothing here can change it); detached copies on ``device``."""
-    if param_state is None and module is None:
-        param_state = pyro.get_param_store().get_state()
+    ``FitResult.param_store_state``), the trained values of a fit result given as the pair,
+    or for a plain-function pair a snapshot of the global store (so nothing here can change
+    it); detached copies on ``device``."""
+    param_state = pairs.evaluation_param_state(pair, module, param_state)
     if param_state is None:
         return None
     return {"params": {k: v.detach().to(device) for k, v in param_state["params"].items()},
@@ -236,6 +245,12 @@ def session(pair, data, *, mask=None, device="auto", guide=None, param_state=Non
     On exit the module is moved back to the device it was on and gets its training flag
     back, the parameter store and the caller's random state are restored: an evaluation
     leaves the pair as it found it, whatever ``device`` it ran on.
+
+    ``pair`` may be a :class:`~pyro_lvm.inference.fit.FitResult` (its trained ``pyro.param``
+    values are activated). Before anything is drawn the pair is run once on one row
+    (:func:`pyro_lvm.inference.pairs.check_pair_for_evaluation`): mismatched sites, global
+    latents and a plain-function pair whose parameters are not in the store raise
+    :class:`~pyro_lvm.inference.pairs.PairError` naming them.
     """
     if seed is not None:
         if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
@@ -256,8 +271,11 @@ def session(pair, data, *, mask=None, device="auto", guide=None, param_state=Non
             module.eval()  # dropout / batch norm in evaluation mode
         x = x.to(dev)
         mask_t = None if mask_t is None else mask_t.to(dev)
-        with isolated_param_store(_activated_state(param_state, module, dev)), \
+        with isolated_param_store(_activated_state(pair, param_state, module, dev)), \
                 torch.set_grad_enabled(not no_grad), torch.random.fork_rng(devices=rng_devices):
+            # the pair checked as fit checks it, before any draw: sites matched, global
+            # latents refused, a plain-function pair's parameters present
+            pairs.checked_for_evaluation(model_fn, guide_fn, x, mask_t, module)
             if seed is not None:
                 torch.manual_seed(seed)
             yield Session(pair, model_fn, guide_fn, module, x, mask_t, dev, seed)

@@ -175,11 +175,22 @@ BROKEN = {
                             r"latent site\(s\) \['z'\] in the guide use distribution\(s\) \['Bernoulli'\] without rsample"),
     "guide support wider than the prior's": ((positive_model, good_guide),
                                              r"latent site 'z': the guide's Normal has support"),
-    "model without mask": ((model_without_mask, good_guide),
-                           r"the model .* cannot be called as model\(x, mask=None\)"),
-    "guide without mask": ((good_model, guide_without_mask),
-                           r"the guide .* cannot be called as guide\(x, mask=None\)"),
 }
+
+
+@pytest.mark.parametrize("pair", [(model_without_mask, good_guide), (good_model, guide_without_mask),
+                                  (model_without_mask, guide_without_mask)])
+def test_mask_is_optional_unless_values_are_missing(pair, x):
+    # fully observed data: a pair written model(x) / guide(x) keeps the contract
+    assert check_contract(pair, x).latent_sites == {"z": (D,)}
+    assert check_contract(pair, x, torch.ones_like(x, dtype=torch.bool)).data_size == N
+    # missing values: the error says the pair must accept mask
+    mask = torch.ones_like(x, dtype=torch.bool)
+    mask[2, 1] = False
+    role = "model" if pair[0] is model_without_mask else "guide"
+    with pytest.raises(ContractError, match=rf"1 missing value.*the {role} \S*without_mask takes "
+                                            rf"no mask: a pair must accept `mask`"):
+        check_contract(pair, x, mask)
 
 
 @pytest.mark.parametrize("kind", list(BROKEN))

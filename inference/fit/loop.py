@@ -382,7 +382,7 @@ class FitRun:
             elapsed_s=self.elapsed(), stopped_early=self.stopped, stop_reason=self.stop_reason,
             step_losses=self.step_losses, step_objectives=self.step_objectives,
             param_store_state=store_state, num_data=self.num_data, batch_size=self.batch_size,
-            checkpoint=None if self.ckpt_path is None else str(self.ckpt_path))
+            checkpoint=None if self.ckpt_path is None else str(self.ckpt_path), guide=self.guide)
 
     def _call_hooks_strict(self, name: str) -> None:
         for hook in self.hooks[name]:

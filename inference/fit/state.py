@@ -60,6 +60,13 @@ class FitResult:
         their parameters in the module and need no activation.
     num_data : int
     batch_size : int
+    guide : callable or None
+        The ``guide=`` given to :func:`fit` (when the pair was a bare model callable).
+
+    A fit result can be passed wherever a pair is expected (``log_likelihood(result, x)``,
+    ``elbo``, ``evaluate``, ``diagnose``, ``to_inference_data``...): the trained
+    ``pyro.param`` values are then activated for the evaluation, and the pair's optional
+    methods (``log_marginal``, ``sample``...) are read through the result.
     """
 
     model: Any
@@ -76,6 +83,15 @@ class FitResult:
     num_data: int = 0
     batch_size: int = 0
     checkpoint: Optional[str] = None
+    guide: Any = None
+
+    def __getattr__(self, name: str):
+        # A fit result stands in for its pair everywhere (log_likelihood(result, x), ...):
+        # the pair's optional methods (log_marginal, sample, reconstruct, data_dim, ...) are
+        # read through it. Dunder and private names are not forwarded (copy, pickle).
+        if name.startswith("_") or name == "model":
+            raise AttributeError(name)
+        return getattr(self.model, name)
 
     def activate(self):
         """Context manager making this fit's ``pyro.param`` values the active parameter store."""
