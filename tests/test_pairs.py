@@ -289,3 +289,24 @@ def test_a_matching_pair_passes_the_same_checks():  # positive control of the te
     x = correlated_data(12)
     for call in ENTRY_POINTS.values():
         call((fixed_model, fixed_guide), x)
+
+
+# ---- objectives whose minibatch scaling is biased are named ---------------------------------
+def test_renyi_elbo_with_minibatches_warns_once_naming_the_bias_and_iwae():
+    x = correlated_data(40)
+    with pytest.warns(UserWarning, match=r"RenyiELBO with minibatches \(batch_size=10 < 40 rows\).*"
+                                         r"biased.*pyro_lvm.inference.IWAE") as record:
+        fit((fixed_model, fixed_guide_with_param), x, objective=pyro.infer.RenyiELBO(alpha=0.5),
+            epochs=2, batch_size=10, progress=False, device="cpu")
+    assert sum("RenyiELBO" in str(w.message) for w in record) == 1
+    # full batches are unbiased, and so is the Trace_ELBO family: no warning (errors here)
+    fit((fixed_model, fixed_guide_with_param), x, objective=pyro.infer.RenyiELBO(alpha=0.5),
+        epochs=1, batch_size=40, progress=False, device="cpu")
+    fit((fixed_model, fixed_guide_with_param), x, objective=pyro.infer.Trace_ELBO(),
+        epochs=1, batch_size=10, progress=False, device="cpu")
+
+
+def fixed_guide_with_param(x, mask=None):
+    loc = pyro.param("guide_loc", lambda: torch.zeros(D))
+    with pyro.plate("data", x.shape[0], dim=-1):
+        pyro.sample("z", dist.Normal(loc, 1.0).to_event(1))

@@ -8,6 +8,7 @@ import math
 import numbers
 import sys
 import time
+import warnings
 from typing import Callable, Iterable, List, Optional
 
 import pyro
@@ -389,6 +390,24 @@ class FitRun:
             hook(self.state)
 
 
+def _warn_if_minibatch_biased(objective, batch_size: int, num_data: int) -> None:
+    r"""One warning when the objective scales minibatches inside a log-mean-exp.
+
+    Pyro's ``RenyiELBO`` computes :math:`\frac{1}{1-\alpha}\log\frac1K\sum_k
+    w_k^{1-\alpha}` over the whole (scaled) minibatch, so the ``N/|B|`` scale that fit applies
+    with ``poutine.scale`` ends up inside the log-mean-exp: its minibatch estimates are not
+    unbiased for the full-data bound (the ``Trace_ELBO`` family is a sum over rows and scales
+    correctly). :class:`~pyro_lvm.inference.objectives.IWAE` scales outside it."""
+    if batch_size >= num_data or not isinstance(objective, pyro.infer.RenyiELBO):
+        return
+    warnings.warn(
+        f"pyro.infer.RenyiELBO with minibatches (batch_size={batch_size} < {num_data} rows): the "
+        f"N/|B| minibatch scale acts inside RenyiELBO's log-mean-exp, so the reported bound and "
+        f"its gradients are biased for the full-data bound. Use pyro_lvm.inference.IWAE"
+        f"(num_particles=K), which scales each row's bound outside the log-mean-exp (unbiased), "
+        f"or batch_size >= {num_data}", UserWarning, stacklevel=3)
+
+
 def fit(pair, data, objective=None, epochs: int = 10, batch_size: int = 128, lr: float = 1e-3,
         seed: int = 0, device="auto", validation=None, callbacks: Optional[Iterable] = None,
         mask=None, valid_mask=None, guide: Optional[Callable] = None, progress: bool = True,
@@ -519,6 +538,7 @@ def fit(pair, data, objective=None, epochs: int = 10, batch_size: int = 128, lr:
                                       name="validation")
     x, train_mask, x_valid, valid_mask_t = _prepare_inputs(pair, module, data, mask, validation,
                                                            valid_mask)
+    _warn_if_minibatch_biased(objective, batch_size, int(x.shape[0]))
     run = FitRun(pair=pair, guide=guide, model_fn=model_fn, guide_fn=guide_fn, module=module,
                  objective=objective, x=x, mask=train_mask, x_valid=x_valid,
                  valid_mask=valid_mask_t, epochs=epochs, batch_size=batch_size, seed=seed,
