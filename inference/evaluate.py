@@ -81,7 +81,7 @@ from pyro.poutine.util import site_is_subsample
 import torch
 from tqdm.auto import tqdm
 
-from pyro_lvm.inference import engine
+from pyro_lvm.inference import engine, pairs
 from pyro_lvm.inference.engine import StreamingImportanceStats, check_int
 from pyro_lvm.inference.objectives import trace_log_terms
 
@@ -631,6 +631,8 @@ def elbo(pair, data, num_samples: int = 1, *, chunk_size: Optional[int] = None,
 
 
 def _accepts_mask(fn) -> bool:
+    if pairs.takes_no_mask(fn):  # a model(x) / guide(x) adapted by resolve_pair
+        return False
     try:
         params = inspect.signature(fn).parameters
     except (TypeError, ValueError):
