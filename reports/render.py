@@ -311,6 +311,15 @@ def _artifact(record: RunRecord, key: str):
     return None if value is None or value.size == 0 else value
 
 
+def _needs_method(ok, shown, what: str, method: str) -> str:
+    """One sentence naming the configurations whose pair cannot show ``what`` and the method
+    it would need (empty when every configuration shows it). ``shown``: labels shown."""
+    missing = sorted(set(ok["configuration"]) - set(shown))
+    if not missing:
+        return ""
+    return (f" No {what} for {', '.join(missing)}: the pair would need {method}.")
+
+
 def _figure_sections(study, layout: Layout, k, k_draws, notes):
     results = study.results
     labels = dict(zip(results["run_id"], layout.labels))
@@ -349,10 +358,15 @@ def _figure_sections(study, layout: Layout, k, k_draws, notes):
         label = analysis.metric_label(metric, k)
         short = {"test_log_likelihood": "log p(x) estimate", "test_elbo": "ELBO",
                  "exact_test_log_likelihood": "exact log p(x)"}[metric]
+        missing = ""
+        if metric == "exact_test_log_likelihood":
+            missing = _needs_method(ok, ok.loc[ok[metric].notna(), "configuration"],
+                                    "exact value", "log_marginal(x) returning the exact "
+                                                   "log p(x_i) per row")
         add(f"fig-{metric}", f"{label} per {factor or 'configuration'}",
             "Diamonds: mean over seeds with ±1 standard error (sd/√n over seeds); dots: single "
             "runs. Units: nats per test row, higher is better. Colours: levels of "
-            f"{factor or 'the configuration'}, as in every figure.",
+            f"{factor or 'the configuration'}, as in every figure.{missing}",
             lambda metric=metric, label=label: figures.metric_by_factor(
                 frame, metric, x, hue=hue, palette=layout.colors, ylabel=label),
             short=f"{short} per {factor or 'configuration'}")
@@ -444,11 +458,13 @@ def _figure_sections(study, layout: Layout, k, k_draws, notes):
                                  f"not drawn.")
         add("fig-samples", "Samples from the model",
             "x ~ p(x) = ∫ p(x|z) p(z) dz, one panel per configuration (the run with the lowest "
-            "seed).", lambda: figures.samples_grid(samples, image_shape), short="Samples")
+            "seed)." + _needs_method(ok, samples, "samples", "sample(n) returning [n, p] draws"),
+            lambda: figures.samples_grid(samples, image_shape), short="Samples")
         add("fig-reconstructions", "Reconstructions",
             "Top row of each panel: test images; bottom row: their reconstructions (decoder "
             "mean at the guide's posterior mean), one panel per configuration (the run with the "
-            "lowest seed).",
+            "lowest seed)." + _needs_method(ok, recon, "reconstructions",
+                                            "reconstruct(x) returning x's reconstruction"),
             lambda: figures.reconstructions(recon, image_shape), short="Reconstructions")
 
     latents, priors = {}, {}
@@ -467,7 +483,9 @@ def _figure_sections(study, layout: Layout, k, k_draws, notes):
     add("fig-latent-space", "Latent space",
         "Posterior means E_q[z|x] of test rows, coloured by label; latents with more than two "
         "dimensions are projected on their first two principal components; the run with the "
-        "lowest seed of each configuration.",
+        "lowest seed of each configuration."
+        + _needs_method(ok, latents, "latent space",
+                        "encode(x) returning posterior means, or a guide with latent sites"),
         lambda: figures.latent_scatter(latents), short="Latent space")
     add("fig-prior-vs-aggregate", "Prior vs aggregate posterior",
         "Contours: kernel density estimate of the prior p(z) from its samples; points: samples "

@@ -21,7 +21,7 @@ STUDIES_DIR = REPO / "studies"
 #: Every study script; the coverage test fails when a script is not listed here.
 STUDY_SCRIPTS = ("compare_priors", "compare_objectives", "compare_observation_models",
                  "linear_models", "compare_families", "compare_count_models", "cluster",
-                 "impute")
+                 "impute", "compare_models")
 NOT_STUDIES = {"__init__", "_checkout", "datasets", "count_families"}
 #: Metrics that must be reproduced exactly by a resumed study (timings excluded).
 REPRODUCIBLE = ("test_log_likelihood", "test_log_likelihood_se", "test_elbo", "kl",

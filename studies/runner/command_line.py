@@ -35,10 +35,12 @@ from pyro_lvm.studies.runner.executors import EXECUTORS, make_executor, ray_miss
 from pyro_lvm.studies.runner.schema import RunConfig, StudyDataError, slug
 from pyro_lvm.studies.runner.lock import StudyLocked
 from pyro_lvm.studies.runner.study import StudyIOError, StudyResult, run_study
+from pyro_lvm.studies.runner.user_models import load_factory, user_configs
 
 __all__ = ["study_parser", "parse_study_args", "add_common_args", "positive_int",
            "nonnegative_int", "positive_float", "fraction", "parse_hidden", "hidden_widths", "SMOKE_SETTINGS",
            "study_name_from_args", "dataset_from_args", "base_config_from_args", "run_from_args",
+           "user_models_from_args",
            "finish_message", "cli"]
 
 
@@ -132,6 +134,16 @@ COMMON_DEFAULTS = dict(dataset="digits", latent_dim=2, hidden="64x64", epochs=10
                        device="cpu", out_dir=DEFAULT_OUT_DIR, warmup_epochs=0)
 
 
+class _AppendModel(argparse.Action):
+    """``--model`` repeated: a list of the specs (like ``action="append"``, but starting a new
+    list over whatever placeholder the namespace holds, which :func:`_given` relies on)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        current = getattr(namespace, self.dest, None)
+        setattr(namespace, self.dest, (list(current) if isinstance(current, list) else [])
+                + [values])
+
+
 def add_common_args(parser: argparse.ArgumentParser, *, omit: Iterable[str] = (),
                     **defaults) -> argparse.ArgumentParser:
     """Flags shared by every study script; ``defaults`` override the built-in defaults and
@@ -157,6 +169,12 @@ def add_common_args(parser: argparse.ArgumentParser, *, omit: Iterable[str] = ()
         if dest not in omit:
             g.add_argument(*flags, dest=dest, default=d[dest], help=f"{text} (default: %(default)s)",
                            **kwargs)
+    g.add_argument("--model", dest="user_models", action=_AppendModel, default=None,
+                   metavar="MODULE:FACTORY",
+                   help="add your own model/guide pair to the study (repeatable): FACTORY in "
+                        "MODULE (importable from the current directory, e.g. mypairs.py) is "
+                        "called with data_dim and the options latent_dim, hidden, likelihood "
+                        "as keyword arguments it may ignore, and returns the pair")
     g.add_argument("--device", choices=["cpu", "cuda", "auto"], default=d["device"],
                    help="where to train and evaluate (default: %(default)s)")
     g.add_argument("--threads", type=nonnegative_int, default=1,
@@ -285,9 +303,16 @@ def run_from_args(name: str, args: argparse.Namespace, dataset: Dataset, configs
                   *, title: str, description: str, metadata: Optional[Mapping] = None,
                   default_dataset: Optional[str] = None,
                   findings: Optional[Callable[[pd.DataFrame], List[str]]] = None) -> StudyResult:
-    """:func:`run_study` with the common flags (used by every study script)."""
+    """:func:`run_study` with the common flags (used by every study script).
+
+    Each ``--model MODULE:FACTORY`` adds one SVI run per seed of the user's pair, with the
+    options of the grid's first configuration (objective, epochs, latent dimension...)."""
     study = study_name_from_args(name, args, dataset, default_dataset)
-    return run_study(study, dataset, configs, out_dir=args.out_dir,
+    models = user_models_from_args(args)
+    if models:
+        base = configs[0] if configs else base_config_from_args(args, likelihood="gaussian")
+        configs = list(configs) + user_configs(base, list(models), args.seeds)
+    return run_study(study, dataset, configs, out_dir=args.out_dir, models=models,
                      fresh=args.fresh, progress=not args.no_progress, render=not args.no_report,
                      title=title + (" (smoke test)" if args.smoke else ""), description=description,
                      retry_failed=args.retry_failed, metadata=metadata,
@@ -296,6 +321,12 @@ def run_from_args(name: str, args: argparse.Namespace, dataset: Dataset, configs
                      executor=make_executor(getattr(args, "executor", "local"),
                                             address=getattr(args, "ray_address", None)),
                      command_line=" ".join(shlex.quote(a) for a in ["python"] + sys.argv))
+
+
+def user_models_from_args(args: argparse.Namespace) -> dict:
+    """``{"MODULE:FACTORY": factory}`` for every ``--model`` (ValueError naming a spec that
+    cannot be loaded, before any run)."""
+    return {spec: load_factory(spec) for spec in (getattr(args, "user_models", None) or [])}
 
 
 def finish_message(result: StudyResult) -> str:

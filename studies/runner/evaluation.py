@@ -10,7 +10,8 @@ import numpy as np
 import pyro
 import torch
 
-from pyro_lvm.inference.engine import isolated_param_store
+from pyro_lvm.inference import pairs
+from pyro_lvm.inference.engine import isolated_param_store, resolve_pair
 from pyro_lvm.studies.datasets import Dataset
 from pyro_lvm.studies.runner import families
 from pyro_lvm.studies.runner.schema import RunConfig
@@ -62,9 +63,10 @@ def _latent_draws(model, x: torch.Tensor, mask) -> Tuple[Optional[np.ndarray], O
     for any pair keeping the contract)."""
     import pyro.poutine as poutine
 
+    model_fn, guide_fn, _ = resolve_pair(model)
     with torch.no_grad():
-        g = poutine.trace(model.guide).get_trace(x, mask=mask)
-        m = poutine.trace(model.model).get_trace(x, mask=mask)
+        g = poutine.trace(guide_fn).get_trace(x, mask=mask)
+        m = poutine.trace(model_fn).get_trace(x, mask=mask)
     site = _latent_site(g)
     if site is None or site not in m.nodes:
         return None, None
@@ -203,7 +205,7 @@ def _report_arrays(model, dataset: Dataset, config: RunConfig, device, notes) ->
     if isinstance(model, torch.nn.Module):
         model.eval()
     try:
-        with isolated_param_store(), torch.no_grad():
+        with isolated_param_store(pairs.fit_result_state(model, None)), torch.no_grad():
             pyro.set_rng_seed(config.seed + 2)
             sample = getattr(model, "sample", None)
             if callable(sample):

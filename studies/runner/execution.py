@@ -285,6 +285,10 @@ def _fit_svi(model, dataset: Dataset, config: RunConfig, device, notes: List[str
             exc.history = _join_phases(warm_history, partial)
         raise
     model = getattr(fitted, "model", model)
+    if not isinstance(model, torch.nn.Module) and fitted is not None:
+        # a pair of plain functions keeps its trained pyro.param values in the fit result,
+        # which stands in for the pair in every evaluation
+        model = fitted
     history = _history_frame(getattr(fitted, "history", None))
     if warm_history is not None:
         history = _join_phases(warm_history, history)

@@ -19,7 +19,7 @@ import torch
 from pyro_lvm.inference.engine import isolated_param_store, resolve_device
 from pyro_lvm.paths import DEFAULT_OUT_DIR
 from pyro_lvm.studies.datasets import SPLITS, Dataset, load_dataset, validate_for_likelihood
-from pyro_lvm.studies.runner import execution, families, provenance, storage
+from pyro_lvm.studies.runner import execution, families, provenance, storage, user_models
 from pyro_lvm.studies.runner.evaluation import ARTIFACTS
 from pyro_lvm.studies.runner.executors import LocalExecutor, RunTask
 from pyro_lvm.studies.runner.lock import StudyLock
@@ -231,6 +231,7 @@ def run_study(
     findings: Optional[Callable[[pd.DataFrame], List[str]]] = None,
     wait: bool = False,
     executor=None,
+    models: Optional[Mapping[str, Callable[..., Any]]] = None,
 ) -> StudyResult:
     """Run (or resume) a study and render its report.
 
@@ -260,6 +261,11 @@ def run_study(
         ``findings(results) -> list of str``: study-specific conclusions computed from the
         results table after the runs, stored in ``study.json`` (``"findings"``) for the
         report and printed by the scripts.
+    models : mapping, optional
+        Your own pairs: ``{"name": factory}``, each factory called with ``data_dim`` and the
+        run's ``latent_dim``, ``hidden``, ``likelihood`` as keyword arguments it may ignore,
+        returning a model/guide pair; put ``model="name"`` in configurations of the grid
+        (:func:`pyro_lvm.studies.runner.user_models.user_configs` makes one per seed).
     num_threads : int, optional
         CPU threads for torch during the study (restored afterwards). Small models train
         fastest on one thread, and one thread per process avoids the oversubscription that
@@ -293,6 +299,7 @@ def run_study(
         The disk is full, read-only or not writable (one line naming the path and what to
         free or change); the run in progress is redone by the next invocation.
     """
+    user_models.register_models(models or {})
     dataset, configs = _prepare(name, dataset, configs)
     study_dir = pathlib.Path(out_dir) / name
     if command_line is None:
