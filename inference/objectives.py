@@ -92,6 +92,7 @@ Ladder variational autoencoders (KL warm-up); Higgins et al. (2017), beta-VAE.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 import warnings
@@ -109,6 +110,7 @@ import torch
 from torch.distributions import Distribution, TransformedDistribution
 from torch.distributions.constraints import Constraint
 
+from pyro_lvm.inference import enumeration
 from pyro_lvm.inference.kl import closed_form_kl
 
 __all__ = [
@@ -241,16 +243,23 @@ class _StoredParams(Messenger):
 
 
 def _record(fn: Callable, x: torch.Tensor, num_particles: int, mask: Optional[torch.Tensor],
-            replay: Optional[poutine.Trace] = None) -> poutine.Trace:
+            replay: Optional[poutine.Trace] = None,
+            enumerate_sites: bool = False) -> poutine.Trace:
     """Run ``fn(x, mask=mask)`` once with ``num_particles`` vectorized particles (a plate on
-    the left of the data plate) and return its sample sites."""
+    the left of the data plate) and return its sample sites. With ``enumerate_sites`` (the
+    model), sites marked ``infer={"enumerate": "parallel"}`` that ``replay`` does not hold take all
+    their values on dims left of the particle plate (:mod:`pyro_lvm.inference.enumeration`);
+    the enumeration handler sits below the recorder, so replayed values come first."""
     recorder = _SiteRecorder(replay)
-    if _PYRO_STACK:
-        with recorder, pyro.plate(PARTICLE_PLATE, num_particles, dim=-2):
-            fn(x, mask=mask)
-    else:
-        with recorder, pyro.plate(PARTICLE_PLATE, num_particles, dim=-2), _StoredParams():
-            fn(x, mask=mask)
+    outer = _PYRO_STACK
+    with contextlib.ExitStack() as stack:
+        if enumerate_sites:
+            stack.enter_context(poutine.enum(first_available_dim=enumeration.FIRST_ENUM_DIM))
+        stack.enter_context(recorder)
+        stack.enter_context(pyro.plate(PARTICLE_PLATE, num_particles, dim=-2))
+        if not outer:
+            stack.enter_context(_StoredParams())
+        fn(x, mask=mask)
     return recorder.trace
 
 
@@ -306,8 +315,18 @@ def _run_guide(guide: Callable, x: torch.Tensor, num_particles: int,
     return _record(guide, x, num_particles, mask)
 
 
+def _checked_log_prob(site_name: str, site: dict) -> torch.Tensor:
+    """A model site's log density in the shape it has, after checking its data plate."""
+    if DATA_PLATE not in {f.name for f in site["cond_indep_stack"]}:
+        _per_point(site_name, site, torch.Size(), "model")  # raises the plate error
+    return _compute_log_prob(site)
+
+
 def _model_terms(model_trace: poutine.Trace, shape: torch.Size):
-    """``(log_lik, log_prior)`` ``[K, batch]``: the model's observed and latent sites."""
+    """``(log_lik, log_prior)`` ``[K, batch]``: the model's observed and latent sites, with
+    enumerated discrete sites summed out exactly (:mod:`pyro_lvm.inference.enumeration`)."""
+    if enumeration.has_enumerated_sites(model_trace):
+        return enumeration.marginalized_terms(model_trace, shape, _checked_log_prob)
     log_lik = log_prior = None
     for name, site in model_trace.nodes.items():
         if site["type"] != "sample" or site_is_subsample(site):
@@ -328,7 +347,8 @@ def _score(model: Callable, guide: Optional[Callable], x: torch.Tensor, num_part
     replay_trace = guide_trace if replay_trace is None else replay_trace
     if guide is not None:
         guide_trace = _record(guide, x, num_particles, mask, replay=replay_trace)
-    model_trace = _record(model, x, num_particles, mask, replay=replay_trace)
+    model_trace = _record(model, x, num_particles, mask, replay=replay_trace,
+                          enumerate_sites=True)
     shape = torch.Size((num_particles, x.shape[0]))
     log_lik, log_prior = _model_terms(model_trace, shape)
     log_q = None
@@ -503,7 +523,7 @@ def _one_pass_surrogate(model: Callable, guide_trace: poutine.Trace, x: torch.Te
     scored = dict(site, fn=fixed, value=z, log_prob=None)
     replay = poutine.Trace()
     replay.add_node(sites[0], **scored)
-    model_trace = _record(model, x, num_particles, mask, replay=replay)
+    model_trace = _record(model, x, num_particles, mask, replay=replay, enumerate_sites=True)
     shape = torch.Size((num_particles, x.shape[0]))
     log_lik, log_prior = _model_terms(model_trace, shape)
     log_q = _per_point(sites[0], scored, shape, "guide")
@@ -829,6 +849,10 @@ class ELBO(_Objective):
         """Per-particle :math:`\\log p(z) - \\log q(z\\mid x)` with analytic KL where possible."""
         if not self.analytic_kl:
             return terms.log_prior - terms.log_q
+        if enumeration.has_enumerated_sites(terms.model_trace):
+            raise ValueError(f"{self.name}: analytic_kl with enumerated discrete sites is not "
+                             f"supported (their sum mixes prior and likelihood terms); use "
+                             f"ELBO() or IWAE(K)")
         reg = torch.zeros_like(terms.log_lik)
         covered = set()
         for name in terms.latent_sites():

@@ -29,7 +29,8 @@ from pyro.poutine.util import site_is_subsample
 
 __all__ = ["PairError", "accepts_mask", "mask_optional", "unwrap_fit_result", "fit_result_state",
            "is_enumerated", "check_sites", "takes_no_mask", "mask_required_message",
-           "evaluation_param_state", "checked_for_evaluation", "check_pair_for_evaluation", "owning_module"]
+           "evaluation_param_state", "checked_for_evaluation", "check_pair_for_evaluation",
+           "owning_module"]
 
 DATA_PLATE = "data"
 

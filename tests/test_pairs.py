@@ -123,7 +123,8 @@ def test_pair_without_mask_refuses_missing_values_and_names_mask():
     x = binary_digits(20)
     mask = torch.ones_like(x, dtype=torch.bool)
     mask[3, 5] = False
-    with pytest.raises(ValueError, match=r"1 missing value.*takes no mask: a pair must accept `mask`"):
+    with pytest.raises(ValueError,
+                       match=r"1 missing value.*takes no mask: a pair must accept `mask`"):
         log_likelihood(VAE(), x, num_samples=5, mask=mask, device="cpu")
     with pytest.raises(ValueError, match=r"a pair must accept `mask`"):
         fit(VAE(), x, mask=mask, epochs=1, progress=False, device="cpu")
