@@ -282,6 +282,14 @@ class DLVM(_AmortizedGaussianGuideMixin, PyroModule):
         self.likelihood.check_data(x, mask_t)
         return x
 
+    def check_training_data(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> None:
+        """Checks of the whole training set, run once by ``fit`` before the first step: a
+        Gaussian or Student-t observation model with a learned scale refuses constant
+        columns (the same check as the data loaders)."""
+        if getattr(self.likelihood, "learns_scale", False):
+            validation.check_column_variance(x, mask, name="training data",
+                                             model=type(self.likelihood).__name__)
+
     @property
     def eval_width(self) -> int:
         """Elements per draw (one particle of one row) that evaluating the model keeps alive:

@@ -288,6 +288,8 @@ class Gaussian(Likelihood):
         if scale == "fixed" and not bool((self._fixed_scale > 0).all()):
             raise ValueError(f"fixed_scale must be positive, got {fixed_scale!r}")
         self.init_scale = float(init_scale)
+        #: a learned scale makes a constant training column's likelihood unbounded
+        self.learns_scale = scale != "fixed"
         if scale == "per_dimension" and not (self.init_scale > self.scale_floor):
             raise ValueError(
                 f"init_scale={init_scale!r} must exceed scale_floor={self.scale_floor}"
@@ -376,6 +378,7 @@ class StudentT(Likelihood):
             raise ValueError(f"df_bounds must satisfy 0 < low < high < inf, got {df_bounds!r}")
         self.df_bounds = (lo, hi)
         self.scale_floor = _check_floor(scale_floor)
+        self.learns_scale = True
         self._finish_init()
 
     def params(self, decoder_output) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -11,7 +11,8 @@ import numpy as np
 import torch
 from pyro.infer.util import is_validation_enabled
 
-__all__ = ["check_data", "check_mask", "check_binary", "check_counts", "per_call_data_checks",
+__all__ = ["check_data", "check_mask", "check_binary", "check_counts", "constant_columns",
+           "check_column_variance", "per_call_data_checks",
            "check_magnitude", "FLOAT32_SAFE_MAX"]
 
 #: The largest |x| accepted for float32 (or narrower) models: a Gaussian or Student-t log
@@ -251,3 +252,31 @@ def check_counts(x: torch.Tensor, *, name: str = "data", total_count=None,
                 f"{name} has {int(b.sum())} value(s) {what} for a {model} observation model, "
                 f"at {_first_bad(b)} (e.g. {x[bad][:3].tolist()}); {hint}"
             )
+
+
+def constant_columns(x, mask=None) -> np.ndarray:
+    """Indices of the columns of ``x`` whose observed entries (``mask`` True) are all equal."""
+    x = np.asarray(x.detach().cpu().numpy() if torch.is_tensor(x) else x, dtype=float)
+    if mask is None:
+        return np.nonzero(np.ptp(x, axis=0) == 0)[0]
+    m = np.asarray(mask.detach().cpu().numpy() if torch.is_tensor(mask) else mask, dtype=bool)
+    hi = np.where(m, x, -np.inf).max(0)
+    lo = np.where(m, x, np.inf).min(0)
+    return np.nonzero(~(hi > lo))[0]
+
+
+def check_column_variance(x, mask=None, *, name: str = "data", model: str = "gaussian",
+                          feature_names=None) -> None:
+    """Refuse training data with a constant column under a model with a learnable
+    observation scale (Gaussian, Student-t, factor analysis): the likelihood there grows
+    without bound as the scale shrinks (to the scale floor), a number without meaning.
+    Used on the whole training split by the loaders and by ``fit`` alike."""
+    const = constant_columns(x, mask)
+    if len(const):
+        named = ", ".join(f"{c}" + (f" {feature_names[c]!r}" if feature_names is not None else "")
+                          for c in const[:10]) + (f" and {len(const) - 10} more"
+                                                   if len(const) > 10 else "")
+        raise ValueError(
+            f"{name} has constant column(s) {named}; a {model} observation model has an "
+            f"unbounded likelihood there (its scale can shrink to the floor); drop them "
+            f"(drop_constant=True in the loaders)")

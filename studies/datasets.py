@@ -56,8 +56,9 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
-from pyro_lvm.models.validation import (check_binary, check_counts, check_data, check_magnitude,
-                                         check_mask)
+from pyro_lvm.models.validation import (check_binary, check_column_variance, check_counts,
+                                        check_data, check_magnitude, constant_columns,
+                                        check_mask)
 from pyro_lvm.paths import checkout_root
 
 __all__ = [
@@ -412,15 +413,8 @@ def validate_for_likelihood(ds: Dataset, likelihood: str, total_count=None) -> N
         for split in SPLITS:
             check_binary(getattr(ds, split), name=f"{ds.name} {split} split", mask=ds.mask(split))
     elif likelihood in ("gaussian", "studentt"):
-        x = ds.train.double().numpy()
-        m = ds.mask("train")
-        const = _constant_columns(x, None if m is None else m.numpy())
-        if len(const):
-            raise ValueError(
-                f"{ds.name} train split has constant column(s) {_name_columns(const, ds.feature_names)}; "
-                f"a {likelihood} observation model has an unbounded likelihood there (its scale "
-                f"can shrink to the floor); drop them (drop_constant=True)"
-            )
+        check_column_variance(ds.train.double(), ds.mask("train"), name=f"{ds.name} train split",
+                              model=likelihood, feature_names=ds.feature_names)
     else:
         raise ValueError(f"likelihood must be one of {LIKELIHOODS}, got {likelihood!r}")
 
@@ -895,11 +889,7 @@ def _split_indices(n: int, fractions, seed: int) -> Dict[str, np.ndarray]:
 
 
 def _constant_columns(x: np.ndarray, mask: Optional[np.ndarray] = None) -> np.ndarray:
-    if mask is None:
-        return np.nonzero(np.ptp(x, axis=0) == 0)[0]
-    hi = np.where(mask, x, -np.inf).max(0)
-    lo = np.where(mask, x, np.inf).min(0)
-    return np.nonzero(~(hi > lo))[0]
+    return constant_columns(x, mask)
 
 
 def _name_columns(cols, names) -> str:

@@ -548,3 +548,33 @@ def test_cuda_without_cuda_is_a_value_error():
 def test_bad_arguments_are_named(kwargs, error, message):
     with pytest.raises(error, match=message):
         fit(make_pair(), make_data(), **{**FAST, **kwargs})
+
+
+@pytest.mark.parametrize("likelihood", ["gaussian", "studentt"])
+def test_fit_refuses_a_constant_column_under_a_learned_scale_like_the_loaders(likelihood):
+    from pyro_lvm.models import DLVM
+    from pyro_lvm.studies.datasets import load_dataset
+
+    x = torch.randn(40, 5)
+    x[:, 3] = 2.5
+    steps = []
+
+    class Spy:
+        def on_step_start(self, state):
+            steps.append(state.step)
+
+    with pytest.raises(ValueError, match=r"constant column\(s\) 3\b.*unbounded likelihood"):
+        fit(DLVM(5, 2, likelihood=likelihood, hidden=(8,)), x, epochs=1, batch_size=20,
+            progress=False, callbacks=[Spy()])
+    assert steps == []
+    # the loaders refuse it too
+    with pytest.raises(ValueError, match=r"column\(s\) 3 .*constant.*unbounded likelihood"):
+        load_dataset(x.numpy(), likelihood=likelihood, scale=None)
+    # a fixed scale keeps the likelihood bounded, and a column constant in one minibatch only
+    # is fine (the check sees the whole training set)
+    fit(DLVM(5, 2, likelihood="gaussian", gaussian_scale="fixed", hidden=(8,)), x, epochs=1,
+        batch_size=20, progress=False)
+    y = torch.randn(40, 5)
+    y[:20, 3] = 2.5
+    fit(DLVM(5, 2, likelihood=likelihood, hidden=(8,)), y, epochs=1, batch_size=20,
+        progress=False)

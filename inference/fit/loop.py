@@ -49,6 +49,10 @@ def _prepare_inputs(pair, module, data, mask, validation, valid_mask):
     module's floating dtype."""
     dtype = engine.module_dtype(module)
     x, train_mask = engine.prepare_data(pair, data, mask, name="data", dtype=dtype)
+    # checks that need the whole training set (not a minibatch), e.g. constant columns
+    check_training = getattr(pair, "check_training_data", None)
+    if callable(check_training):
+        check_training(x, train_mask)
     x_valid = valid_mask_t = None
     if validation is not None:
         x_valid, valid_mask_t = engine.prepare_data(pair, validation, valid_mask,
