@@ -397,6 +397,8 @@ def _exact_log_px(pair, ctx, rows_per_chunk: int) -> Optional[np.ndarray]:
 
 
 def _show_progress(progress, draws: int, chunks: int) -> bool:
+    if callable(progress):  # the caller reports progress itself
+        return False
     if progress is None:
         return draws >= _PROGRESS_THRESHOLD and chunks > 1
     return bool(progress)
@@ -432,6 +434,7 @@ def _stream(ctx, num_samples: int, rows: int, particles: int, progress, desc: st
     check_every = 1 if ctx.device.type == "cpu" else _CHECK_EVERY_CHUNKS
     bad_rows = torch.zeros(n, dtype=torch.bool, device=ctx.device)
     results, stats = [], None
+    report, done = (progress if callable(progress) else None), 0
     with contextlib.ExitStack() as stack, \
             tqdm(total=n * num_samples, desc=desc, unit="draw", unit_scale=True,
                  disable=not show, leave=False) as bar:
@@ -450,6 +453,9 @@ def _stream(ctx, num_samples: int, rows: int, particles: int, progress, desc: st
                 _raise_if_invalid(bad_rows)
             stats.update(lw)
             bar.update(lw.shape[0] * (stop - start))
+            if report is not None:
+                done += lw.shape[0] * (stop - start)
+                report(done, n * num_samples)
         results.append(stats.result_tensors())
     _raise_if_invalid(bad_rows)
     return {key: torch.cat([r[key] for r in results]).cpu().numpy() for key in results[0]}
@@ -571,8 +577,10 @@ def log_likelihood(pair, data, num_samples: int = 5000, *, chunk_size: Optional[
     seed : int
         The estimate is a deterministic function of the seed (the caller's global RNG state
         is left untouched).
-    progress : bool, optional
-        tqdm progress bar; None shows it for long runs (>= 1e7 particle-row draws).
+    progress : bool or callable, optional
+        tqdm progress bar; None shows it for long runs (>= 1e7 particle-row draws). A callable
+        ``progress(done, total)`` is called instead after every chunk with the particle-row
+        draws done so far and in all (the studies log evaluation progress with it).
     guide : callable, optional
         Proposal to use instead of the pair's own guide.
     discrete : bool, optional

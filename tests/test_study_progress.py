@@ -38,6 +38,10 @@ def test_log_lines_when_stderr_is_not_a_terminal(tmp_path, tiny_data, capsys, mo
     assert any("training step 4/4 (epoch 2/2" in line for line in training), training
     assert all("steps/s, ETA" in line for line in training)
     assert "evaluating the test log-likelihood (K = 10, " in err
+    chunk_lines = [line for line in err.splitlines()
+                   if "evaluating the test log-likelihood" in line and " draws (" in line]
+    assert chunk_lines and all("draws/s, ETA" in line for line in chunk_lines), err
+    assert any(" draws (100%)" in line for line in chunk_lines)
     assert "evaluating k-hat and latent usage" in err
     assert err.count(": ok in ") == 2
     assert "\r" not in err  # no bars in a log file

@@ -155,12 +155,12 @@ def evaluate_run(model, dataset: Dataset, config: RunConfig, device, notes: List
         return progress.phase(what) if progress is not None else contextlib.nullcontext()
 
     bars = bool(progress is not None and progress.bars)
-    with phase(f"the test log-likelihood (K = {K}, {x.shape[0]} rows)"):
+    with phase(f"the test log-likelihood (K = {K}, {x.shape[0]} rows)") as chunks:
         ll = log_likelihood(model, x, num_samples=K, mask=mask, device=device, seed=config.seed,
-                            progress=bars)
-    with phase("the held-out ELBO"):
+                            progress=chunks or bars)
+    with phase("the held-out ELBO") as chunks:
         el = heldout_elbo(model, x, num_samples=min(K, 50), mask=mask, device=device,
-                          seed=config.seed + 1, progress=bars)
+                          seed=config.seed + 1, progress=chunks or bars)
     metrics: Dict[str, Any] = {
         "test_log_likelihood": ll.mean,
         "test_log_likelihood_se": ll.mc_se,

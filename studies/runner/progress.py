@@ -145,24 +145,56 @@ class RunProgress:
 
     @contextlib.contextmanager
     def phase(self, what: str):
-        """Evaluation step ``what``: on a terminal its own bar shows the chunks; otherwise a
-        line when it starts and one every LOG_INTERVAL_S seconds while it lasts."""
+        """Evaluation step ``what``: on a terminal its own bar shows the chunks (yields None);
+        otherwise yields a ``progress(done, total)`` callback for the evaluation function and
+        logs a line when the step starts, then at most every LOG_INTERVAL_S seconds the draws
+        done with their rate and ETA (or the time so far, before the first chunk ends)."""
         if self.study.terminal:
-            yield
+            yield None
             return
         self.study.log(f"{self.label}: evaluating {what}")
-        started = time.monotonic()
+        tracker = _ChunkTracker(self, what)
         stop = threading.Event()
 
         def heartbeat():
             while not stop.wait(max(LOG_INTERVAL_S, 0.05)):
-                self.study.log(f"{self.label}: evaluating {what} "
-                               f"({_duration(time.monotonic() - started)} so far)")
+                tracker.log_if_due()
 
         thread = threading.Thread(target=heartbeat, daemon=True)
         thread.start()
         try:
-            yield
+            yield tracker
         finally:
             stop.set()
             thread.join()
+
+
+class _ChunkTracker:
+    """``progress(done, total)`` for an evaluation off a terminal: a log line at most every
+    LOG_INTERVAL_S seconds with the draws done, their rate and the ETA."""
+
+    def __init__(self, run: RunProgress, what: str):
+        self.run, self.what = run, what
+        self.started = self.last_line = time.monotonic()
+        self.done, self.total = 0, None
+        self._lock = threading.Lock()
+
+    def __call__(self, done: int, total: int) -> None:
+        self.done, self.total = int(done), int(total)
+        self.log_if_due()
+
+    def log_if_due(self) -> None:
+        with self._lock:
+            now = time.monotonic()
+            if now - self.last_line < LOG_INTERVAL_S:
+                return
+            self.last_line = now
+            elapsed = now - self.started
+            if not self.total:
+                text = f"{_duration(elapsed)} so far"
+            else:
+                rate = self.done / elapsed if elapsed > 0 else float("inf")
+                eta = (self.total - self.done) / rate if rate > 0 else float("nan")
+                text = (f"{self.done:,}/{self.total:,} draws ({100 * self.done / self.total:.0f}%), "
+                        f"{rate:,.0f} draws/s, ETA {_duration(eta) if eta == eta else '?'}")
+        self.run.study.log(f"{self.run.label}: evaluating {self.what}: {text}")
