@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -73,9 +74,18 @@ def test_users_own_models_and_inference_modules_do_not_collide(tmp_path):
 
 @pytest.mark.slow
 def test_wheel_installs_and_runs_the_main_job_from_an_empty_directory(tmp_path):
+    # build from a copy of the project's files: setuptools keeps a build/ folder beside the
+    # sources, whose stale files (a module since removed) would end up in the wheel
+    source = tmp_path / "source"
+    listed = subprocess.run(["git", "-C", str(REPO), "ls-files", "--cached", "--others",
+                             "--exclude-standard", "-z"], capture_output=True, text=True, check=True)
+    for name in filter(None, listed.stdout.split("\0")):
+        if (REPO / name).is_file():
+            (source / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, source / name)
     wheels = tmp_path / "wheels"
-    proc = _run([sys.executable, "-m", "pip", "wheel", str(REPO), "--no-deps", "--no-build-isolation",
-                 "-q", "-w", str(wheels)], cwd=tmp_path, timeout=600)
+    proc = _run([sys.executable, "-m", "pip", "wheel", str(source), "--no-deps",
+                 "--no-build-isolation", "-q", "-w", str(wheels)], cwd=tmp_path, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (wheel,) = wheels.glob("pyro_lvm-*.whl")
     # the fresh environment borrows its dependencies (torch, pyro, ...) from this one
@@ -91,6 +101,11 @@ def test_wheel_installs_and_runs_the_main_job_from_an_empty_directory(tmp_path):
     proc = _run([str(python), "-c", "import pyro_lvm, pyro_lvm.reports; print(pyro_lvm.__file__)"], cwd=work)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert str(venv) in proc.stdout and str(REPO) not in proc.stdout
+    # the wheel holds exactly the project's packages (no stale modules, no bare names)
+    import zipfile
+    names = zipfile.ZipFile(wheel).namelist()
+    assert not [n for n in names if n.split("/")[0] in ("models", "inference", "studies", "reports")]
+    assert "pyro_lvm/inference/fit/loop.py" in names and "pyro_lvm/inference/fit.py" not in names
     proc = _run([str(python), "-m", "pyro_lvm.studies.compare_priors", "--smoke", "--no-progress"],
                 cwd=work)
     assert proc.returncode == 0, proc.stderr[-3000:]
