@@ -818,7 +818,7 @@ def _load_user(data, fractions, seed, binarize, threshold, scale, likelihood, ma
                 if part_masks is not None:
                     part_masks = {s: m[:, kept] for s, m in part_masks.items()}
         else:
-            const = _constant_columns(parts["train"], None if part_masks is None else part_masks["train"])
+            const = constant_columns(parts["train"], None if part_masks is None else part_masks["train"])
             if len(const):
                 why = (f"a {likelihood} observation model has an unbounded likelihood on it"
                        if likelihood in ("gaussian", "studentt") else f"scale={method!r} divides by its spread")
@@ -888,10 +888,6 @@ def _split_indices(n: int, fractions, seed: int) -> Dict[str, np.ndarray]:
             "test": perm[n_train + n_valid:]}
 
 
-def _constant_columns(x: np.ndarray, mask: Optional[np.ndarray] = None) -> np.ndarray:
-    return constant_columns(x, mask)
-
-
 def _name_columns(cols, names) -> str:
     return ", ".join(f"{c}" + (f" {names[c]!r}" if names is not None else "") for c in cols[:10]) + \
         (f" and {len(cols) - 10} more" if len(cols) > 10 else "")
@@ -899,7 +895,7 @@ def _name_columns(cols, names) -> str:
 
 def _drop_constant_columns(parts, drop, needed, masks=None, names=None):
     """Drop training-constant columns. Returns (parts, kept or None, fill values, note)."""
-    const = _constant_columns(parts["train"], None if masks is None else masks["train"])
+    const = constant_columns(parts["train"], None if masks is None else masks["train"])
     if not len(const) or not (drop and needed):
         return parts, None, None, ""
     p = parts["train"].shape[1]

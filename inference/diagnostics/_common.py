@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import contextlib
 import numbers
-from dataclasses import dataclass
-from typing import Any, Callable, Iterator, List, Optional, Tuple
+from dataclasses import dataclass, field, fields
+from typing import Iterator, List, Optional, Tuple
 
 import numpy as np
 import pyro.poutine as poutine
@@ -20,15 +20,10 @@ _BUILTIN_STATISTICS = ("mean", "variance", "skewness", "kurtosis", "min", "max",
 
 
 @dataclass
-class _Prepared:
-    pair: Any
-    model_fn: Callable
-    guide_fn: Callable
-    module: Optional[torch.nn.Module]
-    x: torch.Tensor
-    mask: Optional[torch.Tensor]
-    device: torch.device
-    feature_names: List[str]
+class _Prepared(engine.Session):
+    """The engine's session, with the data's feature names."""
+
+    feature_names: List[str] = field(default_factory=list)
 
 
 def _feature_names(data, width: int) -> List[str]:
@@ -52,8 +47,8 @@ def _prepare(pair, data, mask, device, *, guide=None, min_rows: int = 1,
     gradients left on (the amortization gap optimizes a local guide) and feature names."""
     with engine.session(pair, data, mask=mask, device=device, guide=guide,
                         param_state=param_state, min_rows=min_rows, no_grad=False) as s:
-        yield _Prepared(pair, s.model_fn, s.guide_fn, s.module, s.x, s.mask, s.device,
-                        _feature_names(data, s.x.shape[1]))
+        yield _Prepared(**{f.name: getattr(s, f.name) for f in fields(s)},
+                        feature_names=_feature_names(data, s.x.shape[1]))
 
 
 @contextlib.contextmanager
