@@ -251,7 +251,8 @@ def _record(fn: Callable, x: torch.Tensor, num_particles: int, mask: Optional[to
     their values on dims left of the particle plate (:mod:`pyro_lvm.inference.enumeration`);
     the enumeration handler sits below the recorder, so replayed values come first."""
     recorder = _SiteRecorder(replay)
-    outer = _PYRO_STACK
+    # whether any handler was active before ours (a bool now: the stack itself grows below)
+    outer = bool(_PYRO_STACK)
     with contextlib.ExitStack() as stack:
         if enumerate_sites:
             stack.enter_context(poutine.enum(first_available_dim=enumeration.FIRST_ENUM_DIM))

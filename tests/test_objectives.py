@@ -769,3 +769,57 @@ def test_objectives_run_on_cuda():
         assert loss.device.type == "cuda" and math.isfinite(float(loss.detach()))
         assert all(p.grad is not None and p.grad.device.type == "cuda"
                    for p in pair.parameters())
+
+
+def test_parameter_statements_stop_at_the_objectives_own_handler_unless_an_outer_one_listens(
+        monkeypatch):
+    """With no handler outside the objective, ``pyro.param`` / ``pyro.module`` statements are
+    answered by ``_StoredParams`` (the recorder and the particle plate never see them); under
+    an outer handler (Pyro's SVI, ``poutine.trace(param_only=True)``) every statement reaches
+    it as usual. Both give the same loss and gradients."""
+    import pyro.poutine as poutine
+
+    from pyro_lvm.inference import objectives
+
+    answered = []
+    original = objectives._StoredParams._pyro_param
+    monkeypatch.setattr(objectives._StoredParams, "_pyro_param",
+                        lambda self, msg: (answered.append(msg["name"]), original(self, msg)))
+
+    class UserPair(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.dec = torch.nn.Linear(2, 3)
+
+        def model(self, x, mask=None):
+            pyro.module("dec", self.dec)
+            with pyro.plate("data", x.shape[0]):
+                z = pyro.sample("z", dist.Normal(x.new_zeros(2), 1.0).to_event(1))
+                pyro.sample("x", dist.Normal(self.dec(z), 1.0).to_event(1), obs=x)
+
+        def guide(self, x, mask=None):
+            loc = pyro.param("q_loc", lambda: x.new_zeros(x.shape[0], 2))
+            with pyro.plate("data", x.shape[0]):
+                pyro.sample("z", dist.Normal(loc, 1.0).to_event(1))
+
+    pyro.clear_param_store()
+    pair, x = UserPair(), torch.randn(4, 3)
+    ELBO().loss(pair.model, pair.guide, x)  # creates the parameters
+    results = []
+    for outer in (False, True):
+        answered.clear()
+        pyro.set_rng_seed(0)
+        pair.dec.zero_grad()
+        if outer:
+            with poutine.trace(param_only=True) as capture:
+                loss = ELBO().differentiable_loss(pair.model, pair.guide, x)
+            assert {"dec$$$weight", "dec$$$bias", "q_loc"} <= set(capture.trace.nodes)
+            assert answered == []
+        else:
+            loss = ELBO().differentiable_loss(pair.model, pair.guide, x)
+            assert sorted(answered) == ["dec$$$bias", "dec$$$weight", "q_loc"]
+        loss.backward()
+        results.append((loss.detach(), pair.dec.weight.grad.clone()))
+    assert torch.equal(results[0][0], results[1][0])
+    assert torch.equal(results[0][1], results[1][1])
+    pyro.clear_param_store()

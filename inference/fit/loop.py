@@ -13,6 +13,7 @@ from typing import Callable, Iterable, List, Optional
 
 import pyro
 import pyro.poutine as poutine
+from pyro.infer.util import is_validation_enabled
 import torch
 from tqdm import tqdm
 
@@ -22,6 +23,7 @@ from pyro_lvm.inference.contract import check_contract
 from pyro_lvm.inference.fit import checkpoint as ckpt
 from pyro_lvm.inference.fit.callbacks import HOOKS, check_callbacks
 from pyro_lvm.inference.fit.forensics import raise_non_finite
+from pyro_lvm.inference.fit.row_checks import check_every_row
 from pyro_lvm.inference.fit.state import (FitResult, FitState, StopFit, all_finite,
                                           history_frame)
 from pyro_lvm.inference.fit.cuda_graph import GraphedTrainStep, cuda_graph_unavailable
@@ -69,7 +71,8 @@ class FitRun:
 
     def __init__(self, *, pair, guide, model_fn, guide_fn, module, objective, x, mask,
                  x_valid, valid_mask, epochs, batch_size, seed, device, callbacks,
-                 optimizer, lr, clip_norm, checkpoint, progress, check_pair, cuda_graph=False):
+                 optimizer, lr, clip_norm, checkpoint, progress, check_pair, cuda_graph=False,
+                 validate_every_step=False):
         self.pair, self.guide, self.module = pair, guide, module
         self.model_fn, self.guide_fn = model_fn, guide_fn
         self.device, self.seed, self.epochs, self.batch_size = device, seed, epochs, batch_size
@@ -77,6 +80,11 @@ class FitRun:
         self.callbacks, self.make_optimizer = callbacks, optimizer_factory(optimizer, lr)
         self.num_data = int(x.shape[0])
         self.adapter = ObjectiveAdapter(objective, model_fn, guide_fn, self.num_data)
+        # with Pyro's validation on, every row is checked once before the first step, and the
+        # steps run without the per-call checks unless asked for (fit.row_checks)
+        self.rows_checked_once = is_validation_enabled() and not validate_every_step
+        if self.rows_checked_once:
+            self.adapter.step_validation = False
         self.config = {"num_data": self.num_data, "data_dim": int(x.shape[1]),
                        "batch_size": batch_size, "objective_name": self.adapter.name, "lr": lr,
                        "optimizer": optimizer_name(optimizer), "seed": seed,
@@ -362,6 +370,9 @@ class FitRun:
             params = self._collect_parameters()
             if self.payload is not None:
                 self._restore_parameters()
+            if self.rows_checked_once:
+                check_every_row(self.model_fn, self.guide_fn, self.x, self.mask,
+                                rows_per_call=self.batch_size, device=self.device)
             self.start_optimizer(params, self.start_epoch)
             self._call_hooks_strict("on_fit_start")
             if self.payload is not None:
@@ -417,7 +428,7 @@ def fit(pair, data, objective=None, epochs: int = 10, batch_size: int = 128, lr:
         mask=None, valid_mask=None, guide: Optional[Callable] = None, progress: bool = True,
         checkpoint=None, clip_norm: Optional[float] = None, optimizer=None,
         check_pair: bool = True, cuda_graph: bool = False,
-        allow_missing: bool = False) -> FitResult:
+        allow_missing: bool = False, validate_every_step: bool = False) -> FitResult:
     """Fit a model/guide pair by minibatch stochastic variational inference.
 
     Maximizes the objective's bound :math:`\\sum_i \\mathcal{L}_i` with minibatch estimates
@@ -498,6 +509,17 @@ def fit(pair, data, objective=None, epochs: int = 10, batch_size: int = 128, lr:
         message, as does a fit that is not on a CUDA device. Same draws from the same seed
         on every run; not the same draws as the eager step.
 
+    validate_every_step : bool
+        With Pyro's validation on (``pyro.enable_validation``, Pyro's default), ``fit`` runs the
+        pair once over every training row before the first step with validation on (argument
+        and support checks, the pair's own per-call data checks; a refusal names the rows),
+        then trains without those per-call checks, which cost a noticeable share of a step on
+        small networks and cannot find anything new: the data do not change, and a parameter
+        leaving its domain makes the loss or gradient non-finite, which every step checks
+        (``NonFiniteLossError``, located with validation back on). ``True`` keeps Pyro's
+        validation on in every step (e.g. to debug a pair whose checks depend on its
+        parameters). Without Pyro's validation neither runs.
+
     Returns
     -------
     FitResult
@@ -548,5 +570,6 @@ def fit(pair, data, objective=None, epochs: int = 10, batch_size: int = 128, lr:
                  valid_mask=valid_mask_t, epochs=epochs, batch_size=batch_size, seed=seed,
                  device=dev, callbacks=callbacks, optimizer=optimizer, lr=lr,
                  clip_norm=clip_norm, checkpoint=checkpoint, progress=progress,
-                 check_pair=check_pair, cuda_graph=bool(cuda_graph))
+                 check_pair=check_pair, cuda_graph=bool(cuda_graph),
+                 validate_every_step=bool(validate_every_step))
     return run.run()

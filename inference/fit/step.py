@@ -9,6 +9,7 @@ from typing import Dict, List, Optional
 
 import pyro
 import pyro.poutine as poutine
+from pyro.infer.util import is_validation_enabled
 import torch
 
 __all__ = ["ObjectiveAdapter", "default_optimizer", "optimizer_factory", "collect_params",
@@ -31,6 +32,9 @@ class ObjectiveAdapter:
                             f"write {objective.__name__}() instead")
         self.objective = objective
         self.model_fn, self.guide_fn, self.num_data = model_fn, guide_fn, num_data
+        #: Pyro's validation during training steps (fit turns it off once every row has been
+        #: checked: :mod:`pyro_lvm.inference.fit.row_checks`)
+        self.step_validation = is_validation_enabled()
         if getattr(objective, "pyro_lvm_objective", False):
             self.kind = "pyro_lvm"
             self.name = str(getattr(objective, "name", type(objective).__name__))
@@ -59,10 +63,12 @@ class ObjectiveAdapter:
                 poutine.scale(self.guide_fn, scale=scale))
 
     def train_loss(self, xb: torch.Tensor, mb: Optional[torch.Tensor]) -> torch.Tensor:
-        """Scaled minibatch loss with gradients accumulated into ``.grad`` (returns it detached).
-        The rows were validated once before training (the engine's checks, the pair's own
-        ``check_data`` included); models still check each call while Pyro's validation is on
-        (:func:`pyro_lvm.models.validation.per_call_data_checks`: no flag switches that off)."""
+        """Scaled minibatch loss with gradients accumulated into ``.grad`` (returns it detached),
+        with Pyro's validation as :attr:`step_validation` says."""
+        with pyro.validation_enabled(self.step_validation):
+            return self._train_loss(xb, mb)
+
+    def _train_loss(self, xb, mb):
         if self.kind == "pyro":
             # Pyro warns on NaN losses (forward and backward); fit raises a precise
             # NonFiniteLossError instead, so the warning would only duplicate it.
