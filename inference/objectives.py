@@ -93,6 +93,7 @@ Ladder variational autoencoders (KL warm-up); Higgins et al. (2017), beta-VAE.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import numbers
 import warnings
@@ -242,6 +243,13 @@ class _StoredParams(Messenger):
             msg["done"] = msg["stop"] = True
 
 
+@functools.lru_cache(maxsize=64)
+def _particle_indices(num_particles: int, device: torch.device) -> torch.Tensor:
+    """``arange(K)`` for the particle plate: given to ``pyro.plate`` as its (full) subsample,
+    it saves the plate a ``_Subsample`` message through the handler stack on every call."""
+    return torch.arange(num_particles, device=device)
+
+
 def _record(fn: Callable, x: torch.Tensor, num_particles: int, mask: Optional[torch.Tensor],
             replay: Optional[poutine.Trace] = None,
             enumerate_sites: bool = False) -> poutine.Trace:
@@ -257,7 +265,8 @@ def _record(fn: Callable, x: torch.Tensor, num_particles: int, mask: Optional[to
         if enumerate_sites:
             stack.enter_context(poutine.enum(first_available_dim=enumeration.FIRST_ENUM_DIM))
         stack.enter_context(recorder)
-        stack.enter_context(pyro.plate(PARTICLE_PLATE, num_particles, dim=-2))
+        stack.enter_context(pyro.plate(PARTICLE_PLATE, num_particles, dim=-2,
+                                       subsample=_particle_indices(num_particles, x.device)))
         if not outer:
             stack.enter_context(_StoredParams())
         fn(x, mask=mask)
