@@ -245,8 +245,8 @@ class _StoredParams(Messenger):
 
 @functools.lru_cache(maxsize=64)
 def _particle_indices(num_particles: int, device: torch.device) -> torch.Tensor:
-    """``arange(K)`` for the particle plate: given to ``pyro.plate`` as its (full) subsample,
-    it saves the plate a ``_Subsample`` message through the handler stack on every call."""
+    """``arange(K)`` for the particle plate, given to ``pyro.plate`` as its (full) subsample so
+    that the plate does not build it on every model and guide call."""
     return torch.arange(num_particles, device=device)
 
 
