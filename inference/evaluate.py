@@ -83,7 +83,7 @@ from tqdm.auto import tqdm
 
 from pyro_lvm.inference import engine, pairs
 from pyro_lvm.inference.engine import StreamingImportanceStats, check_int
-from pyro_lvm.inference.objectives import trace_log_terms
+from pyro_lvm.inference.log_weights import trace_log_terms
 
 __all__ = [
     "LogLikelihoodEstimate",

@@ -16,15 +16,9 @@ from pyro.nn import PyroModule, PyroParam
 from torch.distributions import constraints
 
 from pyro_lvm.inference.fit import KLWarmup, fit, linear_warmup
-from pyro_lvm.inference.objectives import (
-    ELBO,
-    IWAE,
-    _reparameterized_surrogate,
-    elbo_from_log_weights,
-    iwae_from_log_weights,
-    log_weights,
-    trace_log_terms,
-)
+from pyro_lvm.inference.log_weights import (elbo_from_log_weights, iwae_from_log_weights,
+                                            log_weights, trace_log_terms)
+from pyro_lvm.inference.objectives import ELBO, IWAE, _reparameterized_surrogate
 from pyro_lvm.models.linear import PPCA
 
 F64 = torch.float64
@@ -779,11 +773,12 @@ def test_parameter_statements_stop_at_the_objectives_own_handler_unless_an_outer
     it as usual. Both give the same loss and gradients."""
     import pyro.poutine as poutine
 
-    from pyro_lvm.inference import objectives
+    # patched on the class, where it is defined (pyro_lvm.inference.log_weights)
+    from pyro_lvm.inference.log_weights import _StoredParams
 
     answered = []
-    original = objectives._StoredParams._pyro_param
-    monkeypatch.setattr(objectives._StoredParams, "_pyro_param",
+    original = _StoredParams._pyro_param
+    monkeypatch.setattr(_StoredParams, "_pyro_param",
                         lambda self, msg: (answered.append(msg["name"]), original(self, msg)))
 
     class UserPair(torch.nn.Module):
