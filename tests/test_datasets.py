@@ -9,6 +9,8 @@ import torch
 
 from pyro_lvm.studies import datasets
 from pyro_lvm.studies.datasets import MNIST_SHA256, Dataset, load_dataset
+from pyro_lvm.studies.datasets import mnist  # patched where the lookup and checksums live
+from pyro_lvm.studies.datasets.transforms import _split_indices
 
 from conftest import mnist_path
 
@@ -53,7 +55,7 @@ def test_digits_continuous_drops_constant_columns_and_standardizes_on_train():
     images = ds.to_images(ds.test)
     assert images.shape == (180, 8, 8)
     raw = load_digits().data.reshape(-1, 8, 8)
-    idx = datasets._split_indices(1797, (0.8, 0.1, 0.1), 0)["test"]
+    idx = _split_indices(1797, (0.8, 0.1, 0.1), 0)["test"]
     np.testing.assert_allclose(images, raw[idx], atol=1e-4)
     minmax = load_dataset("digits", scale="minmax")
     assert float(minmax.train.min()) == 0.0 and float(minmax.train.max()) == 1.0
@@ -119,7 +121,7 @@ def test_missing_mnist_lists_places_and_how_to_provide(monkeypatch, tmp_path):
     assert str(tmp_path / "nowhere") in msg and "--data-path" in msg and "PYRO_LVM_DATA" in msg
     # no argument, no variable: the default places are all listed
     monkeypatch.delenv(datasets.ENV_VAR, raising=False)
-    monkeypatch.setattr(datasets, "checkout_root", lambda: tmp_path / "repo")
+    monkeypatch.setattr(mnist, "checkout_root", lambda: tmp_path / "repo")
     monkeypatch.chdir(tmp_path)
     with pytest.raises(FileNotFoundError) as err:
         load_dataset("binarized-mnist")
@@ -127,7 +129,7 @@ def test_missing_mnist_lists_places_and_how_to_provide(monkeypatch, tmp_path):
     for place in (tmp_path / "shared" / "data", tmp_path / "repo" / "data", tmp_path / "data"):
         assert str(place) in msg
     # an installed copy (no checkout) never looks beside its own files (site-packages)
-    monkeypatch.setattr(datasets, "checkout_root", lambda: None)
+    monkeypatch.setattr(mnist, "checkout_root", lambda: None)
     with pytest.raises(FileNotFoundError) as err:
         load_dataset("binarized-mnist")
     msg = str(err.value)
@@ -144,12 +146,12 @@ def test_mnist_amat_files_are_read_and_verified(monkeypatch, tmp_path):
     for split, a in small.items():
         np.savetxt(tmp_path / datasets.MNIST_AMAT[split], a, fmt="%d")
     # checksums of the 7-row files stand in for the published ones
-    monkeypatch.setattr(datasets, "MNIST_SHA256",
+    monkeypatch.setattr(mnist, "MNIST_SHA256",
                         {s: hashlib.sha256(a.tobytes()).hexdigest() for s, a in small.items()})
     ds = load_dataset("binarized-mnist", data_path=tmp_path)
     assert "amat" in ds.source
     np.testing.assert_array_equal(ds.valid.numpy(), small["valid"])
-    monkeypatch.setattr(datasets, "MNIST_SHA256", MNIST_SHA256)  # the real ones: mismatch
+    monkeypatch.setattr(mnist, "MNIST_SHA256", MNIST_SHA256)  # the real ones: mismatch
     with pytest.raises(ValueError, match="7 rows read, 50000 expected"):
         load_dataset("binarized-mnist", data_path=tmp_path)
 
@@ -303,7 +305,7 @@ def test_dequantized_digits_stay_within_their_integer_cell():
 
     ds = load_dataset("digits", dequantize=True, scale=None)
     assert ds.name == "digits-dequantized" and ds.data_dim == 64  # no constant column left
-    idx = datasets._split_indices(1797, (0.8, 0.1, 0.1), 0)["train"]
+    idx = _split_indices(1797, (0.8, 0.1, 0.1), 0)["train"]
     raw = load_digits().data[idx]
     offset = ds.train.double().numpy() - raw
     assert offset.min() >= 0 and offset.max() < 1 + 1e-5
