@@ -59,9 +59,9 @@ from pyro.nn import pyro_method
 
 from . import validation
 from .dlvm import DLVM
-from .priors import MixturePrior, inverse_softplus
+from .priors import FullCovarianceMixturePrior, MixturePrior, inverse_softplus
 
-__all__ = ["ClusterDLVM"]
+__all__ = ["ClusterDLVM", "pretrain_clusters", "fit_clusters"]
 
 
 class ClusterDLVM(DLVM):
@@ -73,26 +73,49 @@ class ClusterDLVM(DLVM):
     data_dim, latent_dim : int
     num_clusters : int
         Number of mixture components :math:`C`.
+    covariance : {"diag", "full"}
+        Component covariances :math:`\\operatorname{diag} s_c^2` (:class:`MixturePrior`) or
+        full :math:`L_c L_c^\\top` (:class:`FullCovarianceMixturePrior`); the clustering
+        recipe (:func:`fit_clusters`) uses ``"full"``.
     **kwargs
         Any other :class:`DLVM` argument (likelihood, hidden, likelihood_options, ...).
     """
 
-    def __init__(self, data_dim: int, latent_dim: int, num_clusters: int = 10, **kwargs):
+    def __init__(self, data_dim: int, latent_dim: int, num_clusters: int = 10,
+                 covariance: str = "diag", **kwargs):
         if "prior" in kwargs or "num_components" in kwargs:
             raise ValueError("ClusterDLVM sets its own mixture prior; pass num_clusters")
+        if covariance not in ("diag", "full"):
+            raise ValueError(f"covariance must be 'diag' or 'full', got {covariance!r}")
         super().__init__(data_dim, latent_dim, prior="mixture", num_components=num_clusters,
                          **kwargs)
         assert isinstance(self.prior, MixturePrior)
+        if covariance == "full":
+            self.prior = FullCovarianceMixturePrior(latent_dim, num_clusters)
+        self.covariance = covariance
         self.num_clusters = num_clusters
         self.config["model"] = "ClusterDLVM"
+        self.config["covariance"] = covariance
 
     # ------------------------------------------------------------------ the mixture
     def component_log_prob(self, z: torch.Tensor) -> torch.Tensor:
-        """:math:`\\log \\pi_c + \\log \\mathcal{N}(z; m_c, \\operatorname{diag} s_c^2)` for each
-        component, ``[..., C]`` for ``z`` ``[..., d]``; its logsumexp is :math:`\\log p(z)`."""
-        weights, means, scales = self.prior.mixture_components()
-        log_n = dist.Normal(means, scales).log_prob(z.unsqueeze(-2)).sum(-1)
+        """:math:`\\log \\pi_c + \\log \\mathcal{N}(z; m_c, \\Sigma_c)` for each component,
+        ``[..., C]`` for ``z`` ``[..., d]``; its logsumexp is :math:`\\log p(z)`."""
+        log_n = self.component_distribution().log_prob(z.unsqueeze(-2))
         return torch.log_softmax(self.prior.logits, -1) + log_n
+
+    def component_distribution(self, index: Optional[torch.Tensor] = None):
+        """:math:`p(z \\mid c)` for every component (batch ``[C]``) or, given a tensor of
+        component indices, for those (batch ``index.shape``); event shape ``[d]``."""
+        if self.covariance == "full":
+            means, tril = self.prior.means, self.prior.scale_tril
+            if index is not None:
+                means, tril = means[index], tril[index]
+            return dist.MultivariateNormal(means, scale_tril=tril)
+        _, means, scales = self.prior.mixture_components()
+        if index is not None:
+            means, scales = means[index], scales[index]
+        return dist.Normal(means, scales).to_event(1)
 
     @pyro_method
     def enumerated_model(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None):
@@ -102,11 +125,10 @@ class ClusterDLVM(DLVM):
         x, mask = self._observed(x, mask)
         if validation.per_call_data_checks():
             self.likelihood.check_data(x, mask)
-        _, means, scales = self.prior.mixture_components()
         with pyro.plate("data", x.shape[0], dim=-1):
             c = pyro.sample("c", dist.Categorical(logits=self.prior.logits),
                             infer={"enumerate": "parallel"})
-            z = pyro.sample("z", dist.Normal(means[c], scales[c]).to_event(1))
+            z = pyro.sample("z", self.component_distribution(c))
             px = self.likelihood.distribution(self.decoder(z))
             if mask is not None:
                 px = px.mask(mask)
@@ -149,22 +171,49 @@ class ClusterDLVM(DLVM):
         """The most probable cluster :math:`\\arg\\max_c p(c \\mid x_i)` of each row."""
         return self.responsibilities(x, mask, num_samples, seed).argmax(-1).cpu().numpy()
 
-    def init_clusters(self, x, seed: int = 0) -> "ClusterDLVM":
-        """Start the mixture at a diagonal Gaussian mixture (scikit-learn, ``seed``) fitted to
-        the encoder means of ``x``: the pre-training initialisation of VaDE (Jiang et al.
-        2017), which keeps components from starting empty."""
-        from sklearn.mixture import GaussianMixture
+    def init_clusters(self, x, seed: int = 0, method: str = "kmeans",
+                      mask=None) -> "ClusterDLVM":
+        """Start the mixture at clusters of the encoder means :math:`\\mu_\\phi(x_i)` of ``x``
+        (scikit-learn, ``seed``): the pre-training initialisation of VaDE (Jiang et al. 2017),
+        which keeps components from starting empty.
 
+        ``method="kmeans"`` (default): k-means (``n_init=10``) on the encoder means; the weights
+        are the cluster sizes, the means the centroids, the scales the per-coordinate standard
+        deviations within each cluster. ``method="gmm"``: a diagonal ``GaussianMixture`` fitted
+        to the encoder means (its weights, means and scales). On the digits the k-means start
+        clusters better (benchmarks/README.md, section 6): a diagonal mixture fitted by EM in
+        the latent space tends to let broad components swallow neighbouring digits.
+        """
+        if method not in ("kmeans", "gmm"):
+            raise ValueError(f"init_clusters: method must be 'kmeans' or 'gmm', got {method!r}")
+        device = next(self.parameters()).device
+        x = self.check_data(x, mask)
+        mask_t = None if mask is None else torch.as_tensor(
+            validation.check_mask(mask, tuple(x.shape)), device=device)
         with torch.no_grad():
-            loc, _ = self.encode(self.check_data(x).to(next(self.parameters()).device))
-        gmm = GaussianMixture(self.num_clusters, covariance_type="diag", random_state=seed,
-                              reg_covar=1e-4).fit(loc.cpu().double().numpy())
+            loc, _ = self.encode(x.to(device), mask_t)
+        loc = loc.cpu().double().numpy()
+        full = self.covariance == "full"
+        if method == "gmm":
+            from sklearn.mixture import GaussianMixture
+
+            gmm = GaussianMixture(self.num_clusters, covariance_type=self.covariance,
+                                  random_state=seed, reg_covar=1e-4).fit(loc)
+            weights, means, variances = gmm.weights_, gmm.means_, gmm.covariances_
+        else:
+            from sklearn.cluster import KMeans
+
+            labels = KMeans(self.num_clusters, n_init=10, random_state=seed).fit_predict(loc)
+            weights, means, variances = _cluster_moments(loc, labels, self.num_clusters, full)
+        if full:
+            self.prior.set_components(weights, means, variances)
+            return self
         prior = self.prior
         like = prior.logits
         with torch.no_grad():
-            prior.logits.copy_(torch.as_tensor(np.log(gmm.weights_), dtype=like.dtype))
-            prior.means.copy_(torch.as_tensor(gmm.means_, dtype=like.dtype))
-            sd = np.sqrt(gmm.covariances_) - prior.min_scale
+            prior.logits.copy_(torch.as_tensor(np.log(weights), dtype=like.dtype))
+            prior.means.copy_(torch.as_tensor(means, dtype=like.dtype))
+            sd = np.sqrt(variances) - prior.min_scale
             prior.raw_scales.copy_(inverse_softplus(torch.as_tensor(
                 np.maximum(sd, 1e-3), dtype=like.dtype)))
         return self
@@ -172,3 +221,75 @@ class ClusterDLVM(DLVM):
     def extra_repr(self) -> str:
         return (f"data_dim={self.data_dim}, latent_dim={self.latent_dim}, "
                 f"num_clusters={self.num_clusters}")
+
+
+#: The recipe's defaults (chosen once on the digits, benchmarks/README.md section 6).
+PRETRAIN_EPOCHS, PRETRAIN_BETA, PRETRAIN_LR = 30, 0.1, 3e-3
+
+
+def pretrain_clusters(model: ClusterDLVM, x, *, epochs: int = PRETRAIN_EPOCHS,
+                      beta: float = PRETRAIN_BETA, lr: float = PRETRAIN_LR,
+                      batch_size: int = 128, seed: int = 0, init: str = "kmeans", mask=None,
+                      device="cpu", progress: bool = False, callbacks=None):
+    """The first two steps of the VaDE-style recipe (Jiang et al. 2017): pre-train, then start
+    the mixture at clusters of the latent means.
+
+    1. Fit ``model`` for ``epochs`` epochs on the ELBO with the KL term weighted by ``beta``
+       (:class:`pyro_lvm.inference.objectives.ELBO`): with ``beta`` well below 1 this is
+       close to the autoencoder pre-training of VaDE, so that the encoder means spread the
+       rows out before any cluster is fixed (Higgins et al. 2017 for the KL weight).
+    2. :meth:`ClusterDLVM.init_clusters` (``init``, ``seed``) on the encoder means of ``x``.
+
+    Returns the :class:`pyro_lvm.inference.fit.FitResult` of step 1. The labels are never used.
+    """
+    from pyro_lvm.inference.fit import fit
+    from pyro_lvm.inference.objectives import ELBO
+
+    result = fit(model, x, objective=ELBO(beta=beta), epochs=epochs, batch_size=batch_size,
+                 lr=lr, seed=seed, device=device, mask=mask, progress=progress,
+                 callbacks=callbacks)
+    model.init_clusters(x, seed=seed, method=init, mask=mask)
+    return result
+
+
+def fit_clusters(model: ClusterDLVM, x, *, epochs: int = 30, lr: float = 2e-3,
+                 pretrain_epochs: int = PRETRAIN_EPOCHS, pretrain_beta: float = PRETRAIN_BETA,
+                 pretrain_lr: float = PRETRAIN_LR, batch_size: int = 128, seed: int = 0,
+                 init: str = "kmeans", mask=None, device="cpu", progress: bool = False):
+    """The whole VaDE-style recipe: :func:`pretrain_clusters`, then ``epochs`` epochs of the
+    ELBO (``beta`` = 1) with the mixture prior, every parameter trained jointly.
+
+    Returns ``(pretrain_result, joint_result)``, two FitResults (histories of both phases).
+    """
+    from pyro_lvm.inference.fit import fit
+    from pyro_lvm.inference.objectives import ELBO
+
+    pre = pretrain_clusters(model, x, epochs=pretrain_epochs, beta=pretrain_beta,
+                            lr=pretrain_lr, batch_size=batch_size, seed=seed, init=init,
+                            mask=mask, device=device, progress=progress)
+    joint = fit(model, x, objective=ELBO(), epochs=epochs, batch_size=batch_size, lr=lr,
+                seed=seed, device=device, mask=mask, progress=progress)
+    return pre, joint
+
+
+def _cluster_moments(points: np.ndarray, labels: np.ndarray, num_clusters: int,
+                     full: bool = False):
+    """Weights (sizes / n), means and variances of each cluster of ``points`` ``[n, d]``:
+    per coordinate ``[C, d]``, or (``full``) covariance matrices ``[C, d, d]``, plus 1e-4 on
+    the diagonal (the ``reg_covar`` of the GMM start). An empty or one-row cluster gets the
+    overall mean and (co)variance (and a tiny weight when empty)."""
+    n, d = points.shape
+    weights = np.empty(num_clusters)
+    means = np.empty((num_clusters, d))
+    variances = np.empty((num_clusters, d, d) if full else (num_clusters, d))
+    for k in range(num_clusters):
+        members = points[labels == k]
+        weights[k] = max(len(members), 1e-3) / n
+        if len(members) < 2:
+            members = points
+        means[k] = members.mean(0)
+        if full:
+            variances[k] = np.cov(members, rowvar=False, bias=True) + 1e-4 * np.eye(d)
+        else:
+            variances[k] = members.var(0) + 1e-4
+    return weights / weights.sum(), means, variances

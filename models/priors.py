@@ -47,7 +47,8 @@ import torch.nn.functional as F
 from pyro.nn import PyroModule
 from torch import nn
 
-__all__ = ["Prior", "StandardNormalPrior", "MixturePrior", "VampPrior", "make_prior",
+__all__ = ["Prior", "StandardNormalPrior", "MixturePrior", "FullCovarianceMixturePrior",
+           "VampPrior", "make_prior",
            "PRIOR_NAMES", "DiagonalGaussianMixture"]
 
 #: Accepted names (and aliases) for :func:`make_prior`.
@@ -276,6 +277,88 @@ class MixturePrior(_GaussianMixtureMixin, Prior):
 
     def extra_repr(self) -> str:
         return f"latent_dim={self.latent_dim}, num_components={self.num_components}"
+
+
+class FullCovarianceMixturePrior(Prior):
+    """Learnable mixture of ``K`` Gaussians with full covariances,
+    :math:`p(z) = \\sum_k \\pi_k \\mathcal{N}(z; m_k, L_k L_k^\\top)`.
+
+    :math:`L_k` is lower triangular with diagonal :math:`s_{\\min} +
+    \\operatorname{softplus}(\\rho_{k,jj})` and free entries below it, so every covariance is
+    positive definite with eigenvalues bounded below by a multiple of :math:`s_{\\min}^2`
+    (the floor that keeps :math:`\\log p(z)` bounded, as in :class:`MixturePrior`). A
+    diagonal mixture cannot follow clusters that are tilted in the latent space; on the
+    digits the encoder means of a pre-trained DLVM form such clusters (benchmarks/README.md,
+    section 6).
+
+    Parameters
+    ----------
+    latent_dim, num_components, init_scale, init_spread, min_scale
+        As for :class:`MixturePrior` (components start isotropic, ``L_k = init_scale * I``).
+
+    Learnable parameters: ``logits`` ``[K]``, ``means`` ``[K, d]``, ``raw_tril`` ``[K, d, d]``
+    (strictly lower part: the off-diagonal of :math:`L_k`; diagonal: :math:`\\rho_k`; the
+    upper part is unused).
+    """
+
+    def __init__(self, latent_dim: int, num_components: int = 10, init_scale: float = 1.0,
+                 init_spread: float = 1.0, min_scale: float = 1e-4):
+        super().__init__(latent_dim)
+        self.num_components = _positive_int(num_components, "num_components")
+        init_scale = _positive_float(init_scale, "init_scale")
+        init_spread = _positive_float(init_spread, "init_spread")
+        self.min_scale = float(min_scale)
+        if not (0 <= self.min_scale < init_scale):
+            raise ValueError(
+                f"min_scale must be in [0, init_scale={init_scale}), got {min_scale!r}"
+            )
+        K, d = self.num_components, self.latent_dim
+        self.logits = nn.Parameter(torch.zeros(K))
+        self.means = nn.Parameter(init_spread * torch.randn(K, d))
+        raw = torch.zeros(K, d, d)
+        raw.diagonal(dim1=-2, dim2=-1).fill_(float(inverse_softplus(
+            torch.tensor(init_scale - self.min_scale))))
+        self.raw_tril = nn.Parameter(raw)
+
+    @property
+    def weights(self) -> torch.Tensor:
+        return torch.softmax(self.logits, dim=-1)
+
+    @property
+    def scale_tril(self) -> torch.Tensor:
+        """Cholesky factors :math:`L_k`, shape ``[K, d, d]``."""
+        diag = self.min_scale + F.softplus(self.raw_tril.diagonal(dim1=-2, dim2=-1))
+        return torch.tril(self.raw_tril, -1) + torch.diag_embed(diag)
+
+    def set_components(self, weights, means, covariances) -> None:
+        """Set :math:`\\pi`, :math:`m_k` and :math:`L_k L_k^\\top` (``covariances``
+        ``[K, d, d]``, positive definite; Cholesky diagonals below ``min_scale`` are raised
+        to just above it)."""
+        like = self.logits
+        chol = torch.linalg.cholesky(torch.as_tensor(covariances, dtype=torch.float64))
+        diag = (chol.diagonal(dim1=-2, dim2=-1) - self.min_scale).clamp_min(1e-6)
+        raw = torch.tril(chol, -1) + torch.diag_embed(inverse_softplus(diag))
+        with torch.no_grad():
+            self.logits.copy_(torch.as_tensor(weights, dtype=torch.float64).log().to(like))
+            self.means.copy_(torch.as_tensor(means).to(like))
+            self.raw_tril.copy_(raw.to(like))
+
+    @property
+    def eval_width(self) -> int:
+        """Elements per draw of :math:`z` that :meth:`log_prob` keeps alive (the ``[..., K, d]``
+        whitened differences)."""
+        return self.num_components * (self.latent_dim + 2)
+
+    def component_distribution(self) -> dist.MultivariateNormal:
+        """The ``K`` components, batch shape ``[K]``."""
+        return dist.MultivariateNormal(self.means, scale_tril=self.scale_tril)
+
+    def distribution(self) -> dist.TorchDistribution:
+        return dist.MixtureSameFamily(dist.Categorical(logits=self.logits),
+                                      self.component_distribution())
+
+    def extra_repr(self) -> str:
+        return f"latent_dim={self.latent_dim}, num_components={self.num_components}, full"
 
 
 class VampPrior(_GaussianMixtureMixin, Prior):
