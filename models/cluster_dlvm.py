@@ -117,6 +117,15 @@ class ClusterDLVM(DLVM):
             means, scales = means[index], scales[index]
         return dist.Normal(means, scales).to_event(1)
 
+    def component_draws(self, eps: torch.Tensor) -> torch.Tensor:
+        """:math:`z = m_c + L_c \\varepsilon` for standard normal ``eps`` ``[..., C, d]``: a
+        draw of :math:`z \\sim p(z \\mid c)` in column ``c`` (:math:`L_c = \\operatorname{diag}
+        s_c` for diagonal components)."""
+        if self.covariance == "full":
+            return self.prior.means + (self.prior.scale_tril @ eps.unsqueeze(-1)).squeeze(-1)
+        _, means, scales = self.prior.mixture_components()
+        return means + scales * eps
+
     @pyro_method
     def enumerated_model(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None):
         """The generative process with the component site ``"c"`` enumerated in parallel

@@ -8,7 +8,11 @@
   (:class:`pyro_lvm.models.dequantized.Dequantized`), so that its test log-likelihood is a
   log-probability comparable with those of count models.
 * ``"cluster-dlvm"``: :class:`pyro_lvm.models.ClusterDLVM` with ``num_clusters`` components
-  (``extra``); its evaluation hook adds clustering scores on the test rows -- ARI and NMI
+  and ``covariance`` (``extra``; default ``"full"``), fitted by the VaDE-style recipe of
+  :func:`pyro_lvm.models.cluster_dlvm.fit_clusters`: its pre-training hook runs
+  ``extra["pretrain_epochs"]`` epochs with KL weight ``extra["pretrain_beta"]`` and starts the
+  mixture at k-means clusters of the encoder means, then the run's SVI fit is the joint phase;
+  its evaluation hook adds clustering scores on the test rows -- ARI and NMI
   (scikit-learn) against the labels of the DLVM's clusters (:math:`\\arg\\max_c p(c\\mid x)`),
   of k-means and a diagonal ``GaussianMixture`` on the DLVM's latent means, on PCA scores (PCA
   of the training rows, as many components as latent dimensions) and of k-means on the raw
@@ -71,9 +75,33 @@ def _build_cluster_dlvm(config: RunConfig, dataset: Dataset):
     from pyro_lvm.models.cluster_dlvm import ClusterDLVM
 
     kwargs = dict(config.extra.get("model_kwargs", {}))
+    kwargs.setdefault("covariance", str(config.extra.get("covariance", "full")))
     return ClusterDLVM(dataset.data_dim, config.latent_dim,
                        int(config.extra.get("num_clusters", 10)), likelihood=config.likelihood,
                        hidden=tuple(config.hidden), **kwargs)
+
+
+def _pretrain_cluster_dlvm(model, dataset: Dataset, config: RunConfig, device, progress):
+    """The VaDE-style start of ``cluster-dlvm`` (:func:`pyro_lvm.models.cluster_dlvm.
+    pretrain_clusters`): ``extra["pretrain_epochs"]`` epochs of the ELBO with KL weight
+    ``extra["pretrain_beta"]``, then the mixture at k-means clusters (``extra["cluster_init"]``)
+    of the training rows' encoder means; the run's SVI fit is then the joint phase."""
+    from pyro_lvm.models import cluster_dlvm
+
+    extra = config.extra
+    epochs = int(extra.get("pretrain_epochs", cluster_dlvm.PRETRAIN_EPOCHS))
+    beta = float(extra.get("pretrain_beta", cluster_dlvm.PRETRAIN_BETA))
+    lr = float(extra.get("pretrain_lr", cluster_dlvm.PRETRAIN_LR))
+    init = str(extra.get("cluster_init", "kmeans"))
+    if epochs == 0:  # no pre-training: the mixture starts where the model was built
+        return None, "no pre-training (pretrain_epochs=0): the mixture prior starts at random"
+    result = cluster_dlvm.pretrain_clusters(
+        model, dataset.train, epochs=epochs, beta=beta, lr=lr, batch_size=config.batch_size,
+        seed=config.seed, init=init, mask=dataset.mask("train"), device=device,
+        callbacks=[progress.fit_callback()] if progress is not None else None)
+    return result.history, (f"pre-training: {epochs} epoch(s) of the ELBO with KL weight "
+                            f"{beta:g} (lr {lr:g}), then the mixture started at {init} "
+                            f"clusters of the encoder means (VaDE-style)")
 
 
 def clustering_scores(labels: np.ndarray, assignments: Dict[str, np.ndarray]) -> Dict[str, float]:
@@ -138,12 +166,12 @@ def _evaluate_cluster_dlvm(model, dataset: Dataset, config: RunConfig,
 def _cluster_samples(model, dataset: Dataset, seed: int) -> np.ndarray:
     """Rows ``[SAMPLES_PER_CLUSTER * C, pixels]``: row r, column c of a 10-column mosaic holds a
     draw of :math:`x \\sim p(x \\mid c)` (decoder mean at :math:`z \\sim p(z \\mid c)`)."""
-    _, means, scales = model.prior.mixture_components()
+    means = model.prior.means
     C = means.shape[0]
     gen = torch.Generator(device="cpu").manual_seed(seed)
     with torch.no_grad():
         eps = torch.randn((SAMPLES_PER_CLUSTER, C, means.shape[1]), generator=gen)
-        z = means + scales * eps.to(means)
+        z = model.component_draws(eps.to(means))
         x = model.likelihood.mean(model.decoder(z)).reshape(SAMPLES_PER_CLUSTER * C, -1)
     images = dataset.to_images(x.cpu().numpy())
     return (x.cpu().numpy() if images is None else images.reshape(images.shape[0], -1))
@@ -153,4 +181,5 @@ families.register_family(families.Family("poisson-pca", _build_poisson_pca), rep
 families.register_family(families.Family("fa-dequantized", _build_fa_dequantized,
                                          fit_exact=_fit_fa_dequantized), replace=True)
 families.register_family(families.Family("cluster-dlvm", _build_cluster_dlvm,
-                                         evaluate=_evaluate_cluster_dlvm), replace=True)
+                                         evaluate=_evaluate_cluster_dlvm,
+                                         pretrain=_pretrain_cluster_dlvm), replace=True)

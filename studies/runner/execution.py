@@ -215,7 +215,7 @@ def check_finite_validation(model, dataset: Dataset, history: pd.DataFrame, devi
                      f"by this model as they are (rescale them or check for extreme values)")
 
 
-WARM_START_PHASE, MAIN_PHASE = "warm_start", "main"
+WARM_START_PHASE, PRETRAIN_PHASE, MAIN_PHASE = "warm_start", "pretrain", "main"
 
 
 def _kl_warmup_callbacks(config: RunConfig, objective, notes: Optional[List[str]],
@@ -237,7 +237,8 @@ def _kl_warmup_callbacks(config: RunConfig, objective, notes: Optional[List[str]
 
 def _fit_svi(model, dataset: Dataset, config: RunConfig, device, notes: List[str],
              progress=None):
-    """SVI fit of a run, with the standard-normal warm start of ``prior_warm_start_epochs``.
+    """SVI fit of a run, with the standard-normal warm start of ``prior_warm_start_epochs`` or
+    the family's own pre-training phase (:attr:`Family.pretrain`).
 
     Returns ``(model, history, objective, fitted)`` (objective and FitResult of the last
     phase; history of both phases).
@@ -271,6 +272,14 @@ def _fit_svi(model, dataset: Dataset, config: RunConfig, device, notes: List[str
         notes.append(f"warm start: {w} epoch(s) with the standard normal prior, then "
                      f"{config.epochs - w} with the {config.prior} prior (encoder and decoder "
                      f"carried over)")
+    pretrain = families.get_family(config.model).pretrain
+    if pretrain is not None:
+        if w > 0:
+            raise ValueError(f"{config.model!r} has its own pre-training phase; leave "
+                             f"prior_warm_start_epochs at 0")
+        pre_history, note = pretrain(model, dataset, config, device, progress)
+        warm_history = _history_frame(pre_history).assign(phase=PRETRAIN_PHASE)
+        notes.append(note)
     main_config = config.replace(epochs=config.epochs - w)
     objective = families.build_objective(main_config)
     # (a note that the objective has no KL weight was made in the warm start already)

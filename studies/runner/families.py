@@ -32,6 +32,7 @@ __all__ = ["Family", "register_family", "get_family", "family_names", "build_mod
 Builder = Callable[[RunConfig, Dataset], Any]
 ExactFitter = Callable[[Any, Dataset, RunConfig], Any]
 EvaluationHook = Callable[[Any, Dataset, RunConfig, Any], Tuple[Dict[str, Any], Dict[str, Any]]]
+PretrainHook = Callable[..., Tuple[Any, str]]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,12 +52,18 @@ class Family:
     evaluate : callable, optional
         ``evaluate(pair, dataset, config, device) -> (metrics, arrays)``: extra metrics and
         arrays of a fitted run.
+    pretrain : callable, optional
+        ``pretrain(pair, dataset, config, device, progress) -> (history, note)``: a phase run
+        before the SVI fit of ``fit_method="svi"`` (e.g. the VaDE pre-training and mixture
+        start of ``cluster-dlvm``); its history joins the run's as phase ``"pretrain"`` and
+        its time counts as training time; ``note`` goes into the run's notes.
     """
 
     name: str
     build: Builder
     fit_exact: Optional[ExactFitter] = None
     evaluate: Optional[EvaluationHook] = None
+    pretrain: Optional[PretrainHook] = None
 
 
 _FAMILIES: Dict[str, Family] = {}
