@@ -64,6 +64,13 @@ def _check_returns_dict(out, tmp_path):
     assert isinstance(out, dict)
 
 
+def _check_cluster_digits(out, tmp_path):
+    assert [(r["seed"], r["covariance"]) for r in out["rows"]] == [(0, "full"), (0, "diag")]
+    for r in out["rows"]:
+        assert -1 <= r["ari"] <= 1 and 0 <= r["nmi"] <= 1 and 0 <= r["kmeans_ari"] <= 1
+        assert 1 <= r["occupied"] <= 10
+
+
 def _check_eval_throughput(out, tmp_path):
     assert out["same_estimates"], out
 
@@ -75,6 +82,7 @@ SCRIPTS = {
     "mnist_nll.py": (["--out", "{tmp}"], _check_mnist_nll),
     "eval_memory.py": ([], _check_returns_dict),
     "eval_throughput.py": ([], _check_eval_throughput),
+    "cluster_digits.py": ([], _check_cluster_digits),
 }
 
 
