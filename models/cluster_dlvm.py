@@ -6,8 +6,11 @@ clustering of Harchaoui, Mattei, Bouveyron & Almansa 2018):
 .. math::
 
     c_i \\sim \\mathrm{Cat}(\\pi), \\qquad
-    z_i \\mid c_i \\sim \\mathcal{N}(m_{c_i}, \\operatorname{diag} s_{c_i}^2), \\qquad
+    z_i \\mid c_i \\sim \\mathcal{N}(m_{c_i}, \\Sigma_{c_i}), \\qquad
     x_i \\mid z_i \\sim \\Phi(x_i \\mid f_\\theta(z_i)),
+
+with diagonal :math:`\\Sigma_c = \\operatorname{diag} s_c^2` (``covariance="diag"``) or full
+:math:`\\Sigma_c = L_c L_c^\\top` (``covariance="full"``); and
 
 with the amortized Gaussian guide :math:`q_\\phi(z_i \\mid x_i)` of
 :class:`pyro_lvm.models.dlvm.DLVM` and no guide for :math:`c` (it is summed out exactly).
@@ -35,7 +38,10 @@ since :math:`c \\perp x \\mid z`,
     z_k \\sim q(\\cdot \\mid x),
 
 a self-normalized importance sampling estimate (consistent as :math:`K \\to \\infty`), with
-:math:`p(c \\mid z) \\propto \\pi_c \\mathcal{N}(z; m_c, s_c)`.
+:math:`p(c \\mid z) \\propto \\pi_c \\mathcal{N}(z; m_c, \\Sigma_c)`.
+
+Fitting for clusters (:func:`fit_clusters`, after VaDE): pre-train with a down-weighted KL
+term, start the mixture at k-means clusters of the encoder means, then train jointly.
 
 References
 ----------
