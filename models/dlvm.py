@@ -58,6 +58,7 @@ from pyro.nn import PyroModule, pyro_method
 
 from . import validation
 from .base import unique_module_name
+from .distributions import DiagonalNormal
 from .likelihoods import (DEFAULT_DF_BOUNDS, DEFAULT_SCALE_FLOOR, LIKELIHOOD_NAMES, Likelihood,
                           make_likelihood)
 from .networks import mlp
@@ -123,7 +124,7 @@ class _AmortizedGaussianGuideMixin:
         x, _ = self._observed(x, mask)
         loc, scale = self._encode(x)
         with pyro.plate("data", x.shape[0], dim=-1):
-            return pyro.sample("z", dist.Normal(loc, scale).to_event(1))
+            return pyro.sample("z", DiagonalNormal(loc, scale).to_event(1))
 
 
 class DLVM(_AmortizedGaussianGuideMixin, PyroModule):

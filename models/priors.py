@@ -47,6 +47,8 @@ import torch.nn.functional as F
 from pyro.nn import PyroModule
 from torch import nn
 
+from .distributions import StandardNormal
+
 __all__ = ["Prior", "StandardNormalPrior", "MixturePrior", "FullCovarianceMixturePrior",
            "VampPrior", "make_prior",
            "PRIOR_NAMES", "DiagonalGaussianMixture"]
@@ -127,7 +129,7 @@ class StandardNormalPrior(Prior):
         self.register_buffer("scale", torch.ones(self.latent_dim))
 
     def distribution(self) -> dist.TorchDistribution:
-        return dist.Normal(self.loc, self.scale).to_event(1)
+        return StandardNormal(self.loc, self.scale).to_event(1)
 
 
 class DiagonalGaussianMixture(dist.MixtureSameFamily):
