@@ -2,8 +2,12 @@
 
 Each run is one (missing rate, mechanism, seed, method). The training rows of the dataset
 are amputed (:func:`pyro_lvm.inference.ampute`: MCAR, MAR or MNAR at the given rate); every
-method sees only the observed entries (it is fit on the incomplete rows and imputes them, as
-in Mattei & Frellsen 2019) and is scored on the held-out (amputed) entries:
+method sees only the observed entries and is scored on the held-out (amputed) entries. With
+``--evaluate-on train`` (the default) each method is fit on the incomplete training rows and
+imputes them (in-sample, as in Mattei & Frellsen 2019); with ``--evaluate-on test`` it is fit
+on the incomplete training rows and imputes the test rows, amputed the same way with another
+seed (out-of-sample: KNN's donors are the training rows, MIWAE's encoder and decoder were
+trained on them):
 
 * ``mean`` -- column means (scikit-learn ``SimpleImputer``);
 * ``knn`` -- ``KNNImputer`` (k nearest rows on the observed columns);
@@ -56,6 +60,7 @@ from pyro_lvm.inference import (IWAE, ampute, conditional_log_likelihood, fit,  
                                 isolated_param_store, pooled_column_mean, resolve_device)
 from pyro_lvm.models import DLVM, PPCA, FactorAnalysis  # noqa: E402
 from pyro_lvm.studies import runner  # noqa: E402
+from pyro_lvm.studies.runner.lock import StudyLock  # noqa: E402
 
 NAME = "impute"
 DEFAULTS = dict(latent_dim=5, hidden="128", epochs=60, batch_size=64, lr=3e-3, num_particles=5,
@@ -90,15 +95,47 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--linear-steps", type=runner.positive_int, default=300,
                    help="Adam steps on the exact observed-data likelihood of PPCA/FA "
                         "(default: %(default)s)")
+    g.add_argument("--evaluate-on", choices=["train", "test"], default="train",
+                   help="rows that are imputed and scored: 'train' (the rows each method is fit "
+                        "on, in-sample) or 'test' (fit on the amputed training rows, impute the "
+                        "amputed test rows; written to <study>-on-test; default: %(default)s)")
     g.add_argument("--examples", type=runner.nonnegative_int, default=6,
                    help="imputed rows shown per method in the report (default: %(default)s)")
     return runner.parse_study_args(parser, argv, smoke=SMOKE)
 
 
 # ----------------------------------------------------------------------------- data
+@dataclass
+class Rows:
+    """Rows of one split with what is known about them: ``x`` the values (arbitrary where
+    missing in the file), ``base`` the entries present in the file, ``mask`` the entries
+    left observed by the amputation (None before it) and ``scored`` the held-out entries
+    whose true values are known (``base & ~mask``)."""
+    x: np.ndarray
+    base: np.ndarray
+    mask: Optional[np.ndarray] = None
+
+    @property
+    def scored(self) -> np.ndarray:
+        return self.base & ~self.mask
+
+    def amputed(self, rate: float, mechanism: str, seed: int) -> "Rows":
+        return Rows(self.x, self.base, amputed_mask(self.x, self.base, rate, mechanism, seed))
+
+    def with_nan(self) -> np.ndarray:
+        return np.where(self.mask, self.x, np.nan)
+
+
+def _split(ds, split: str) -> Rows:
+    x = getattr(ds, split).numpy().astype(np.float64)
+    base = ds.mask(split)
+    return Rows(x, np.ones(x.shape, bool) if base is None else base.numpy().astype(bool))
+
+
 def load(args: argparse.Namespace):
-    """The dataset (training split), its base mask (entries missing in the file) and whether
-    it is binary."""
+    """The dataset, the rows methods are fit on (training split), the rows they are scored on
+    (the same rows, or the test split with ``--evaluate-on test``; base masks are the entries
+    missing in the file) and whether the data are binary."""
     binary = args.dataset == "binarized-mnist"
     extra = {"dequantize": True} if args.dataset == "digits" else {}
     if binary:
@@ -106,11 +143,12 @@ def load(args: argparse.Namespace):
     else:
         ds = runner.dataset_from_args(args, scale="standardize", drop_constant=True,
                                       likelihood="gaussian", **extra)
-    x = ds.train.numpy().astype(np.float64)
-    base = ds.mask("train")
-    base = np.ones(x.shape, bool) if base is None else base.numpy().astype(bool)
-    binary = binary or bool(np.isin(x[base], [0.0, 1.0]).all())
-    return ds, x, base, binary
+    train = _split(ds, "train")
+    target = train if args.evaluate_on == "train" else _split(ds, "test")
+    if target.x.shape[0] == 0:
+        raise ValueError(f"--evaluate-on test: {ds.name} has no test rows")
+    binary = binary or all(bool(np.isin(r.x[r.base], [0.0, 1.0]).all()) for r in (train, target))
+    return ds, train, target, binary
 
 
 def methods_for(args, binary: bool) -> List[str]:
@@ -144,20 +182,27 @@ class MethodOutput:
     notes: List[str] = field(default_factory=list)
 
 
-def _sklearn(method: str, x_nan: np.ndarray, args, seed: int) -> MethodOutput:
+def _sklearn(method: str, train: Rows, target: Rows, args, seed: int) -> MethodOutput:
     from sklearn.experimental import enable_iterative_imputer  # noqa: F401
     from sklearn.impute import IterativeImputer, KNNImputer, SimpleImputer
 
+    x_nan = train.with_nan()
     imputer = {"mean": lambda: SimpleImputer(strategy="mean"),
                "knn": lambda: KNNImputer(n_neighbors=args.knn_neighbors),
                "iterative": lambda: IterativeImputer(
                    max_iter=10, random_state=seed, n_nearest_features=min(20, x_nan.shape[1] - 1),
                    skip_complete=True)}[method]()
     t0 = time.perf_counter()
-    out = imputer.fit_transform(x_nan)
-    if out.shape != x_nan.shape:  # a column with no observed entry is dropped by sklearn
+    if target is train:
+        out, fit_time = imputer.fit_transform(x_nan), 0.0
+    else:
+        imputer.fit(x_nan)
+        fit_time = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        out = imputer.transform(target.with_nan())
+    if out.shape != target.x.shape:  # a column with no observed entry is dropped by sklearn
         raise ValueError(f"{method}: a column has no observed entry at this missing rate")
-    return MethodOutput(imputed=out, impute_time_s=time.perf_counter() - t0)
+    return MethodOutput(imputed=out, fit_time_s=fit_time, impute_time_s=time.perf_counter() - t0)
 
 
 def _fit_linear_exact(model, x: np.ndarray, mask: np.ndarray, steps: int, lr: float = 0.02):
@@ -181,50 +226,50 @@ def _fit_linear_exact(model, x: np.ndarray, mask: np.ndarray, steps: int, lr: fl
     return float(-loss.detach())
 
 
-def _linear(method: str, x: np.ndarray, mask: np.ndarray, scored: np.ndarray, args,
-            seed: int) -> MethodOutput:
+def _linear(method: str, train: Rows, target: Rows, args, seed: int) -> MethodOutput:
     torch.manual_seed(seed)
     cls = PPCA if method == "ppca" else FactorAnalysis
+    x = target.x
     if args.latent_dim >= x.shape[1]:
         raise ValueError(f"--latent-dim {args.latent_dim} must be below {x.shape[1]} columns")
     model = cls(x.shape[1], args.latent_dim).double()
     t0 = time.perf_counter()
     with isolated_param_store():
-        _fit_linear_exact(model, x, mask, args.linear_steps)
+        _fit_linear_exact(model, train.x, train.mask, args.linear_steps)
     fit_time = time.perf_counter() - t0
     t0 = time.perf_counter()
     with torch.no_grad():
-        cond = model.conditional(x, mask, covariance=False)
+        cond = model.conditional(x, target.mask, covariance=False)
         draws = cond.sample(args.num_imputations, seed=seed).numpy()
-        known = mask | scored  # entries missing in the file are neither given nor scored
-        exact = (model.log_marginal(x, mask=known) - model.log_marginal(x, mask=mask)).numpy()
-    held_out = max(1, int(scored.sum()))
+        known = target.mask | target.scored  # missing in the file: neither given nor scored
+        exact = (model.log_marginal(x, mask=known)
+                 - model.log_marginal(x, mask=target.mask)).numpy()
+    held_out = max(1, int(target.scored.sum()))
     return MethodOutput(imputed=cond.mean.numpy(), draws=draws,
                         log_p_missing=float(exact.sum() / held_out), log_p_missing_se=0.0,
                         fit_time_s=fit_time, impute_time_s=time.perf_counter() - t0)
 
 
-def _miwae(method: str, x: np.ndarray, mask: np.ndarray, scored: np.ndarray, args,
-           seed: int) -> MethodOutput:
+def _miwae(method: str, train: Rows, target: Rows, args, seed: int) -> MethodOutput:
     likelihood = method.split("-", 1)[1]
     pyro.set_rng_seed(seed)
     hidden = runner.command_line.parse_hidden(args.hidden)
-    model = DLVM(x.shape[1], args.latent_dim, likelihood=likelihood, hidden=hidden)
-    x_nan = np.where(mask, x, np.nan).astype(np.float32)
+    model = DLVM(train.x.shape[1], args.latent_dim, likelihood=likelihood, hidden=hidden)
     device = resolve_device(args.device)
     t0 = time.perf_counter()
-    result = fit(model, x_nan, IWAE(args.num_particles), epochs=args.epochs,
-                 batch_size=args.batch_size, lr=args.lr, seed=seed, device=device,
-                 allow_missing=True, progress=not args.no_progress)
+    result = fit(model, train.with_nan().astype(np.float32), IWAE(args.num_particles),
+                 epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=seed,
+                 device=device, allow_missing=True, progress=not args.no_progress)
     fit_time = time.perf_counter() - t0
     t0 = time.perf_counter()
-    imp = impute(result, x_nan, allow_missing=True, num_samples=args.num_eval_samples,
-                 method="multiple", num_imputations=args.num_imputations, seed=seed,
-                 device=device)
+    imp = impute(result, target.with_nan().astype(np.float32), allow_missing=True,
+                 num_samples=args.num_eval_samples, method="multiple",
+                 num_imputations=args.num_imputations, seed=seed, device=device)
     impute_time = time.perf_counter() - t0
-    cll = conditional_log_likelihood(result, x.astype(np.float32), mask, scored=scored,
-                                     num_samples=args.num_eval_samples, seed=seed, device=device)
-    held_out = max(1, int(scored.sum()))
+    cll = conditional_log_likelihood(result, target.x.astype(np.float32), target.mask,
+                                     scored=target.scored, num_samples=args.num_eval_samples,
+                                     seed=seed, device=device)
+    held_out = max(1, int(target.scored.sum()))
     pr = cll.per_row
     notes = []
     if np.median(imp.ess) < 10:
@@ -236,15 +281,14 @@ def _miwae(method: str, x: np.ndarray, mask: np.ndarray, scored: np.ndarray, arg
                         fit_time_s=fit_time, impute_time_s=impute_time, notes=notes)
 
 
-def run_method(method: str, x: np.ndarray, mask: np.ndarray, scored: np.ndarray, args,
-               seed: int) -> MethodOutput:
-    """Fit ``method`` on the observed entries (``mask``) and impute; ``scored`` marks the
-    held-out entries whose true values are known."""
+def run_method(method: str, train: Rows, target: Rows, args, seed: int) -> MethodOutput:
+    """Fit ``method`` on the observed entries of the amputed ``train`` rows and impute the
+    amputed ``target`` rows (``train`` itself for in-sample imputation)."""
     if method in ("mean", "knn", "iterative"):
-        return _sklearn(method, np.where(mask, x, np.nan), args, seed)
+        return _sklearn(method, train, target, args, seed)
     if method in ("ppca", "fa"):
-        return _linear(method, x, mask, scored, args, seed)
-    return _miwae(method, x, mask, scored, args, seed)
+        return _linear(method, train, target, args, seed)
+    return _miwae(method, train, target, args, seed)
 
 
 # ----------------------------------------------------------------------------- one run
@@ -252,9 +296,9 @@ def run_id(rate: float, mechanism: str, seed: int, method: str) -> str:
     return f"{method}-{mechanism}-r{round(rate * 100):02d}-s{seed}"
 
 
-def score(out: MethodOutput, x: np.ndarray, mask: np.ndarray, scored: np.ndarray,
-          binary: bool) -> Dict[str, float]:
-    """Metrics of one run on the held-out entries (``scored``)."""
+def score(out: MethodOutput, rows: Rows, binary: bool) -> Dict[str, float]:
+    """Metrics of one run on the held-out entries of the imputed rows (``rows.scored``)."""
+    x, mask, scored = rows.x, rows.mask, rows.scored
     known = mask | scored
     metrics = imputation_error(np.where(known, x, 0.0), np.where(known, out.imputed, 0.0),
                                ~scored, binary=binary)
@@ -279,21 +323,32 @@ def score(out: MethodOutput, x: np.ndarray, mask: np.ndarray, scored: np.ndarray
     return metrics
 
 
-def execute(config: dict, x: np.ndarray, base: np.ndarray, binary: bool, args, run_dir):
-    """Run one configuration; write ``<run_id>.json`` (and the imputed example rows) atomically."""
-    mask = amputed_mask(x, base, config["rate"], config["mechanism"], config["seed"])
-    scored = base & ~mask
+def test_seed(seed: int) -> int:
+    """Amputation seed of the test rows: another stream than the training rows' ``seed``
+    (the same seed would remove the same pixels from the first rows of both splits)."""
+    return int(np.random.SeedSequence([seed, 1]).generate_state(1)[0])
+
+
+def execute(config: dict, train: Rows, target: Rows, binary: bool, args, run_dir):
+    """Run one configuration (fit on the amputed ``train`` rows, impute and score the amputed
+    ``target`` rows, which may be ``train``); write ``<run_id>.json`` (and the imputed example
+    rows) atomically."""
+    rate, mechanism, seed = config["rate"], config["mechanism"], config["seed"]
+    same = target is train
+    train = train.amputed(rate, mechanism, seed)
+    target = train if same else target.amputed(rate, mechanism, test_seed(seed))
+    mask = target.mask
     record = dict(config, status="ok", error="", notes="")
     try:
-        out = run_method(config["method"], x, mask, scored, args, config["seed"])
-        record.update(score(out, x, mask, scored, binary))
+        out = run_method(config["method"], train, target, args, seed)
+        record.update(score(out, target, binary))
         record["notes"] = "; ".join(out.notes)
         examples = out.imputed[:args.examples]
     except Exception as exc:  # recorded, and the grid goes on
         if isinstance(exc, KeyboardInterrupt):
             raise
         record.update(status="failed", error=f"{type(exc).__name__}: {exc}")
-        examples = np.zeros((0, x.shape[1]))
+        examples = np.zeros((0, target.x.shape[1]))
     path = run_dir / f"{config['run_id']}.npz"
     import io
 
@@ -560,21 +615,35 @@ class StudyResult:
 def _settings(args, methods) -> dict:
     keys = ("latent_dim", "hidden", "epochs", "batch_size", "lr", "num_particles",
             "num_eval_samples", "num_imputations", "knn_neighbors", "linear_steps", "examples",
-            "device")
+            "device", "evaluate_on")
     return {k: getattr(args, k) for k in keys}
 
 
 def main(args: argparse.Namespace) -> StudyResult:
     import pathlib
-    from datetime import datetime, timezone
 
     torch.set_num_threads(args.threads or torch.get_num_threads())
-    dataset, x, base, binary = load(args)
+    dataset, train, target, binary = load(args)
+    x = target.x
     methods = methods_for(args, binary)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: no CUDA device is available")
-    name = runner.study_name_from_args(NAME, args, dataset, default_dataset="digits-dequantized")
+    name = runner.study_name_from_args(NAME if args.evaluate_on == "train" else f"{NAME}-on-test",
+                                       args, dataset, default_dataset="digits-dequantized")
     study_dir = pathlib.Path(args.out_dir) / name
+    command_line = " ".join(shlex.quote(a) for a in ["python"] + sys.argv)
+    with StudyLock(study_dir, wait=args.wait, command_line=command_line):
+        return _run_locked(args, dataset, train, target, binary, methods, study_dir,
+                           command_line)
+
+
+def _run_locked(args, dataset, train: Rows, target: Rows, binary: bool, methods: List[str],
+                study_dir, command_line: str) -> StudyResult:
+    """The study under its lock (one writer per study directory): check what an earlier
+    invocation left, run what is missing, write the table and the report."""
+    from datetime import datetime, timezone
+
+    x = target.x
     run_dir = study_dir / "runs"
     settings = _settings(args, methods)
     if args.fresh and run_dir.exists():
@@ -583,22 +652,29 @@ def main(args: argparse.Namespace) -> StudyResult:
     meta_path = study_dir / "study.json"
     if meta_path.exists() and not args.fresh:
         old = json.loads(meta_path.read_text())
-        if old.get("dataset", {}).get("sha256") != dataset.sha256 or old.get("settings") != settings:
+        # studies written before --evaluate-on existed evaluated in-sample
+        old_settings = {"evaluate_on": "train", **(old.get("settings") or {})}
+        if old.get("dataset", {}).get("sha256") != dataset.sha256 or old_settings != settings:
             raise ValueError(f"{study_dir} holds a study of other data or settings; pass --fresh "
                              f"to replace it or --out-dir for another place")
     run_dir.mkdir(parents=True, exist_ok=True)
     title = "Imputation: mean, KNN, iterative, exact PPCA/FA and MIWAE" + (
         " (smoke test)" if args.smoke else "")
-    description = (f"{dataset.name}: {x.shape[0]} training rows x {x.shape[1]} columns "
+    scored_rows = ("in-sample" if args.evaluate_on == "train" else
+                   f"fit on {train.x.shape[0]} amputed training rows, scored on {x.shape[0]} "
+                   f"amputed test rows")
+    description = (f"{dataset.name}: {x.shape[0]} {args.evaluate_on} rows x {x.shape[1]} columns "
                    f"({'binary' if binary else 'standardized continuous'}), amputed "
                    f"{'/'.join(args.mechanisms)} at rates {', '.join(f'{r:g}' for r in args.rates)}"
-                   f"; methods {', '.join(methods)}; {len(args.seeds)} seed(s). MIWAE: DLVM "
+                   f" ({scored_rows}); methods {', '.join(methods)}; {len(args.seeds)} seed(s)."
+                   f" MIWAE: DLVM "
                    f"(MLP {args.hidden}, d={args.latent_dim}) trained {args.epochs} epochs with "
                    f"IWAE-{args.num_particles}, imputed with K={args.num_eval_samples}.")
     meta = dict(title=title, description=description, status="running", settings=settings,
-                dataset=dict(name=dataset.name, sha256=dataset.sha256, rows=int(x.shape[0]),
+                dataset=dict(name=dataset.name, sha256=dataset.sha256, rows=int(train.x.shape[0]),
+                             scored_rows=int(x.shape[0]), evaluate_on=args.evaluate_on,
                              columns=int(x.shape[1]), binary=binary, source=dataset.source),
-                command_line=" ".join(shlex.quote(a) for a in ["python"] + sys.argv),
+                command_line=command_line,
                 started=datetime.now(timezone.utc).isoformat(timespec="seconds"))
     write_atomically(meta_path, json.dumps(meta, indent=1, default=str))
     configs = [dict(run_id=run_id(rate, mech, seed, method), rate=rate, mechanism=mech,
@@ -611,7 +687,7 @@ def main(args: argparse.Namespace) -> StudyResult:
         if record is None:
             if not args.no_progress:
                 print(f"[{i + 1}/{len(configs)}] {config['run_id']}", flush=True)
-            record = execute(config, x, base, binary, args, run_dir)
+            record = execute(config, train, target, binary, args, run_dir)
         records.append(record)
         table = pd.DataFrame(records)
         write_atomically(study_dir / "results.csv", table.to_csv(index=False))

@@ -67,3 +67,62 @@ def test_bad_flags_exit_before_work(tmp_path):
         study.main(study.parse_args(["--smoke", "--out-dir", str(tmp_path), "--methods",
                                      "miwae-bernoulli"]))
     assert not (tmp_path / "impute-smoke").exists()
+
+
+def test_evaluate_on_test_fits_on_training_rows_and_scores_test_rows(tmp_path, monkeypatch):
+    """--evaluate-on test: every method is fit on the amputed training rows and scored on the
+    amputed test rows (another amputation seed); mean and KNN numbers equal scikit-learn's
+    fit(train).transform(test) recomputed here from the amputation alone."""
+    from conftest import mnist_path
+    from sklearn.impute import KNNImputer
+
+    from pyro_lvm.inference import ampute
+    from pyro_lvm.studies.datasets import load_dataset
+
+    monkeypatch.setenv("PYRO_LVM_DATA", str(mnist_path()))
+    argv = ["--smoke", "--dataset", "binarized-mnist", "--max-rows", "80", "--out-dir",
+            str(tmp_path), "--no-progress", "--no-report", "--methods", "mean", "knn",
+            "miwae-bernoulli", "--rates", "0.5", "--evaluate-on", "test"]
+    result = study.main(study.parse_args(argv))
+    table = result.results.set_index("method")
+    assert (table["status"] == "ok").all(), table[["run_id", "error"]]
+    assert result.study_dir.name == "impute-on-test-binarized-mnist-smoke"
+    meta = json.loads((result.study_dir / "study.json").read_text())
+    assert meta["dataset"]["evaluate_on"] == "test" and meta["settings"]["evaluate_on"] == "test"
+
+    ds = load_dataset("binarized-mnist", data_path=str(mnist_path()), max_rows=80)
+    x_train, x_test = ds.train.numpy().astype(float), ds.test.numpy().astype(float)
+    seed = 0
+    train_nan = np.where(ampute(x_train, 0.5, "mcar", seed=seed), x_train, np.nan)
+    test_mask = ampute(x_test, 0.5, "mcar", seed=study.test_seed(seed))
+    assert not np.array_equal(test_mask, ampute(x_test, 0.5, "mcar", seed=seed))
+    held_out = ~test_mask
+
+    def accuracy(imputed):
+        return float(((imputed >= 0.5) == (x_test == 1))[held_out].mean())
+
+    column_means = np.nan_to_num(np.nanmean(train_nan, axis=0), nan=0.0)
+    expected = {"mean": accuracy(np.broadcast_to(column_means, x_test.shape)),
+                "knn": accuracy(KNNImputer(n_neighbors=5).fit(train_nan).transform(
+                    np.where(test_mask, x_test, np.nan)))}
+    assert (table["num_held_out"] == held_out.sum()).all()
+    for method, value in expected.items():
+        assert table.loc[method, "accuracy"] == pytest.approx(value, abs=1e-12), method
+    # positive control: scoring the training rows in-sample gives other numbers
+    in_sample = study.main(study.parse_args(argv[:-2]))
+    assert in_sample.study_dir.name == "impute-binarized-mnist-smoke"
+    assert (in_sample.results.set_index("method")["accuracy"] != table["accuracy"]).all()
+    assert np.isfinite(table.loc["miwae-bernoulli", "log_p_missing"])
+
+
+def test_a_second_writer_of_the_same_study_is_refused(tmp_path):
+    """One writer per study directory (studies/runner/lock.py), before any work."""
+    from pyro_lvm.studies.runner.lock import StudyLock, StudyLocked
+
+    argv = ["--smoke", "--out-dir", str(tmp_path), "--no-progress", "--methods", "mean",
+            "--rates", "0.3"]
+    with StudyLock(tmp_path / "impute-smoke"):
+        with pytest.raises(StudyLocked, match="is being written by"):
+            study.main(study.parse_args(argv))
+    assert not (tmp_path / "impute-smoke" / "runs").exists()
+    assert (study.main(study.parse_args(argv)).results["status"] == "ok").all()
