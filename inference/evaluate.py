@@ -543,7 +543,8 @@ def _run_is(pair, data, num_samples, *, chunk_size, batch_size, mask, device, se
 def log_likelihood(pair, data, num_samples: int = 5000, *, chunk_size: Optional[int] = None,
                    batch_size: Optional[int] = None, mask=None, device="auto", seed: int = 0,
                    progress: Optional[bool] = None, guide=None, discrete: Optional[bool] = None,
-                   max_elements: Optional[int] = None, param_state=None) -> LogLikelihoodEstimate:
+                   max_elements: Optional[int] = None, param_state=None,
+                   allow_missing: bool = False) -> LogLikelihoodEstimate:
     """Importance-sampled estimate of log p(x) per row, with Monte Carlo standard errors.
 
     .. math::
@@ -573,6 +574,11 @@ def log_likelihood(pair, data, num_samples: int = 5000, *, chunk_size: Optional[
         different chunk sizes give different (equally valid) estimates.
     mask : array-like of bool, optional
         Observed entries (True = observed); log p(x) is then of the observed entries.
+    allow_missing : bool
+        Treat NaN entries of ``data`` as missing (combined with ``mask``), as
+        ``fit(allow_missing=True)`` does: the estimate is then of log p(x_obs), the missing
+        entries marginalized out. The pair must accept ``mask``; without ``allow_missing``,
+        NaN is an error naming row and column.
     device : "auto" | "cpu" | "cuda" | torch.device
     seed : int
         The estimate is a deterministic function of the seed (the caller's global RNG state
@@ -610,8 +616,12 @@ def log_likelihood(pair, data, num_samples: int = 5000, *, chunk_size: Optional[
     ------
     ValueError
         Invalid data (with rows and columns), ``num_samples < 1``, CUDA requested but not
-        available, NaN or +inf log weights (naming the rows).
+        available, NaN or +inf log weights (naming the rows); with ``allow_missing``, a row
+        with every entry missing or a pair without a ``mask`` argument.
     """
+    from pyro_lvm.inference.impute import evaluation_mask  # (impute imports this module)
+
+    mask = evaluation_mask(pair, data, mask, allow_missing=allow_missing, guide=guide)
     ctx, probe, raw, exact, rows, particles, elapsed = _run_is(
         pair, data, num_samples, chunk_size=chunk_size, batch_size=batch_size, mask=mask,
         device=device, seed=seed, progress=progress, guide=guide, max_elements=max_elements,
@@ -623,7 +633,7 @@ def log_likelihood(pair, data, num_samples: int = 5000, *, chunk_size: Optional[
 def elbo(pair, data, num_samples: int = 1, *, chunk_size: Optional[int] = None,
          batch_size: Optional[int] = None, mask=None, device="auto", seed: int = 0,
          progress: Optional[bool] = None, guide=None, max_elements: Optional[int] = None,
-         param_state=None) -> ELBOEstimate:
+         param_state=None, allow_missing: bool = False) -> ELBOEstimate:
     """Held-out ELBO per row, :math:`\\frac1K \\sum_k \\log w_{ik}`, an unbiased estimate of
     :math:`\\mathrm{ELBO}(x_i) = \\log p(x_i) - \\mathrm{KL}(q(z\\mid x_i) \\,\\|\\, p(z\\mid x_i))
     \\le \\log p(x_i)` (a bound, not a likelihood), with standard error
@@ -631,6 +641,9 @@ def elbo(pair, data, num_samples: int = 1, *, chunk_size: Optional[int] = None,
 
     Arguments as in :func:`log_likelihood`. Returns an :class:`ELBOEstimate`.
     """
+    from pyro_lvm.inference.impute import evaluation_mask  # (impute imports this module)
+
+    mask = evaluation_mask(pair, data, mask, allow_missing=allow_missing, guide=guide)
     ctx, _probe_info, raw, exact, _r, _p, _t = _run_is(
         pair, data, num_samples, chunk_size=chunk_size, batch_size=batch_size, mask=mask,
         device=device, seed=seed, progress=progress, guide=guide, max_elements=max_elements,
@@ -757,7 +770,7 @@ def evaluate(pair, data, num_samples: int = 5000, *, chunk_size: Optional[int] =
              batch_size: Optional[int] = None, mask=None, device="auto", seed: int = 0,
              progress: Optional[bool] = None, guide=None, discrete: Optional[bool] = None,
              reconstruction="auto", max_elements: Optional[int] = None,
-             param_state=None) -> Dict[str, float]:
+             param_state=None, allow_missing: bool = False) -> Dict[str, float]:
     """All held-out metrics in one flat dict of numbers (for a metrics JSON).
 
     One importance-sampling pass with K = ``num_samples`` draws per row gives both the IS
@@ -780,9 +793,14 @@ def evaluate(pair, data, num_samples: int = 5000, *, chunk_size: Optional[int] =
         omits these keys when the pair can neither reconstruct nor be reconstructed
         generically; ``True`` raises then; ``False`` skips them.
     ``num_samples``, ``num_rows``, ``seed``, ``elapsed_s``
+
+    Arguments as in :func:`log_likelihood` (``allow_missing``: NaN entries are missing).
     """
     if reconstruction not in ("auto", True, False):
         raise ValueError(f"reconstruction must be 'auto', True or False, got {reconstruction!r}")
+    from pyro_lvm.inference.impute import evaluation_mask  # (impute imports this module)
+
+    mask = evaluation_mask(pair, data, mask, allow_missing=allow_missing, guide=guide)
     ctx, probe, raw, exact, rows, particles, elapsed = _run_is(
         pair, data, num_samples, chunk_size=chunk_size, batch_size=batch_size, mask=mask,
         device=device, seed=seed, progress=progress, guide=guide, max_elements=max_elements,
