@@ -126,3 +126,21 @@ def test_a_second_writer_of_the_same_study_is_refused(tmp_path):
             study.main(study.parse_args(argv))
     assert not (tmp_path / "impute-smoke" / "runs").exists()
     assert (study.main(study.parse_args(argv)).results["status"] == "ok").all()
+
+
+def test_a_study_written_before_evaluate_on_existed_resumes(tmp_path):
+    """study.json without settings.evaluate_on is an in-sample study: it resumes in-sample
+    and refuses --evaluate-on test only by living in another directory."""
+    argv = ["--smoke", "--out-dir", str(tmp_path), "--no-progress", "--no-report", "--methods",
+            "mean", "--rates", "0.3"]
+    first = study.main(study.parse_args(argv))
+    meta_path = first.study_dir / "study.json"
+    meta = json.loads(meta_path.read_text())
+    del meta["settings"]["evaluate_on"]
+    meta_path.write_text(json.dumps(meta))
+    stamps = {f.name: f.stat().st_mtime_ns for f in (first.study_dir / "runs").iterdir()}
+    again = study.main(study.parse_args(argv))
+    assert {f.name: f.stat().st_mtime_ns for f in (first.study_dir / "runs").iterdir()} == stamps
+    pd.testing.assert_frame_equal(again.results, first.results)
+    other = study.main(study.parse_args(argv + ["--evaluate-on", "test"]))
+    assert other.study_dir != first.study_dir and (other.results["status"] == "ok").all()
