@@ -7,8 +7,8 @@ from pyro_lvm.inference.contract import ContractError, ContractReport, check_con
 from pyro_lvm.inference.diagnostics import (Diagnostics, ImportanceDiagnostics, LatentUsage, amortization_gap,
                                    diagnose, importance_diagnostics, latent_usage,
                                    posterior_predictive_check, to_inference_data)
-from pyro_lvm.inference.evaluate import (ELBOEstimate, LogLikelihoodEstimate, ReconstructionError, elbo,
-                                evaluate, log_likelihood, reconstruction_error)
+from pyro_lvm.inference.estimates import ELBOEstimate, LogLikelihoodEstimate, ReconstructionError
+from pyro_lvm.inference.evaluate import elbo, evaluate, log_likelihood, reconstruction_error
 from pyro_lvm.inference.amputation import ampute
 from pyro_lvm.inference.impute import (ConditionalLogLikelihood, Imputation,
                                        conditional_log_likelihood, impute, imputation_error,

@@ -1,5 +1,7 @@
 """Held-out evaluation of a fitted model/guide pair: importance-sampled log-likelihood with
-Monte Carlo standard errors, held-out ELBO, reconstruction error.
+Monte Carlo standard errors, held-out ELBO, reconstruction error. The result types
+(:class:`LogLikelihoodEstimate`, :class:`ELBOEstimate`, :class:`ReconstructionError`) are
+defined in :mod:`pyro_lvm.inference.estimates` and importable from here.
 
 Importance-sampled log-likelihood
 ---------------------------------
@@ -68,9 +70,8 @@ import contextlib
 import inspect
 import math
 import time
-from dataclasses import dataclass
 from types import SimpleNamespace
-from typing import Any, Dict, Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import numpy as np
 import pandas as pd
@@ -83,6 +84,8 @@ from tqdm.auto import tqdm
 
 from pyro_lvm.inference import engine, pairs
 from pyro_lvm.inference.engine import StreamingImportanceStats, check_int
+# the result types, re-exported here where users import them
+from pyro_lvm.inference.estimates import ELBOEstimate, LogLikelihoodEstimate, ReconstructionError
 from pyro_lvm.inference.log_weights import trace_log_terms
 
 __all__ = [
@@ -100,223 +103,6 @@ __all__ = [
 _PROGRESS_THRESHOLD = 10_000_000
 
 _LN2 = math.log(2.0)
-
-IS_LABEL = "IS estimate of log p(x) (IWAE_K lower bound in expectation)"
-ELBO_LABEL = "ELBO (lower bound on log p(x))"
-
-
-# ----------------------------------------------------------------------------- result types
-def _fmt(value: Optional[float], se: Optional[float] = None) -> str:
-    """Format a value with as many decimals as its standard error warrants (at least 2)."""
-    if value is None or not np.isfinite(value):
-        return str(value)
-    decimals = 2
-    if se is not None and np.isfinite(se) and se > 0:
-        decimals = int(min(6, max(2, 1 - math.floor(math.log10(se)))))
-    return f"{value:.{decimals}f}"
-
-
-@dataclass
-class LogLikelihoodEstimate:
-    """Importance-sampled estimate of log p(x) per row and for the data set.
-
-    Attributes
-    ----------
-    per_row : pandas.DataFrame
-        One row per data row: ``log_px`` (IS estimate, IWAE_K lower bound in expectation),
-        ``se`` (its Monte Carlo standard error, delta method), ``ess`` (effective sample
-        size of the K weights, between 1 and K), ``exact_log_px`` (when the model has
-        ``log_marginal``).
-    mean : float
-        Mean of ``log_px`` over rows (nats per row).
-    mc_se : float
-        Monte Carlo standard error of ``mean`` for this data set: sqrt(sum se_i^2) / n.
-    data_se : float
-        Sampling standard error across rows: sd(log_px) / sqrt(n) (NaN for one row).
-    exact_mean : float or None
-        Mean exact log p(x) when the model has ``log_marginal``.
-    num_samples, num_rows : int
-        K importance samples per row; number of rows.
-    discrete : bool
-        Whether the observation model is discrete (log p(x) is a log probability).
-    bits_per_dim, bits_per_dim_se : float or None
-        For discrete data, mean over rows of -log p(x_i) / (D_i ln 2) with D_i the
-        number of observed entries of row i, and its Monte Carlo standard error; None
-        for continuous data (a density has no bits-per-dim reading).
-    label : str
-        What the estimate is, for tables and plots.
-    """
-
-    per_row: pd.DataFrame
-    mean: float
-    mc_se: float
-    data_se: float
-    exact_mean: Optional[float]
-    num_samples: int
-    num_rows: int
-    discrete: bool = False
-    bits_per_dim: Optional[float] = None
-    bits_per_dim_se: Optional[float] = None
-    exact_bits_per_dim: Optional[float] = None
-    seed: int = 0
-    device: str = "cpu"
-    rows_per_chunk: int = 0
-    particles_per_chunk: int = 0
-    elapsed_s: float = 0.0
-    label: str = IS_LABEL
-
-    @property
-    def mean_ess(self) -> float:
-        """Mean effective sample size over rows."""
-        return float(self.per_row["ess"].mean())
-
-    def to_dict(self) -> Dict[str, Any]:
-        """Flat dict of the summary numbers (no per-row values), JSON-serializable."""
-        out: Dict[str, Any] = {
-            "label": self.label,
-            "log_px": float(self.mean),
-            "mc_se": float(self.mc_se),
-            "data_se": float(self.data_se),
-            "exact_log_px": None if self.exact_mean is None else float(self.exact_mean),
-            "num_samples": int(self.num_samples),
-            "num_rows": int(self.num_rows),
-            "mean_ess": self.mean_ess,
-            "discrete": bool(self.discrete),
-            "bits_per_dim": self.bits_per_dim,
-            "bits_per_dim_se": self.bits_per_dim_se,
-            "seed": int(self.seed),
-            "elapsed_s": float(self.elapsed_s),
-        }
-        return out
-
-    def summary(self) -> str:
-        K, n = self.num_samples, self.num_rows
-        lines = [
-            f"log p(x) ≈ {_fmt(self.mean, self.mc_se)} ± {_fmt(self.mc_se, self.mc_se)} (MC se), "
-            f"IWAE_{K} estimate over {n} rows",
-            f"  [{self.label}; data se across rows {_fmt(self.data_se, self.data_se)}; "
-            f"mean ESS {self.mean_ess:.1f} of {K}]",
-        ]
-        if self.exact_mean is not None:
-            gap = self.mean - self.exact_mean
-            lines.append(f"  exact log p(x) = {_fmt(self.exact_mean, self.mc_se)} "
-                         f"(estimate - exact = {gap:.3g}, {gap / self.mc_se:.2f} MC se)"
-                         if self.mc_se > 0 else
-                         f"  exact log p(x) = {_fmt(self.exact_mean, self.mc_se)} "
-                         f"(estimate - exact = {gap:.3g})")
-        if self.bits_per_dim is not None:
-            lines.append(f"  bits/dim ≈ {_fmt(self.bits_per_dim, self.bits_per_dim_se)} ± "
-                         f"{_fmt(self.bits_per_dim_se, self.bits_per_dim_se)} (MC se)")
-        return "\n".join(lines)
-
-    def __str__(self) -> str:
-        return self.summary()
-
-
-@dataclass
-class ELBOEstimate:
-    """Held-out ELBO per row, :math:`\\mathrm{ELBO}(x_i) = E_q[\\log p(x_i, z) - \\log q(z\\mid x_i)]`,
-    estimated with K draws from the guide (a lower bound on log p(x_i), not a likelihood).
-
-    Attributes
-    ----------
-    per_row : pandas.DataFrame
-        ``elbo`` (mean log weight over the K draws) and ``se`` (sd / sqrt(K); NaN for K = 1).
-    mean, mc_se, data_se : float
-        Mean over rows, its Monte Carlo se (sqrt(sum se_i^2)/n; NaN for K = 1, when the
-        per-row Monte Carlo noise cannot be separated from the spread across rows — then
-        ``data_se``, which includes it, is the standard error to use), and sd/sqrt(n).
-    exact_mean : float or None
-        Mean exact log p(x) when the model has ``log_marginal`` (ELBO <= it).
-    """
-
-    per_row: pd.DataFrame
-    mean: float
-    mc_se: float
-    data_se: float
-    exact_mean: Optional[float]
-    num_samples: int
-    num_rows: int
-    seed: int = 0
-    label: str = ELBO_LABEL
-
-    def to_dict(self) -> Dict[str, Any]:
-        return {
-            "label": self.label,
-            "elbo": float(self.mean),
-            "mc_se": float(self.mc_se),
-            "data_se": float(self.data_se),
-            "exact_log_px": None if self.exact_mean is None else float(self.exact_mean),
-            "num_samples": int(self.num_samples),
-            "num_rows": int(self.num_rows),
-            "seed": int(self.seed),
-        }
-
-    def summary(self) -> str:
-        if np.isfinite(self.mc_se):
-            head = (f"ELBO ≈ {_fmt(self.mean, self.mc_se)} ± {_fmt(self.mc_se, self.mc_se)} (MC se), "
-                    f"{self.num_samples} draw(s) per row over {self.num_rows} rows")
-        else:
-            head = (f"ELBO ≈ {_fmt(self.mean, self.data_se)} ± {_fmt(self.data_se, self.data_se)} "
-                    f"(se across rows, includes MC noise; K=1), over {self.num_rows} rows")
-        lines = [head, f"  [{self.label}; data se across rows {_fmt(self.data_se, self.data_se)}]"]
-        if self.exact_mean is not None:
-            lines.append(f"  exact log p(x) = {_fmt(self.exact_mean, self.data_se)} "
-                         f"(gap log p(x) - ELBO = mean KL(q || posterior) ≈ "
-                         f"{self.exact_mean - self.mean:.3g})")
-        return "\n".join(lines)
-
-    def __str__(self) -> str:
-        return self.summary()
-
-
-@dataclass
-class ReconstructionError:
-    """Per-row reconstruction error of x by the model's reconstruction.
-
-    Attributes
-    ----------
-    per_row : pandas.DataFrame
-        ``mse`` (mean squared error over the observed entries of the row) and, for binary
-        data with reconstructions in [0, 1], ``cross_entropy`` (binary cross-entropy summed
-        over the observed entries, nats).
-    mse, mse_se : float
-        Mean over rows and its standard error across rows (sd/sqrt(n)).
-    cross_entropy, cross_entropy_se : float or None
-    method : str
-        ``"reconstruct"`` (the pair's own ``reconstruct(x)``) or ``"likelihood_mean"`` (mean of
-        p(x | z) at z = mean of q(z | x)). Both are deterministic given the parameters, so
-        there is no Monte Carlo error.
-    """
-
-    per_row: pd.DataFrame
-    mse: float
-    mse_se: float
-    cross_entropy: Optional[float]
-    cross_entropy_se: Optional[float]
-    method: str
-    num_rows: int
-
-    def to_dict(self) -> Dict[str, Any]:
-        return {
-            "mse": float(self.mse),
-            "mse_se": float(self.mse_se),
-            "cross_entropy": self.cross_entropy,
-            "cross_entropy_se": self.cross_entropy_se,
-            "method": self.method,
-            "num_rows": int(self.num_rows),
-        }
-
-    def summary(self) -> str:
-        s = (f"reconstruction MSE = {_fmt(self.mse, self.mse_se)} ± {_fmt(self.mse_se, self.mse_se)} "
-             f"(se across rows) over {self.num_rows} rows [{self.method}]")
-        if self.cross_entropy is not None:
-            s += (f"\n  binary cross-entropy = {_fmt(self.cross_entropy, self.cross_entropy_se)} ± "
-                  f"{_fmt(self.cross_entropy_se, self.cross_entropy_se)} nats per row")
-        return s
-
-    def __str__(self) -> str:
-        return self.summary()
 
 
 def _probe(model_fn, guide_fn, x, mask) -> SimpleNamespace:
