@@ -38,7 +38,7 @@ except ImportError:  # pragma: no cover - older torch
 
 from pyro_lvm.inference import pairs
 from pyro_lvm.inference.engine import isolated_param_store, resolve_pair
-from pyro_lvm.inference.log_weights import DATA_PLATE, PARTICLE_PLATE, trace_log_terms
+from pyro_lvm.inference.importance_weights import DATA_PLATE, PARTICLE_PLATE, trace_log_terms
 
 __all__ = ["ContractError", "ContractReport", "check_contract"]
 
@@ -337,7 +337,7 @@ def check_contract(pair, x, mask=None, *, guide=None, require_reparameterized: b
     """Run a model/guide pair on ``x`` and verify that it keeps the pyro-lvm contract.
 
     The pair is run once as written (guide, then model replayed on the guide's draws) and once
-    through :func:`inference.log_weights.trace_log_terms` with two particles vectorized in
+    through :func:`inference.importance_weights.trace_log_terms` with two particles vectorized in
     ``pyro.plate("num_particles_vectorized", 2, dim=-2)``. Parameters created by the run live
     in a throw-away parameter store (:func:`inference.engine.isolated_param_store`), so the
     check leaves no trace in the global store.

@@ -14,7 +14,7 @@
   :func:`plan_chunks`): ``particles x rows x width`` elements per vectorized pass, where the
   width per draw comes from a one-row probe (:func:`draw_width`);
 * stream log importance weights chunk by chunk (:func:`stream_log_weights`,
-  :class:`StreamingImportanceStats`) from :func:`pyro_lvm.inference.log_weights.log_weights`.
+  :class:`StreamingImportanceStats`) from :func:`pyro_lvm.inference.importance_weights.log_weights`.
 """
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ import torch
 from pyro.poutine.util import site_is_subsample
 
 from pyro_lvm.inference import pairs
-from pyro_lvm.inference.log_weights import log_weights, trace_log_terms
+from pyro_lvm.inference.importance_weights import log_weights, trace_log_terms
 from pyro_lvm.models import check_data, check_mask
 
 __all__ = [

@@ -86,7 +86,7 @@ from pyro_lvm.inference import engine, pairs
 from pyro_lvm.inference.engine import StreamingImportanceStats, check_int
 # the result types, re-exported here where users import them
 from pyro_lvm.inference.estimates import ELBOEstimate, LogLikelihoodEstimate, ReconstructionError
-from pyro_lvm.inference.log_weights import trace_log_terms
+from pyro_lvm.inference.importance_weights import trace_log_terms
 
 __all__ = [
     "LogLikelihoodEstimate",

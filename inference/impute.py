@@ -87,7 +87,7 @@ from tqdm.auto import tqdm
 from pyro_lvm.inference.engine import (check_int, default_max_elements, pair_eval_width,
                                        plan_chunks, resolve_pair, session)
 from pyro_lvm.inference.evaluate import _accepts_mask, _probe, _raise_if_invalid, _show_progress
-from pyro_lvm.inference.log_weights import trace_log_terms
+from pyro_lvm.inference.importance_weights import trace_log_terms
 from pyro_lvm.models import check_mask
 
 __all__ = ["Imputation", "ConditionalLogLikelihood", "impute", "conditional_log_likelihood",

@@ -8,10 +8,10 @@ Every objective in pyro-lvm is computed from one quantity,
     \\qquad z_{ki} \\sim q_\\phi(\\cdot \\mid x_i),\\; k = 1..K,
 
 with the ``K`` particles drawn in one vectorized pass (a plate on the left of the data
-plate). :func:`~pyro_lvm.inference.log_weights.log_weights` returns this ``[K, batch]``
+plate). :func:`~pyro_lvm.inference.importance_weights.log_weights` returns this ``[K, batch]``
 tensor for any model/guide pair that keeps the contract (every sample site inside
 ``pyro.plate("data", N, dim=-1)``); how it is computed is described in
-:mod:`pyro_lvm.inference.log_weights`. This module builds the objectives on it: minibatch
+:mod:`pyro_lvm.inference.importance_weights`. This module builds the objectives on it: minibatch
 scaling, guide-gradient estimators and analytic KL.
 
 Bounds (per data point :math:`x_i`, both are lower bounds on :math:`\\log p_\\theta(x_i)`)
@@ -106,7 +106,7 @@ from torch.distributions.constraints import Constraint
 from pyro_lvm.inference import enumeration
 from pyro_lvm.inference.kl import closed_form_kl
 # the log-weight engine; its public names are re-exported here, where users import them
-from pyro_lvm.inference.log_weights import (DATA_PLATE, PARTICLE_PLATE, LogTerms,
+from pyro_lvm.inference.importance_weights import (DATA_PLATE, PARTICLE_PLATE, LogTerms,
                                             _check_particles, _check_x, _latent_site_names,
                                             _model_terms, _per_point, _record, _run_guide,
                                             _score, elbo_from_log_weights,
@@ -116,7 +116,7 @@ from pyro_lvm.inference.log_weights import (DATA_PLATE, PARTICLE_PLATE, LogTerms
 __all__ = [
     "ELBO",
     "IWAE",
-    # re-exported from pyro_lvm.inference.log_weights
+    # re-exported from pyro_lvm.inference.importance_weights
     "PARTICLE_PLATE",
     "DATA_PLATE",
     "LogTerms",

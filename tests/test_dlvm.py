@@ -16,7 +16,7 @@ from conftest import requires_cuda
 from pyro_lvm.inference.engine import isolated_param_store
 from pyro_lvm.inference.contract import check_contract
 from pyro_lvm.inference.fit import fit
-from pyro_lvm.inference.log_weights import log_weights, trace_log_terms
+from pyro_lvm.inference.importance_weights import log_weights, trace_log_terms
 from pyro_lvm.models.dlvm import DLVM, LectureDLVM
 from pyro_lvm.models.likelihoods import Gaussian
 from pyro_lvm.models.networks import ACTIVATIONS, mlp
@@ -486,7 +486,7 @@ def test_moves_to_cuda(prior):
 
 
 def test_two_dlvms_do_not_share_parameters_outside_an_isolated_store():
-    from pyro_lvm.inference.log_weights import log_weights
+    from pyro_lvm.inference.importance_weights import log_weights
 
     x = torch.bernoulli(torch.full((6, 12), 0.5))
     a = DLVM(12, 2, hidden=(8,))

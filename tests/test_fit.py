@@ -12,7 +12,7 @@ from pyro.nn import PyroModule
 
 from pyro_lvm.inference.contract import ContractError
 from pyro_lvm.inference.fit import (EarlyStopping, FitResult, NonFiniteLossError, StopFit, fit)
-from pyro_lvm.inference.log_weights import log_weights
+from pyro_lvm.inference.importance_weights import log_weights
 
 N, P, D = 40, 3, 2
 

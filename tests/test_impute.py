@@ -129,7 +129,7 @@ def test_conditional_log_likelihood_standard_error_matches_spread_over_seeds():
     ratio = est.std(0, ddof=1) / se.mean(0)
     assert np.all((ratio > 0.7) & (ratio < 1.35)), ratio
     # positive control: treating log(mean a) and log(mean w) as independent estimates
-    from pyro_lvm.inference.log_weights import trace_log_terms
+    from pyro_lvm.inference.importance_weights import trace_log_terms
 
     xt, mt = torch.as_tensor(x), torch.as_tensor(mask)
     with torch.no_grad():

@@ -12,7 +12,7 @@ from sklearn.decomposition import FactorAnalysis as SkFactorAnalysis
 from threadpoolctl import threadpool_limits
 
 from pyro_lvm.inference.engine import isolated_param_store
-from pyro_lvm.inference.log_weights import log_weights, trace_log_terms
+from pyro_lvm.inference.importance_weights import log_weights, trace_log_terms
 from pyro_lvm.models.linear import PPCA, FactorAnalysis
 
 MODELS = [FactorAnalysis, PPCA]
@@ -478,7 +478,7 @@ def test_fits_and_exact_quantities_on_cuda(cls):
 
 def test_two_instances_do_not_share_parameters_outside_an_isolated_store():
     """Running two same-class models in the global param store must not tie their tensors."""
-    from pyro_lvm.inference.log_weights import log_weights
+    from pyro_lvm.inference.importance_weights import log_weights
 
     x = torch.randn(7, 5, dtype=torch.float64)
     a = PPCA(5, 2).double()

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from pyro_lvm.inference import IWAE, ampute, fit, imputation_error, impute
-from pyro_lvm.inference.log_weights import log_weights
+from pyro_lvm.inference.importance_weights import log_weights
 from pyro_lvm.models import DLVM
 
 

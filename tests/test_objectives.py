@@ -16,7 +16,7 @@ from pyro.nn import PyroModule, PyroParam
 from torch.distributions import constraints
 
 from pyro_lvm.inference.fit import KLWarmup, fit, linear_warmup
-from pyro_lvm.inference.log_weights import (elbo_from_log_weights, iwae_from_log_weights,
+from pyro_lvm.inference.importance_weights import (elbo_from_log_weights, iwae_from_log_weights,
                                             log_weights, trace_log_terms)
 from pyro_lvm.inference.objectives import ELBO, IWAE, _reparameterized_surrogate
 from pyro_lvm.models.linear import PPCA
@@ -773,8 +773,8 @@ def test_parameter_statements_stop_at_the_objectives_own_handler_unless_an_outer
     it as usual. Both give the same loss and gradients."""
     import pyro.poutine as poutine
 
-    # patched on the class, where it is defined (pyro_lvm.inference.log_weights)
-    from pyro_lvm.inference.log_weights import _StoredParams
+    # patched on the class, where it is defined (pyro_lvm.inference.importance_weights)
+    from pyro_lvm.inference.importance_weights import _StoredParams
 
     answered = []
     original = _StoredParams._pyro_param

@@ -1,6 +1,6 @@
 """The objectives' log weights and gradients against Pyro's own tracing, for every pair kind.
 
-The objectives record sample sites with a light handler (``log_weights._SiteRecorder``) and
+The objectives record sample sites with a light handler (``importance_weights._SiteRecorder``) and
 score them with the distributions the pair itself builds; the DReG / STL estimators take one
 pass for a guide with one latent site. The oracle here is the textbook construction on
 ``poutine.trace`` + ``poutine.replay``: at the same seed both must draw the same latents and
@@ -21,7 +21,7 @@ from torch.distributions import Bernoulli as TorchBernoulli
 
 from pyro_lvm.inference.engine import isolated_param_store
 from pyro_lvm.inference.fit import fit
-from pyro_lvm.inference.log_weights import PARTICLE_PLATE, log_weights, trace_log_terms
+from pyro_lvm.inference.importance_weights import PARTICLE_PLATE, log_weights, trace_log_terms
 from pyro_lvm.inference.objectives import ELBO, IWAE, _detached
 from pyro_lvm.models.dlvm import DLVM
 from pyro_lvm.models.likelihoods import Bernoulli, BinaryBernoulli

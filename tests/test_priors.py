@@ -263,7 +263,7 @@ def test_vamp_log_prob_with_particle_dim_matches_a_loop_over_pseudo_inputs():
     """log p(z) for z [K, B, d] (particles x rows) inside a DLVM trace equals
     log (1/C) sum_c N(z; mu(u_c), sigma(u_c)^2) computed one pseudo-input at a time,
     and its gradients reach the encoder and the pseudo-inputs identically."""
-    from pyro_lvm.inference.log_weights import trace_log_terms
+    from pyro_lvm.inference.importance_weights import trace_log_terms
     from pyro_lvm.models.dlvm import DLVM
 
     model = DLVM(12, 3, prior="vamp", hidden=(16,), num_pseudo_inputs=7)

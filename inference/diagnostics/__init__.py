@@ -18,7 +18,7 @@ fitted model reproduce the data?
 * :func:`diagnose` -- all of the above in one bundle.
 
 Every function accepts any pair keeping the model/guide contract (see ``DESIGN.md``); all
-importance weights and latent draws come from :func:`inference.log_weights.trace_log_terms`.
+importance weights and latent draws come from :func:`inference.importance_weights.trace_log_terms`.
 Evaluation runs under :func:`torch.no_grad` and in an isolated Pyro parameter store, with a
 local random stream (the global torch RNG state is restored afterwards).
 

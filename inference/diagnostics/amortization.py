@@ -12,7 +12,7 @@ import pyro.distributions as dist
 import torch
 
 
-from pyro_lvm.inference.log_weights import trace_log_terms
+from pyro_lvm.inference.importance_weights import trace_log_terms
 from pyro_lvm.inference import engine
 from pyro_lvm.inference.objectives import ELBO
 from pyro_lvm.inference.diagnostics._common import (_check_int, _check_positive, _chunk_sizes,

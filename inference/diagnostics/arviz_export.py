@@ -13,7 +13,7 @@ import pyro
 import torch
 
 
-from pyro_lvm.inference.log_weights import trace_log_terms
+from pyro_lvm.inference.importance_weights import trace_log_terms
 from pyro_lvm.inference import engine
 from pyro_lvm.inference.diagnostics._common import (_check_int, _chunk_sizes, _flatten_event,
                                                     _guide_sites, _latent_labels,

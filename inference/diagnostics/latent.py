@@ -14,7 +14,7 @@ import torch
 from torch.distributions import kl_divergence
 
 
-from pyro_lvm.inference.log_weights import trace_log_terms
+from pyro_lvm.inference.importance_weights import trace_log_terms
 from pyro_lvm.inference import engine
 from pyro_lvm.inference.kl import closed_form_kl
 from pyro_lvm.inference.diagnostics._common import (_check_int, _check_positive, _chunk_sizes,

@@ -13,7 +13,7 @@ import pyro.poutine as poutine
 import torch
 
 
-from pyro_lvm.inference.log_weights import PARTICLE_PLATE
+from pyro_lvm.inference.importance_weights import PARTICLE_PLATE
 from pyro_lvm.inference.diagnostics._common import (_BUILTIN_STATISTICS, _chunk_sizes, _Prepared,
                                                     _check_int, _observed_data_site, _prepare,
                                                     _progress, _seeded)

@@ -11,7 +11,7 @@ import torch
 from pyro.poutine.util import site_is_subsample
 
 from pyro_lvm.inference.fit.checkpoint import set_torch_rng_state
-from pyro_lvm.inference.log_weights import trace_log_terms
+from pyro_lvm.inference.importance_weights import trace_log_terms
 
 __all__ = ["NonFiniteLossError", "diagnose_sites", "describe_site", "raise_non_finite"]
 
