@@ -658,7 +658,7 @@ def _run_locked(args, dataset, train: Rows, target: Rows, binary: bool, methods:
             raise ValueError(f"{study_dir} holds a study of other data or settings; pass --fresh "
                              f"to replace it or --out-dir for another place")
     run_dir.mkdir(parents=True, exist_ok=True)
-    title = "Imputation: mean, KNN, iterative, exact PPCA/FA and MIWAE" + (
+    title = f"Imputation on {dataset.name}: {', '.join(methods)}" + (
         " (smoke test)" if args.smoke else "")
     scored_rows = ("in-sample" if args.evaluate_on == "train" else
                    f"fit on {train.x.shape[0]} amputed training rows, scored on {x.shape[0]} "
