@@ -513,8 +513,9 @@ h2 { border-bottom: 2px solid var(--line); padding-bottom: .2rem; font-size: 1.3
 .scroll { overflow-x: auto; }
 table.data { border-collapse: collapse; font-size: .86rem; margin: .5rem 0 1rem 0; }
 table.data th, table.data td { border: 1px solid var(--line); padding: .25rem .55rem; text-align: right; white-space: nowrap; }
-table.data th { background: var(--bg-soft); text-align: center; }
+table.data th { background: var(--bg-soft); text-align: center; white-space: normal; }
 img { max-width: 100%; }
+pre { white-space: pre-wrap; overflow-wrap: anywhere; font-size: .8rem; }
 """
 
 
@@ -524,6 +525,35 @@ def _html_table(frame: pd.DataFrame) -> str:
     return '<div class="scroll">' + frame.to_html(
         classes="data", index=False, na_rep="", float_format=lambda v: f"{v:.4g}",
         border=0) + "</div>"
+
+
+_SUMMARY_LABELS = {"rmse": "RMSE", "mae": "MAE", "accuracy": "accuracy",
+                   "coverage_90": "coverage of 90% intervals", "interval_width_90": "90% interval width",
+                   "complete_mean": "complete-data mean", "fit_time_s": "fit (s)",
+                   "impute_time_s": "impute (s)"}
+
+
+def _with_se(frame: pd.DataFrame, value: str, se: str, label: str) -> pd.DataFrame:
+    """``value`` and its Monte Carlo ``se`` as one "v ± se" column named ``label``."""
+    if value not in frame or frame[value].isna().all():
+        return frame.drop(columns=[c for c in (value, se) if c in frame])
+    ses = frame[se] if se in frame else pd.Series(np.nan, index=frame.index)
+    text = [("" if not np.isfinite(v) else f"{v:.4g}" if not np.isfinite(e)
+             else f"{v:.4g} (exact)" if e == 0 else f"{v:.4g} ± {e:.2g}")
+            for v, e in zip(frame[value].astype(float), ses.astype(float))]
+    out = frame.drop(columns=[c for c in (value, se) if c in frame])
+    out[label] = text
+    return out
+
+
+def _display_summary(summary: pd.DataFrame) -> pd.DataFrame:
+    """The summary as the report shows it: estimates with their standard errors in one
+    column, readable headers (they wrap), and no column that no method filled (coverage
+    without draws, Rubin's rules without multiple imputations)."""
+    out = summary.dropna(axis=1, how="all")
+    out = _with_se(out, "log_p_missing", "log_p_missing_se", "log p(x_miss | x_obs) per entry ± se")
+    out = _with_se(out, "rubin_mean", "rubin_mean_se", "Rubin pooled mean ± se")
+    return out.rename(columns=_SUMMARY_LABELS)
 
 
 def _img(uri: Optional[str], alt: str) -> str:
@@ -572,7 +602,7 @@ def render_report(study_dir, table: pd.DataFrame, meta: dict, dataset, x: np.nda
         ("Verdict", '<div class="verdict">' + "".join(f"<p>{html.escape(t)}</p>" for t in lines)
          + f'<p class="note">{metric} on held-out entries, {better} is better; differences are '
            f'paired by amputed data set (same mechanism, rate and seed).</p></div>'),
-        ("Summary (mean over seeds)", _html_table(summary)),
+        ("Summary (mean over seeds)", _html_table(_display_summary(summary))),
         (f"Paired differences in {metric} against mean imputation",
          _html_table(paired_differences(table, metric))),
         (f"{metric} by missing rate", _img(error_by_rate_figure(summary, metric), metric)),

@@ -144,3 +144,20 @@ def test_a_study_written_before_evaluate_on_existed_resumes(tmp_path):
     pd.testing.assert_frame_equal(again.results, first.results)
     other = study.main(study.parse_args(argv + ["--evaluate-on", "test"]))
     assert other.study_dir != first.study_dir and (other.results["status"] == "ok").all()
+
+
+def test_report_summary_drops_empty_columns_and_shows_estimates_with_their_se():
+    import numpy as np
+    import pandas as pd
+
+    from pyro_lvm.studies.impute import _display_summary
+
+    summary = pd.DataFrame({
+        "mechanism": ["mcar"] * 3, "rate": [0.5] * 3, "method": ["mean", "ppca", "miwae"],
+        "seeds": [2, 2, 2], "rmse": [1.0, 0.9, 0.8], "coverage_90": [np.nan] * 3,
+        "log_p_missing": [np.nan, -1.35, -1.437], "log_p_missing_se": [np.nan, 0.0, 0.00086]})
+    shown = _display_summary(summary)
+    assert "coverage of 90% intervals" not in shown and "coverage_90" not in shown
+    column = shown["log p(x_miss | x_obs) per entry ± se"].tolist()
+    assert column == ["", "-1.35 (exact)", "-1.437 ± 0.00086"]
+    assert "RMSE" in shown and "log_p_missing_se" not in shown
