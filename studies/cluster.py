@@ -147,14 +147,11 @@ def main(args: argparse.Namespace) -> runner.StudyResult:
         + (f" {dataset.name} has no labels here, so ARI and NMI are not computed." if unlabelled
            else "")
     )
-    result = runner.run_from_args(NAME, args, dataset, configs,
-                                  title="Clusters from a mixture-latent DLVM",
-                                  description=description, findings=findings,
-                                  default_dataset="digits",
-                                  metadata={"primary_factor": "model",
-                                            "primary_metric": "test_log_likelihood"})
-    print(runner.finish_message(result))
-    return result
+    return runner.run_from_args(NAME, args, dataset, configs,
+                                title="Clusters from a mixture-latent DLVM",
+                                description=description, findings=findings,
+                                default_dataset="digits",
+                                primary_factor="model")
 
 
 if __name__ == "__main__":

@@ -117,14 +117,11 @@ def main(args: argparse.Namespace) -> runner.StudyResult:
         f"counts for every model: factor analysis (EM on dequantized rows x + U[0, 1)) is "
         f"scored as P(x) = integral of its density over the cell x + [0, 1)^p."
     )
-    result = runner.run_from_args(NAME, args, dataset, configs,
-                                  title="Observation models for counts",
-                                  description=description, default_dataset="digits",
-                                  findings=findings,
-                                  metadata={"primary_factor": "model",
-                                            "primary_metric": "test_log_likelihood"})
-    print(runner.finish_message(result))
-    return result
+    return runner.run_from_args(NAME, args, dataset, configs,
+                                title="Observation models for counts",
+                                description=description, default_dataset="digits",
+                                findings=findings,
+                                primary_factor="model")
 
 
 if __name__ == "__main__":

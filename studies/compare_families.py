@@ -257,12 +257,10 @@ def main(args: argparse.Namespace) -> runner.StudyResult:
         f"Murray 2011), MADE 88.40 / 86.64 (Germain et al. 2015). For the families without "
         f"latent variables the k-hat and latent-usage diagnostics do not apply."
     )
-    result = runner.run_from_args(
+    return runner.run_from_args(
         NAME, args, dataset, configs, title="Comparing model families",
         description=description, default_dataset="binarized-mnist", findings=findings,
-        metadata={"primary_factor": "model", "primary_metric": "test_log_likelihood"})
-    print(runner.finish_message(result))
-    return result
+        primary_factor="model")
 
 
 if __name__ == "__main__":

@@ -88,14 +88,11 @@ def main(args: argparse.Namespace) -> runner.StudyResult:
         f"closed form (exact test log-likelihood), the DLVM (MLPs {args.hidden}) and your "
         f"pairs by SVI (ELBO, {args.epochs} epochs, lr {args.lr}). Test log-likelihood: "
         f"importance-sampled estimate with K = {args.num_eval_samples} draws per row.")
-    result = runner.run_from_args(NAME, args, dataset, configs,
-                                  title="Your model against FA, PPCA and a DLVM",
-                                  description=description,
-                                  default_dataset="digits-dequantized",
-                                  metadata={"primary_factor": "model",
-                                            "primary_metric": "test_log_likelihood"})
-    print(runner.finish_message(result))
-    return result
+    return runner.run_from_args(NAME, args, dataset, configs,
+                                title="Your model against FA, PPCA and a DLVM",
+                                description=description,
+                                default_dataset="digits-dequantized",
+                                primary_factor="model")
 
 
 if __name__ == "__main__":

@@ -88,14 +88,11 @@ def main(args: argparse.Namespace) -> runner.StudyResult:
         f"All runs are judged by the same importance-sampled estimate of the test "
         f"log-likelihood (K = {args.num_eval_samples}), not by their own training bounds."
     )
-    result = runner.run_from_args(NAME, args, dataset, configs,
-                                  title="ELBO vs IWAE_K, standard vs DReG gradients",
-                                  description=description,
-                                  default_dataset="digits-binarized",
-                                  metadata={"primary_factor": "objective",
-                                            "primary_metric": "test_log_likelihood"})
-    print(runner.finish_message(result))
-    return result
+    return runner.run_from_args(NAME, args, dataset, configs,
+                                title="ELBO vs IWAE_K, standard vs DReG gradients",
+                                description=description,
+                                default_dataset="digits-binarized",
+                                primary_factor="objective")
 
 
 if __name__ == "__main__":

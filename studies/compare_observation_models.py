@@ -146,15 +146,12 @@ def main(args: argparse.Namespace) -> runner.StudyResult:
         f"of the log-likelihood of the clean test rows (K = {args.num_eval_samples}), "
         f"{len(args.seeds)} seed(s), paired on seed."
     )
-    result = runner.run_from_args(NAME, args, dataset, configs,
-                                  title="Gaussian vs Student-t observation models under outliers",
-                                  description=description,
-                                  default_dataset="digits-dequantized",
-                                  findings=degradation_findings,
-                                  metadata={"primary_factor": "likelihood",
-                                            "primary_metric": "test_log_likelihood"})
-    print(runner.finish_message(result))
-    return result
+    return runner.run_from_args(NAME, args, dataset, configs,
+                                title="Gaussian vs Student-t observation models under outliers",
+                                description=description,
+                                default_dataset="digits-dequantized",
+                                findings=degradation_findings,
+                                primary_factor="likelihood")
 
 
 if __name__ == "__main__":

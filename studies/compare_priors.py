@@ -185,13 +185,10 @@ def main(args: argparse.Namespace) -> runner.StudyResult:
         f"importance-sampled estimate of the test log-likelihood (K = {args.num_eval_samples}); "
         f"differences between priors are paired on objective and seed."
     )
-    result = runner.run_from_args(NAME, args, dataset, configs, title="Comparing priors of a DLVM",
-                                  description=description,
-                                  default_dataset="digits-binarized",
-                                  metadata={"primary_factor": "prior",
-                                            "primary_metric": "test_log_likelihood"})
-    print(runner.finish_message(result))
-    return result
+    return runner.run_from_args(NAME, args, dataset, configs, title="Comparing priors of a DLVM",
+                                description=description,
+                                default_dataset="digits-binarized",
+                                primary_factor="prior")
 
 
 if __name__ == "__main__":

@@ -90,14 +90,11 @@ def main(args: argparse.Namespace) -> runner.StudyResult:
         f"log-likelihood: importance-sampled estimate (K = {args.num_eval_samples}) and, for "
         f"the linear models, the exact value."
     )
-    result = runner.run_from_args(NAME, args, dataset, configs,
-                                  title="Factor analysis, PPCA and a DLVM: exact and SVI fits",
-                                  description=description,
-                                  default_dataset="digits-dequantized",
-                                  metadata={"primary_factor": "model",
-                                            "primary_metric": "test_log_likelihood"})
-    print(runner.finish_message(result))
-    return result
+    return runner.run_from_args(NAME, args, dataset, configs,
+                                title="Factor analysis, PPCA and a DLVM: exact and SVI fits",
+                                description=description,
+                                default_dataset="digits-dequantized",
+                                primary_factor="model")
 
 
 if __name__ == "__main__":

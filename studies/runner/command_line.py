@@ -300,27 +300,34 @@ def base_config_from_args(args: argparse.Namespace, **fields) -> RunConfig:
 
 
 def run_from_args(name: str, args: argparse.Namespace, dataset: Dataset, configs: Sequence[RunConfig],
-                  *, title: str, description: str, metadata: Optional[Mapping] = None,
+                  *, title: str, description: str, primary_factor: str,
+                  primary_metric: str = "test_log_likelihood",
                   default_dataset: Optional[str] = None,
                   findings: Optional[Callable[[pd.DataFrame], List[str]]] = None) -> StudyResult:
-    """:func:`run_study` with the common flags (used by every study script).
+    """:func:`run_study` with the common flags (used by every study script), then prints
+    :func:`finish_message` (where the results and the report are).
 
-    Each ``--model MODULE:FACTORY`` adds one SVI run per seed of the user's pair, with the
-    options of the grid's first configuration (objective, epochs, latent dimension...)."""
+    ``primary_factor`` / ``primary_metric`` name the setting the study compares and the
+    metric its verdict uses (the study's metadata). Each ``--model MODULE:FACTORY`` adds one
+    SVI run per seed of the user's pair, with the options of the grid's first configuration
+    (objective, epochs, latent dimension...)."""
     study = study_name_from_args(name, args, dataset, default_dataset)
     models = user_models_from_args(args)
     if models:
         base = configs[0] if configs else base_config_from_args(args, likelihood="gaussian")
         configs = list(configs) + user_configs(base, list(models), args.seeds)
-    return run_study(study, dataset, configs, out_dir=args.out_dir, models=models,
+    result = run_study(study, dataset, configs, out_dir=args.out_dir, models=models,
                      fresh=args.fresh, progress=not args.no_progress, render=not args.no_report,
                      title=title + (" (smoke test)" if args.smoke else ""), description=description,
-                     retry_failed=args.retry_failed, metadata=metadata,
+                     retry_failed=args.retry_failed,
+                     metadata={"primary_factor": primary_factor, "primary_metric": primary_metric},
                      num_threads=args.threads or None, findings=findings,
                      wait=getattr(args, "wait", False),
                      executor=make_executor(getattr(args, "executor", "local"),
                                             address=getattr(args, "ray_address", None)),
                      command_line=" ".join(shlex.quote(a) for a in ["python"] + sys.argv))
+    print(finish_message(result))
+    return result
 
 
 def user_models_from_args(args: argparse.Namespace) -> dict:
