@@ -219,7 +219,31 @@ class _GaussianMixtureMixin:
         return 2 * components
 
 
-class MixturePrior(_GaussianMixtureMixin, Prior):
+class _LearnedMixturePrior(Prior):
+    """What the learned Gaussian mixture priors share: checked options, mixture ``logits``
+    ``[K]`` and component ``means`` ``[K, d]``; subclasses add the component scales."""
+
+    def __init__(self, latent_dim: int, num_components: int, init_scale: float,
+                 init_spread: float, min_scale: float) -> None:
+        super().__init__(latent_dim)
+        self.num_components = _positive_int(num_components, "num_components")
+        init_scale = _positive_float(init_scale, "init_scale")
+        init_spread = _positive_float(init_spread, "init_spread")
+        self.min_scale = float(min_scale)
+        if not (0 <= self.min_scale < init_scale):
+            raise ValueError(
+                f"min_scale must be in [0, init_scale={init_scale}), got {min_scale!r}"
+            )
+        self.logits = nn.Parameter(torch.zeros(self.num_components))
+        self.means = nn.Parameter(init_spread * torch.randn(self.num_components, self.latent_dim))
+
+    @property
+    def weights(self) -> torch.Tensor:
+        """Mixture weights :math:`\\pi` (softmax of ``logits``), shape ``[K]``."""
+        return torch.softmax(self.logits, dim=-1)
+
+
+class MixturePrior(_GaussianMixtureMixin, _LearnedMixturePrior):
     """Learnable mixture of ``K`` diagonal Gaussians,
     :math:`p(z) = \\sum_k \\pi_k \\mathcal{N}(z; m_k, \\operatorname{diag} s_k^2)`.
 
@@ -245,26 +269,12 @@ class MixturePrior(_GaussianMixtureMixin, Prior):
 
     def __init__(self, latent_dim: int, num_components: int = 10, init_scale: float = 1.0,
                  init_spread: float = 1.0, min_scale: float = 1e-4):
-        super().__init__(latent_dim)
-        self.num_components = _positive_int(num_components, "num_components")
-        init_scale = _positive_float(init_scale, "init_scale")
-        init_spread = _positive_float(init_spread, "init_spread")
-        self.min_scale = float(min_scale)
-        if not (0 <= self.min_scale < init_scale):
-            raise ValueError(
-                f"min_scale must be in [0, init_scale={init_scale}), got {min_scale!r}"
-            )
+        super().__init__(latent_dim, num_components, init_scale, init_spread, min_scale)
+        init_scale = float(init_scale)  # checked above: positive, > min_scale
         K, d = self.num_components, self.latent_dim
-        self.logits = nn.Parameter(torch.zeros(K))
-        self.means = nn.Parameter(init_spread * torch.randn(K, d))
         self.raw_scales = nn.Parameter(
             inverse_softplus(torch.full((K, d), init_scale - self.min_scale))
         )
-
-    @property
-    def weights(self) -> torch.Tensor:
-        """Mixture weights :math:`\\pi` (softmax of ``logits``), shape ``[K]``."""
-        return torch.softmax(self.logits, dim=-1)
 
     @property
     def scales(self) -> torch.Tensor:
@@ -281,7 +291,7 @@ class MixturePrior(_GaussianMixtureMixin, Prior):
         return f"latent_dim={self.latent_dim}, num_components={self.num_components}"
 
 
-class FullCovarianceMixturePrior(Prior):
+class FullCovarianceMixturePrior(_LearnedMixturePrior):
     """Learnable mixture of ``K`` Gaussians with full covariances,
     :math:`p(z) = \\sum_k \\pi_k \\mathcal{N}(z; m_k, L_k L_k^\\top)`.
 
@@ -305,26 +315,13 @@ class FullCovarianceMixturePrior(Prior):
 
     def __init__(self, latent_dim: int, num_components: int = 10, init_scale: float = 1.0,
                  init_spread: float = 1.0, min_scale: float = 1e-4):
-        super().__init__(latent_dim)
-        self.num_components = _positive_int(num_components, "num_components")
-        init_scale = _positive_float(init_scale, "init_scale")
-        init_spread = _positive_float(init_spread, "init_spread")
-        self.min_scale = float(min_scale)
-        if not (0 <= self.min_scale < init_scale):
-            raise ValueError(
-                f"min_scale must be in [0, init_scale={init_scale}), got {min_scale!r}"
-            )
+        super().__init__(latent_dim, num_components, init_scale, init_spread, min_scale)
+        init_scale = float(init_scale)  # checked above: positive, > min_scale
         K, d = self.num_components, self.latent_dim
-        self.logits = nn.Parameter(torch.zeros(K))
-        self.means = nn.Parameter(init_spread * torch.randn(K, d))
         raw = torch.zeros(K, d, d)
         raw.diagonal(dim1=-2, dim2=-1).fill_(float(inverse_softplus(
             torch.tensor(init_scale - self.min_scale))))
         self.raw_tril = nn.Parameter(raw)
-
-    @property
-    def weights(self) -> torch.Tensor:
-        return torch.softmax(self.logits, dim=-1)
 
     @property
     def scale_tril(self) -> torch.Tensor:
