@@ -17,8 +17,9 @@ from pyro_lvm.inference.rubin import (RubinPooled, pooled_column_mean, pooled_re
                                       rubin_pool)
 from pyro_lvm.inference.fit import (EarlyStopping, FitResult, FitState, KLWarmup, NonFiniteLossError,
                                     StopFit, fit, linear_warmup)
-from pyro_lvm.inference.importance_weights import (LogTerms, elbo_from_log_weights, iwae_from_log_weights,
-                                            log_weights, trace_log_terms)
+from pyro_lvm.inference.importance_weights import (LogTerms, elbo_from_log_weights,
+                                                   iwae_from_log_weights, log_weights,
+                                                   trace_log_terms)
 from pyro_lvm.inference.objectives import ELBO, IWAE
 from pyro_lvm.inference.reliability import khat_threshold
 

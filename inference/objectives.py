@@ -106,25 +106,15 @@ from torch.distributions.constraints import Constraint
 from pyro_lvm.inference import enumeration
 from pyro_lvm.inference.kl import closed_form_kl
 # the log-weight engine; its public names are re-exported here, where users import them
+from pyro_lvm.inference import importance_weights
 from pyro_lvm.inference.importance_weights import (DATA_PLATE, PARTICLE_PLATE, LogTerms,
-                                            _check_particles, _check_x, _latent_site_names,
-                                            _model_terms, _per_point, _record, _run_guide,
-                                            _score, elbo_from_log_weights,
-                                            iwae_from_log_weights, log_weights,
-                                            trace_log_terms)
+                                                   _check_particles, _check_x,
+                                                   _latent_site_names, _model_terms, _per_point,
+                                                   _record, _run_guide, _score,
+                                                   elbo_from_log_weights, iwae_from_log_weights,
+                                                   log_weights, trace_log_terms)
 
-__all__ = [
-    "ELBO",
-    "IWAE",
-    # re-exported from pyro_lvm.inference.importance_weights
-    "PARTICLE_PLATE",
-    "DATA_PLATE",
-    "LogTerms",
-    "trace_log_terms",
-    "log_weights",
-    "elbo_from_log_weights",
-    "iwae_from_log_weights",
-]
+__all__ = ["ELBO", "IWAE", *importance_weights.__all__]
 
 
 # --------------------------------------------------------------------------------------

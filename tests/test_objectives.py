@@ -16,8 +16,9 @@ from pyro.nn import PyroModule, PyroParam
 from torch.distributions import constraints
 
 from pyro_lvm.inference.fit import KLWarmup, fit, linear_warmup
-from pyro_lvm.inference.importance_weights import (elbo_from_log_weights, iwae_from_log_weights,
-                                            log_weights, trace_log_terms)
+from pyro_lvm.inference.importance_weights import (elbo_from_log_weights,
+                                                   iwae_from_log_weights, log_weights,
+                                                   trace_log_terms)
 from pyro_lvm.inference.objectives import ELBO, IWAE, _reparameterized_surrogate
 from pyro_lvm.models.linear import PPCA
 
