@@ -77,7 +77,8 @@ def _hidden_tuple(hidden, what: str) -> Tuple[int, ...]:
 
 
 class _AmortizedGaussianGuideMixin:
-    """Observed-data preparation and the Gaussian encoder, shared by both DLVMs."""
+    """Observed-data preparation, data checks and the amortized Gaussian guide, shared by the
+    DLVMs and :class:`pyro_lvm.models.poisson_pca.PoissonPCA` (which encodes ``log1p(x)``)."""
 
     data_dim: int
     latent_dim: int
@@ -105,6 +106,16 @@ class _AmortizedGaussianGuideMixin:
         # torch.where, not x * mask: a NaN in a missing entry would survive multiplication
         # by 0 and poison the gradients.
         return torch.where(mask, x, torch.zeros((), dtype=x.dtype, device=x.device)), mask
+
+    def check_data(self, x, mask=None) -> torch.Tensor:
+        """Validate data for this model (finite, ``data_dim`` columns, and the likelihood's
+        support, e.g. {0, 1} for Bernoulli); returns it as a float tensor."""
+        x = validation.check_data(x, self.data_dim, mask=mask)
+        mask_t = None
+        if mask is not None:
+            mask_t = torch.as_tensor(validation.check_mask(mask, tuple(x.shape)), device=x.device)
+        self.likelihood.check_data(x, mask_t)
+        return x
 
     def _encode(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         out = self.encoder(x)
@@ -272,16 +283,6 @@ class DLVM(_AmortizedGaussianGuideMixin, PyroModule):
         """:math:`E[x \\mid z = \\mu_\\phi(x)]`, the likelihood mean at the encoder mean, ``[n, p]``."""
         loc, _ = self.encode(x, mask)
         return self.likelihood.mean(self.decoder(loc))
-
-    def check_data(self, x, mask=None) -> torch.Tensor:
-        """Validate data for this model (finite, ``data_dim`` columns, and the likelihood's
-        support, e.g. {0, 1} for Bernoulli); returns it as a float tensor."""
-        x = validation.check_data(x, self.data_dim, mask=mask)
-        mask_t = None
-        if mask is not None:
-            mask_t = torch.as_tensor(validation.check_mask(mask, tuple(x.shape)), device=x.device)
-        self.likelihood.check_data(x, mask_t)
-        return x
 
     def check_training_data(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> None:
         """Checks of the whole training set, run once by ``fit`` before the first step: a

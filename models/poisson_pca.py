@@ -44,13 +44,14 @@ from torch import nn
 
 from . import validation
 from .base import unique_module_name
+from .dlvm import _AmortizedGaussianGuideMixin
 from .likelihoods import Poisson
 from .networks import mlp
 
 __all__ = ["PoissonPCA"]
 
 
-class PoissonPCA(PyroModule):
+class PoissonPCA(_AmortizedGaussianGuideMixin, PyroModule):
     """Poisson PCA with an amortized Gaussian guide (see the module docstring).
 
     Parameters
@@ -103,25 +104,11 @@ class PoissonPCA(PyroModule):
         """:math:`W z + \\mu` for ``z`` ``[..., d]``; returns ``[..., p]``."""
         return z @ self.loadings.T + self.offset
 
-    def _observed(self, x: torch.Tensor, mask: Optional[torch.Tensor]):
-        if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.shape[-1] != self.data_dim:
-            shape = tuple(x.shape) if hasattr(x, "shape") else type(x).__name__
-            raise ValueError(f"x has shape {shape}; PoissonPCA expects a tensor (batch, "
-                             f"data_dim={self.data_dim}); use model.check_data(x) for arrays")
-        if mask is None:
-            return x, None
-        mask = mask.to(device=x.device, dtype=torch.bool)
-        return torch.where(mask, x, torch.zeros((), dtype=x.dtype, device=x.device)), mask
-
     def _encode(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        # the shared amortized guide, on log1p of the counts (their scale varies widely)
         out = self.encoder(torch.log1p(x))
         loc, raw_scale = out[..., :self.latent_dim], out[..., self.latent_dim:]
         return loc, F.softplus(raw_scale) + self.min_encoder_scale
-
-    def encode(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None):
-        """Mean and standard deviation of :math:`q_\\phi(z \\mid x)`, each ``[n, d]``."""
-        x, _ = self._observed(x, mask)
-        return self._encode(x)
 
     # ------------------------------------------------------------------ model / guide
     @pyro_method
@@ -140,25 +127,7 @@ class PoissonPCA(PyroModule):
             pyro.sample("x", px.to_event(1), obs=x)
         return z
 
-    @pyro_method
-    def guide(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """:math:`q_\\phi(z_i \\mid x_i)`, a diagonal Gaussian from the encoder, site ``"z"``."""
-        x, _ = self._observed(x, mask)
-        loc, scale = self._encode(x)
-        with pyro.plate("data", x.shape[0], dim=-1):
-            return pyro.sample("z", dist.Normal(loc, scale).to_event(1))
-
     # ------------------------------------------------------------------ conveniences
-    def check_data(self, x, mask=None) -> torch.Tensor:
-        """Validate data (finite, ``data_dim`` columns, non-negative integer counts, naming rows
-        and columns otherwise); returns a float tensor."""
-        x = validation.check_data(x, self.data_dim, mask=mask)
-        mask_t = None
-        if mask is not None:
-            mask_t = torch.as_tensor(validation.check_mask(mask, tuple(x.shape)), device=x.device)
-        self.likelihood.check_data(x, mask_t)
-        return x
-
     def init_from_data(self, x) -> "PoissonPCA":
         """Start :math:`\\mu` at the log column means of ``x`` (floored at 1e-3 counts), so
         the first steps fit the loadings rather than the overall rates."""
