@@ -36,15 +36,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import validation
+from .validation import positive_int
 from .networks import mlp
 
 __all__ = ["LinearAutoencoder", "Autoencoder", "DenoisingAutoencoder"]
-
-
-def _positive_int(value, what: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{what} must be a positive integer, got {value!r}")
-    return value
 
 
 class _AutoencoderBase(nn.Module):
@@ -123,7 +118,7 @@ class _AutoencoderBase(nn.Module):
             opt = torch.optim.SGD(self.parameters(), lr=lr, momentum=0.9)
         else:
             raise ValueError(f"optimizer must be 'adam' or 'sgd', got {optimizer!r}")
-        epochs = _positive_int(epochs, "epochs")
+        epochs = positive_int(epochs, "epochs")
         decay = 1.0 if final_lr is None else (final_lr / lr) ** (1 / max(epochs - 1, 1))
         for epoch in tqdm(range(1, epochs + 1), disable=not progress, desc=type(self).__name__):
             for group in opt.param_groups:
@@ -155,8 +150,8 @@ class LinearAutoencoder(_AutoencoderBase):
 
     def __init__(self, data_dim: int, latent_dim: int, seed: int = 0):
         super().__init__()
-        self.data_dim = _positive_int(data_dim, "data_dim")
-        self.latent_dim = _positive_int(latent_dim, "latent_dim")
+        self.data_dim = positive_int(data_dim, "data_dim")
+        self.latent_dim = positive_int(latent_dim, "latent_dim")
         if latent_dim >= data_dim:
             raise ValueError(f"latent_dim ({latent_dim}) must be below data_dim ({data_dim})")
         gen = torch.Generator().manual_seed(seed)
@@ -196,8 +191,8 @@ class Autoencoder(_AutoencoderBase):
     def __init__(self, data_dim: int, latent_dim: int, hidden: Sequence[int] = (200,),
                  activation="relu", loss: str = "mse"):
         super().__init__()
-        self.data_dim = _positive_int(data_dim, "data_dim")
-        self.latent_dim = _positive_int(latent_dim, "latent_dim")
+        self.data_dim = positive_int(data_dim, "data_dim")
+        self.latent_dim = positive_int(latent_dim, "latent_dim")
         if loss not in ("mse", "bce"):
             raise ValueError(f"loss must be 'mse' or 'bce', got {loss!r}")
         self.loss = loss

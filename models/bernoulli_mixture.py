@@ -47,6 +47,7 @@ from pyro.nn import PyroModule, pyro_method
 from torch import nn
 
 from . import validation
+from .validation import positive_int
 from .base import unique_module_name
 
 __all__ = ["BernoulliMixture"]
@@ -55,12 +56,6 @@ __all__ = ["BernoulliMixture"]
 #: smoothing=0) would make the logit infinite; at 30 the change in any log-probability is
 #: below 1e-13.
 LOGIT_BOUND = 30.0
-
-
-def _positive_int(value, what: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{what} must be a positive integer, got {value!r}")
-    return value
 
 
 class BernoulliMixture(PyroModule):
@@ -87,8 +82,8 @@ class BernoulliMixture(PyroModule):
 
     def __init__(self, data_dim: int, num_components: int):
         super().__init__(name=unique_module_name(type(self).__name__))
-        self.data_dim = _positive_int(data_dim, "data_dim")
-        self.num_components = _positive_int(num_components, "num_components")
+        self.data_dim = positive_int(data_dim, "data_dim")
+        self.num_components = positive_int(num_components, "num_components")
         self.weight_logits = nn.Parameter(torch.zeros(self.num_components))
         # small random logits break the symmetry for gradient training as well as EM
         self.logits = nn.Parameter(0.1 * torch.randn(self.num_components, self.data_dim))
@@ -223,7 +218,7 @@ class BernoulliMixture(PyroModule):
 
     def sample(self, n: int, *, return_latent: bool = False):
         """``n`` rows ``[n, p]`` (and their components ``[n]``), no gradient."""
-        n = _positive_int(n, "n")
+        n = positive_int(n, "n")
         with torch.no_grad():
             c = dist.Categorical(logits=self.weight_logits).sample((n,))
             x = dist.Bernoulli(logits=self.logits[c]).sample()

@@ -59,14 +59,9 @@ from torch import nn
 from .base import unique_module_name
 from .networks import mlp
 from .priors import Prior
+from .validation import positive_int
 
 __all__ = ["ConditionalIAF", "IAFGuide", "FlowPrior", "IAFGuidedDLVM"]
-
-
-def _positive_int(value, what: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{what} must be a positive integer, got {value!r}")
-    return value
 
 
 def _alternating_permutation(latent_dim: int, step: int) -> torch.Tensor:
@@ -94,12 +89,12 @@ class ConditionalIAF(nn.Module):
     def __init__(self, latent_dim: int, num_flows: int, context_dim: int,
                  hidden: Optional[Sequence[int]] = None):
         super().__init__()
-        self.latent_dim = _positive_int(latent_dim, "latent_dim")
+        self.latent_dim = positive_int(latent_dim, "latent_dim")
         if latent_dim < 2:
             raise ValueError("IAF steps need latent_dim >= 2 (got 1): a one-dimensional "
                              "autoregressive step has no earlier coordinates to condition on")
-        self.num_flows = _positive_int(num_flows, "num_flows")
-        self.context_dim = _positive_int(context_dim, "context_dim")
+        self.num_flows = positive_int(num_flows, "num_flows")
+        self.context_dim = positive_int(context_dim, "context_dim")
         hidden = [2 * latent_dim + context_dim] if hidden is None else list(hidden)
         self.steps = nn.ModuleList([
             T.ConditionalAffineAutoregressive(
@@ -148,9 +143,9 @@ class IAFGuide(PyroModule):
                  flow_hidden: Optional[Sequence[int]] = None, activation="tanh",
                  min_scale: float = 1e-5):
         super().__init__(name=unique_module_name(type(self).__name__))
-        self.data_dim = _positive_int(data_dim, "data_dim")
-        self.latent_dim = _positive_int(latent_dim, "latent_dim")
-        self.context_dim = latent_dim if context_dim is None else _positive_int(context_dim,
+        self.data_dim = positive_int(data_dim, "data_dim")
+        self.latent_dim = positive_int(latent_dim, "latent_dim")
+        self.context_dim = latent_dim if context_dim is None else positive_int(context_dim,
                                                                                 "context_dim")
         self.min_scale = float(min_scale)
         self.encoder = mlp(data_dim, tuple(hidden), 2 * latent_dim + self.context_dim,
@@ -201,7 +196,7 @@ class FlowPrior(Prior):
         super().__init__(latent_dim)
         if latent_dim < 2:
             raise ValueError("FlowPrior needs latent_dim >= 2 (got 1)")
-        self.num_flows = _positive_int(num_flows, "num_flows")
+        self.num_flows = positive_int(num_flows, "num_flows")
         hidden = [4 * latent_dim] if hidden is None else list(hidden)
         self.steps = nn.ModuleList([
             T.AffineAutoregressive(AutoRegressiveNN(

@@ -39,15 +39,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import validation
+from .validation import positive_int
 from .networks import resolve_activation
 
 __all__ = ["MADE", "MaskedLinear", "made_masks"]
-
-
-def _positive_int(value, what: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{what} must be a positive integer, got {value!r}")
-    return value
 
 
 class MaskedLinear(nn.Linear):
@@ -109,14 +104,14 @@ class MADE(nn.Module):
                  num_masks: int = 1, *, activation="relu", natural_ordering: bool = False,
                  seed: int = 0):
         super().__init__()
-        self.data_dim = _positive_int(data_dim, "data_dim")
+        self.data_dim = positive_int(data_dim, "data_dim")
         if self.data_dim < 2:
             raise ValueError(f"data_dim must be at least 2 for MADE, got {data_dim}")
         hidden = (hidden,) if isinstance(hidden, int) else tuple(hidden)
         if not hidden:
             raise ValueError("hidden must name at least one hidden layer width")
-        self.hidden = tuple(_positive_int(h, "hidden width") for h in hidden)
-        self.num_masks = _positive_int(num_masks, "num_masks")
+        self.hidden = tuple(positive_int(h, "hidden width") for h in hidden)
+        self.num_masks = positive_int(num_masks, "num_masks")
         widths = (self.data_dim,) + self.hidden + (self.data_dim,)
         act = resolve_activation(activation)
         layers = []
@@ -206,7 +201,7 @@ class MADE(nn.Module):
         """``n`` exact draws ``[n, p]``: ``p`` sequential passes in the mask set's ordering.
         With ``mask_index=None`` each row picks a mask set uniformly (a draw from the
         ensemble)."""
-        n = _positive_int(n, "n")
+        n = positive_int(n, "n")
         param = next(self.parameters())
         previous = self.current_mask
         if mask_index is None:
@@ -241,7 +236,7 @@ class MADE(nn.Module):
         valid = None if validation_data is None else self.check_data(validation_data)
         gen = torch.Generator().manual_seed(seed)
         opt = torch.optim.Adam(self.parameters(), lr=lr)
-        for epoch in tqdm(range(1, _positive_int(epochs, "epochs") + 1), disable=not progress,
+        for epoch in tqdm(range(1, positive_int(epochs, "epochs") + 1), disable=not progress,
                           desc="MADE"):
             order = torch.randperm(x.shape[0], generator=gen).to(x.device)
             total = 0.0

@@ -48,6 +48,7 @@ from pyro.nn import PyroModule
 from torch import nn
 
 from .distributions import StandardNormal
+from .validation import positive_int
 
 __all__ = ["Prior", "StandardNormalPrior", "MixturePrior", "FullCovarianceMixturePrior",
            "VampPrior", "make_prior",
@@ -59,12 +60,6 @@ PRIOR_NAMES = {
     "mixture": "mixture", "mog": "mixture", "gmm": "mixture",
     "vamp": "vamp", "vampprior": "vamp",
 }
-
-
-def _positive_int(value, what: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{what} must be a positive integer, got {value!r}")
-    return value
 
 
 def _positive_float(value, what: str) -> float:
@@ -90,7 +85,7 @@ class Prior(PyroModule):
 
     def __init__(self, latent_dim: int):
         super().__init__()
-        self.latent_dim = _positive_int(latent_dim, "latent_dim")
+        self.latent_dim = positive_int(latent_dim, "latent_dim")
 
     def distribution(self) -> dist.TorchDistribution:
         """:math:`p(z)` as a Pyro distribution with batch shape ``[]``, event shape ``[d]``."""
@@ -112,7 +107,7 @@ class Prior(PyroModule):
 
     def sample(self, n: int) -> torch.Tensor:
         """``n`` independent draws, shape ``[n, d]`` (no gradient)."""
-        n = _positive_int(n, "n")
+        n = positive_int(n, "n")
         with torch.no_grad():
             return self.distribution().sample((n,))
 
@@ -226,7 +221,7 @@ class _LearnedMixturePrior(Prior):
     def __init__(self, latent_dim: int, num_components: int, init_scale: float,
                  init_spread: float, min_scale: float) -> None:
         super().__init__(latent_dim)
-        self.num_components = _positive_int(num_components, "num_components")
+        self.num_components = positive_int(num_components, "num_components")
         init_scale = _positive_float(init_scale, "init_scale")
         init_spread = _positive_float(init_spread, "init_spread")
         self.min_scale = float(min_scale)
@@ -408,8 +403,8 @@ class VampPrior(_GaussianMixtureMixin, Prior):
                  pseudo_input_init: Union[str, torch.Tensor] = "normal",
                  learn_weights: bool = False):
         super().__init__(latent_dim)
-        self.data_dim = _positive_int(data_dim, "data_dim")
-        self.num_pseudo_inputs = _positive_int(num_pseudo_inputs, "num_pseudo_inputs")
+        self.data_dim = positive_int(data_dim, "data_dim")
+        self.num_pseudo_inputs = positive_int(num_pseudo_inputs, "num_pseudo_inputs")
         K, p = self.num_pseudo_inputs, self.data_dim
         if isinstance(pseudo_input_init, torch.Tensor):
             if tuple(pseudo_input_init.shape) != (K, p):

@@ -53,6 +53,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import validation
+from .validation import positive_int
 
 __all__ = ["RBM", "AISResult"]
 
@@ -67,12 +68,6 @@ class AISResult(NamedTuple):
     standard_error: float
     num_runs: int
     num_betas: int
-
-
-def _positive_int(value, what: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{what} must be a positive integer, got {value!r}")
-    return value
 
 
 def _all_binary(k: int, start: int, stop: int, dtype, device) -> torch.Tensor:
@@ -98,8 +93,8 @@ class RBM(nn.Module):
     def __init__(self, num_visible: int, num_hidden: int, init_scale: float = 0.01,
                  seed: int = 0):
         super().__init__()
-        self.num_visible = _positive_int(num_visible, "num_visible")
-        self.num_hidden = _positive_int(num_hidden, "num_hidden")
+        self.num_visible = positive_int(num_visible, "num_visible")
+        self.num_hidden = positive_int(num_hidden, "num_hidden")
         gen = torch.Generator().manual_seed(seed)
         # parameters without autograd: CD supplies the gradients directly
         self.weight = nn.Parameter(init_scale * torch.randn(num_visible, num_hidden,
@@ -141,7 +136,7 @@ class RBM(nn.Module):
                generator: Optional[torch.Generator] = None) -> torch.Tensor:
         """``n`` visible states after ``num_steps`` block Gibbs sweeps from ``init`` (default:
         uniform random states), ``[n, V]``; approximate draws from :math:`p(v)`."""
-        v = (torch.bernoulli(torch.full((_positive_int(n, "n"), self.num_visible), 0.5,
+        v = (torch.bernoulli(torch.full((positive_int(n, "n"), self.num_visible), 0.5,
                                         dtype=self.weight.dtype), generator=generator)
              .to(self.weight.device) if init is None else self.check_data(init))
         for _ in range(num_steps):
@@ -166,8 +161,8 @@ class RBM(nn.Module):
         if method == "exact":
             return self._exact_log_partition(chunk)
         if method == "ais":
-            return self._ais_log_partition(data, _positive_int(num_runs, "num_runs"),
-                                           _positive_int(num_betas, "num_betas"),
+            return self._ais_log_partition(data, positive_int(num_runs, "num_runs"),
+                                           positive_int(num_betas, "num_betas"),
                                            base_smoothing, generator)
         raise ValueError(f"method must be 'exact' or 'ais', got {method!r}")
 
@@ -251,7 +246,7 @@ class RBM(nn.Module):
         from tqdm.auto import tqdm
 
         x = self.check_data(x)
-        k = _positive_int(k, "k")
+        k = positive_int(k, "k")
         if init_visible_bias and not self.history_:
             self.visible_bias.copy_(torch.logit((x.mean(0) + 1e-2) / (1 + 2e-2)))
         gen = torch.Generator().manual_seed(seed)
@@ -262,7 +257,7 @@ class RBM(nn.Module):
             self._persistent_chain = torch.bernoulli(
                 torch.full((batch_size, self.num_visible), 0.5, dtype=x.dtype),
                 generator=gen).to(x.device)
-        for epoch in tqdm(range(1, _positive_int(epochs, "epochs") + 1), disable=not progress,
+        for epoch in tqdm(range(1, positive_int(epochs, "epochs") + 1), disable=not progress,
                           desc="CD-%d" % k):
             order = torch.randperm(x.shape[0], generator=gen).to(x.device)
             recon = 0.0

@@ -12,7 +12,7 @@ import torch
 from pyro.infer.util import is_validation_enabled
 
 __all__ = ["check_data", "check_mask", "check_binary", "check_counts", "constant_columns",
-           "check_column_variance", "per_call_data_checks",
+           "check_column_variance", "per_call_data_checks", "positive_int",
            "check_magnitude", "FLOAT32_SAFE_MAX"]
 
 #: The largest |x| accepted for float32 (or narrower) models: a Gaussian or Student-t log
@@ -30,6 +30,14 @@ def per_call_data_checks() -> bool:
     model's support instead of refusing them. ``pyro.enable_validation(False)`` turns them off
     together with Pyro's own checks."""
     return is_validation_enabled()
+
+
+def positive_int(value, what: str) -> int:
+    """``value`` if it is a positive ``int`` (booleans refused), else ValueError naming ``what``
+    (the option checks of the models' constructors)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{what} must be a positive integer, got {value!r}")
+    return value
 
 
 def _first_bad(bad: np.ndarray, limit: int = 5) -> str:
