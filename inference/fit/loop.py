@@ -79,12 +79,12 @@ class FitRun:
         self.clip_norm, self.progress, self.check_pair = clip_norm, progress, check_pair
         self.callbacks, self.make_optimizer = callbacks, optimizer_factory(optimizer, lr)
         self.num_data = int(x.shape[0])
-        self.adapter = ObjectiveAdapter(objective, model_fn, guide_fn, self.num_data)
         # with Pyro's validation on, every row is checked once before the first step, and the
         # steps run without the per-call checks unless asked for (fit.row_checks)
         self.rows_checked_once = is_validation_enabled() and not validate_every_step
-        if self.rows_checked_once:
-            self.adapter.step_validation = False
+        self.adapter = ObjectiveAdapter(
+            objective, model_fn, guide_fn, self.num_data,
+            step_validation=is_validation_enabled() and bool(validate_every_step))
         self.config = {"num_data": self.num_data, "data_dim": int(x.shape[1]),
                        "batch_size": batch_size, "objective_name": self.adapter.name, "lr": lr,
                        "optimizer": optimizer_name(optimizer), "seed": seed,

@@ -9,7 +9,6 @@ from typing import Dict, List, Optional
 
 import pyro
 import pyro.poutine as poutine
-from pyro.infer.util import is_validation_enabled
 import torch
 
 __all__ = ["ObjectiveAdapter", "default_optimizer", "optimizer_factory", "collect_params",
@@ -26,7 +25,8 @@ class ObjectiveAdapter:
       same unbiased minibatch scaling.
     """
 
-    def __init__(self, objective, model_fn, guide_fn, num_data: int):
+    def __init__(self, objective, model_fn, guide_fn, num_data: int, *,
+                 step_validation: bool):
         if isinstance(objective, type):
             raise TypeError(f"objective must be an instance, got the class {objective.__name__}; "
                             f"write {objective.__name__}() instead")
@@ -34,7 +34,7 @@ class ObjectiveAdapter:
         self.model_fn, self.guide_fn, self.num_data = model_fn, guide_fn, num_data
         #: Pyro's validation during training steps (fit turns it off once every row has been
         #: checked: :mod:`pyro_lvm.inference.fit.row_checks`)
-        self.step_validation = is_validation_enabled()
+        self.step_validation = step_validation
         if getattr(objective, "pyro_lvm_objective", False):
             self.kind = "pyro_lvm"
             self.name = str(getattr(objective, "name", type(objective).__name__))
