@@ -52,7 +52,6 @@ Obermeyer et al. (2019), Tensor variable elimination for plated factor graphs, I
 from __future__ import annotations
 
 import contextlib
-import functools
 import math
 import numbers
 from dataclasses import dataclass
@@ -197,13 +196,6 @@ class _StoredParams(Messenger):
             msg["done"] = msg["stop"] = True
 
 
-@functools.lru_cache(maxsize=64)
-def _particle_indices(num_particles: int, device: torch.device) -> torch.Tensor:
-    """``arange(K)`` for the particle plate, given to ``pyro.plate`` as its (full) subsample so
-    that the plate does not build it on every model and guide call."""
-    return torch.arange(num_particles, device=device)
-
-
 def _record(fn: Callable, x: torch.Tensor, num_particles: int, mask: Optional[torch.Tensor],
             replay: Optional[poutine.Trace] = None,
             enumerate_sites: bool = False) -> poutine.Trace:
@@ -219,8 +211,7 @@ def _record(fn: Callable, x: torch.Tensor, num_particles: int, mask: Optional[to
         if enumerate_sites:
             stack.enter_context(poutine.enum(first_available_dim=enumeration.FIRST_ENUM_DIM))
         stack.enter_context(recorder)
-        stack.enter_context(pyro.plate(PARTICLE_PLATE, num_particles, dim=-2,
-                                       subsample=_particle_indices(num_particles, x.device)))
+        stack.enter_context(pyro.plate(PARTICLE_PLATE, num_particles, dim=-2))
         if not outer:
             stack.enter_context(_StoredParams())
         fn(x, mask=mask)
