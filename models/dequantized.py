@@ -85,11 +85,7 @@ class Dequantized(PyroModule):
         with pyro.plate("data", x.shape[0], dim=-1):
             u = self._offset(x)
             loc = (x + u) @ base.guide_weight.T + base.guide_bias
-            if base.guide_covariance == "full":
-                q = dist.MultivariateNormal(loc, scale_tril=base.guide_scale_tril)
-            else:
-                q = dist.Normal(loc, base.guide_scale).to_event(1)
-            return pyro.sample("z", q)
+            return pyro.sample("z", base.guide_distribution(loc))
 
     def check_data(self, x, mask=None) -> torch.Tensor:
         """The wrapped model's checks, and integer values (what a dequantized model scores)."""

@@ -244,12 +244,13 @@ class _LinearGaussianLVM(PyroModule):
         if mask is not None:
             x = torch.where(mask, x, self.mean.detach().to(x.dtype))
         with pyro.plate("data", x.shape[0], dim=-1):
-            loc = x @ A.T + b
-            if self.guide_covariance == "full":
-                q = dist.MultivariateNormal(loc, scale_tril=self.guide_scale_tril)
-            else:
-                q = dist.Normal(loc, self.guide_scale).to_event(1)
-            return pyro.sample("z", q)
+            return pyro.sample("z", self.guide_distribution(x @ A.T + b))
+
+    def guide_distribution(self, loc: torch.Tensor) -> dist.TorchDistribution:
+        """:math:`\\mathcal{N}(\\mathrm{loc}, S S^\\top)` with the guide's full or diagonal scale."""
+        if self.guide_covariance == "full":
+            return dist.MultivariateNormal(loc, scale_tril=self.guide_scale_tril)
+        return dist.Normal(loc, self.guide_scale).to_event(1)
 
     # ------------------------------------------------------------------ exact quantities
     def log_marginal(self, x, mask=None) -> torch.Tensor:
