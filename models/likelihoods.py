@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from pyro.nn import PyroModule
 from torch import nn
 
+from .distributions import BinaryBernoulli
 from .priors import inverse_softplus
 from .validation import check_binary, check_counts
 
@@ -86,29 +87,6 @@ def _check_floor(scale_floor) -> float:
     if not (floor >= 0 and math.isfinite(floor)):
         raise ValueError(f"scale_floor must be a finite number >= 0, got {scale_floor!r}")
     return floor
-
-
-class BinaryBernoulli(dist.Bernoulli):
-    """Pyro's ``Bernoulli`` with a cheaper ``log_prob`` for values in {0, 1}:
-
-    .. math:: \\log p(x \\mid \\eta) = -\\operatorname{softplus}\\big((1 - 2x)\\,\\eta\\big)
-              = \\log\\sigma\\big((2x - 1)\\,\\eta\\big),
-
-    which is :math:`\\log\\sigma(\\eta)` at :math:`x = 1` and :math:`\\log\\sigma(-\\eta)` at
-    :math:`x = 0` (:math:`\\eta` = logits): the same numbers as torch's
-    ``-binary_cross_entropy_with_logits`` up to float rounding, in fewer passes over the
-    ``[..., p]`` logits, and ``(2x - 1)`` broadcasts against particle dimensions without
-    expanding ``x``. Only valid for binary values (torch's formula also accepts fractional
-    ones), which argument validation enforces; :class:`Bernoulli` uses it unless
-    ``allow_fractional=True``. Sampling, ``expand``, ``mean`` etc. are Pyro's.
-    """
-
-    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
-        if self._validate_args:
-            self._validate_sample(value)
-        # log sigmoid((2x - 1) eta) = -softplus((1 - 2x) eta): one kernel forward and one
-        # backward over the [..., p] logits besides the product (benchmarks/README.md)
-        return F.logsigmoid((2 * value - 1) * self.logits)
 
 
 class Likelihood(PyroModule):
@@ -193,10 +171,10 @@ class Likelihood(PyroModule):
 
         The same numbers as scoring ``distribution(decoder_output).mask(mask).to_event(1)`` in a
         Pyro model (missing entries contribute 0), without Pyro."""
+        if mask is None:  # the distribution's own event sum (fused for BinaryBernoulli)
+            return self.distribution(decoder_output).to_event(1).log_prob(x)
         log_p = self.distribution(decoder_output).log_prob(x)
-        if mask is not None:
-            log_p = torch.where(mask, log_p, log_p.new_zeros(()))
-        return log_p.sum(-1)
+        return torch.where(mask, log_p, log_p.new_zeros(())).sum(-1)
 
     def check_data(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> None:
         """Raise ValueError if ``x`` is outside this model's support (finite values and shape
