@@ -84,7 +84,7 @@ class FitRun:
         self.rows_checked_once = is_validation_enabled() and not validate_every_step
         self.adapter = ObjectiveAdapter(
             objective, model_fn, guide_fn, self.num_data,
-            step_validation=is_validation_enabled() and bool(validate_every_step))
+            step_validation=is_validation_enabled() and bool(validate_every_step), module=module)
         self.config = {"num_data": self.num_data, "data_dim": int(x.shape[1]),
                        "batch_size": batch_size, "objective_name": self.adapter.name, "lr": lr,
                        "optimizer": optimizer_name(optimizer), "seed": seed,

@@ -11,6 +11,8 @@ import pyro
 import pyro.poutine as poutine
 import torch
 
+from .silent_modules import silenceable_modules, silent_param_statements
+
 __all__ = ["ObjectiveAdapter", "default_optimizer", "optimizer_factory", "collect_params",
            "param_names", "optimizer_name", "train_step"]
 
@@ -26,7 +28,7 @@ class ObjectiveAdapter:
     """
 
     def __init__(self, objective, model_fn, guide_fn, num_data: int, *,
-                 step_validation: bool):
+                 step_validation: bool, module=None):
         if isinstance(objective, type):
             raise TypeError(f"objective must be an instance, got the class {objective.__name__}; "
                             f"write {objective.__name__}() instead")
@@ -35,6 +37,9 @@ class ObjectiveAdapter:
         #: Pyro's validation during training steps (fit turns it off once every row has been
         #: checked: :mod:`pyro_lvm.inference.fit.row_checks`)
         self.step_validation = step_validation
+        #: the pair's PyroModule, whose parameter statements the steps may skip
+        #: (:mod:`pyro_lvm.inference.fit.silent_modules`); its tree is inspected at first use
+        self._module, self._silent = module, None
         if getattr(objective, "pyro_lvm_objective", False):
             self.kind = "pyro_lvm"
             self.name = str(getattr(objective, "name", type(objective).__name__))
@@ -65,7 +70,10 @@ class ObjectiveAdapter:
     def train_loss(self, xb: torch.Tensor, mb: Optional[torch.Tensor]) -> torch.Tensor:
         """Scaled minibatch loss with gradients accumulated into ``.grad`` (returns it detached),
         with Pyro's validation as :attr:`step_validation` says."""
-        with pyro.validation_enabled(self.step_validation):
+        if self._silent is None:
+            self._silent = silenceable_modules(self._module) or []
+        with pyro.validation_enabled(self.step_validation), \
+                silent_param_statements(self._silent):
             return self._train_loss(xb, mb)
 
     def _train_loss(self, xb, mb):

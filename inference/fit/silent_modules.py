@@ -1,0 +1,84 @@
+"""Training steps of a ``PyroModule`` pair without its per-call parameter statements.
+
+A ``PyroModule`` announces its parameters on every attribute access made while one of its
+methods runs: a ``pyro.param`` statement per ``nn.Parameter`` and a ``pyro.module`` statement
+(a walk over all of the child's parameters, one more ``pyro.param`` each) per plain
+``nn.Module`` child. Each statement is a message through Pyro's handler stack. Their purpose
+is to let handlers see the parameters (``SVI`` and :func:`pyro_lvm.fit` collect what to train
+with ``poutine.trace(param_only=True)``) and to keep the module and the parameter store in
+sync; neither changes the value a model reads when every parameter of the tree is a plain
+``nn.Parameter``: PyroModule returns its own tensor and discards the statement's answer, and
+``pyro.module`` leaves the child's tensors in place.
+
+So during ``fit``'s training steps, once the first step has collected the parameters and when
+no handler is active outside fit's own, :func:`silent_param_statements` runs the pair with its
+modules' Pyro context switched off: the same tensors, the same sample sites and densities,
+none of the parameter messages. It does nothing (the statements are issued as usual) for a
+tree holding a ``PyroParam`` (its constrained value is read through the store) or a
+``PyroSample`` (its sample statement needs the context), for an outer handler, and for a pair
+that is not a ``PyroModule``.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator, List, Optional
+
+import torch
+from pyro.nn import PyroModule
+from pyro.poutine.runtime import _PYRO_STACK
+
+__all__ = ["silenceable_modules", "silent_param_statements"]
+
+
+class _SilentContext:
+    """Stands in for a PyroModule's ``_pyro_context`` (``pyro.nn.module._Context``): never
+    active, so attribute access returns the module's own tensors without statements."""
+
+    active = 0
+    used = True
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+    def get(self, name: str) -> None:
+        return None
+
+    def set(self, name: str, value: torch.Tensor) -> None:
+        return None
+
+
+_SILENT = _SilentContext()
+
+
+def silenceable_modules(module: Optional[torch.nn.Module]) -> Optional[List[PyroModule]]:
+    """The PyroModules of ``module``'s tree when its parameter statements can be skipped (every
+    PyroModule has a Pyro context, no ``PyroParam`` and no ``PyroSample``); None otherwise."""
+    if not isinstance(module, PyroModule):
+        return None
+    modules = [m for m in module.modules() if isinstance(m, PyroModule)]
+    for m in modules:
+        state = m.__dict__
+        if ("_pyro_context" not in state or state.get("_pyro_params")
+                or state.get("_pyro_samples")):
+            return None
+    return modules
+
+
+@contextlib.contextmanager
+def silent_param_statements(modules: Optional[List[PyroModule]]) -> Iterator[None]:
+    """Run the block with the Pyro context of ``modules`` (from :func:`silenceable_modules`)
+    switched off, unless a Pyro handler is active (then nothing changes)."""
+    if not modules or _PYRO_STACK:
+        yield
+        return
+    saved = [m.__dict__["_pyro_context"] for m in modules]
+    for m in modules:
+        m.__dict__["_pyro_context"] = _SILENT
+    try:
+        yield
+    finally:
+        for m, context in zip(modules, saved):
+            m.__dict__["_pyro_context"] = context
