@@ -264,6 +264,25 @@ def median_and_spread(values: Sequence[float]) -> Tuple[float, float, float]:
     return statistics.median(values), min(values), max(values)
 
 
+def page_faults() -> float:
+    """Minor page faults of this process so far (``getrusage``; nan where unavailable): a
+    step that gets a large buffer back from the operating system pays one per 4 KiB page."""
+    try:
+        import resource
+    except ImportError:  # not on POSIX
+        return math.nan
+    return float(resource.getrusage(resource.RUSAGE_SELF).ru_minflt)
+
+
+def allocator_description() -> str:
+    """glibc malloc settings from the environment (they decide whether freed multi-MB
+    tensors return to the operating system between steps)."""
+    keys = ("MALLOC_MMAP_MAX_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_",
+            "GLIBC_TUNABLES")
+    found = [f"{k}={os.environ[k]}" for k in keys if k in os.environ]
+    return ", ".join(found) if found else "malloc defaults (no MALLOC_* / GLIBC_TUNABLES set)"
+
+
 def machine_description(device) -> str:
     """One line: CPU model, cores, torch threads, load average, versions, GPU name."""
     import pyro

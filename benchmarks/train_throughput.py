@@ -50,6 +50,7 @@ import json
 import math
 import pathlib
 import pstats
+import statistics
 import sys
 import time
 
@@ -158,11 +159,12 @@ class _StepClock:
     """fit callback: a timestamp after every optimizer step."""
 
     def __init__(self):
-        self.times, self.cpu_times = [], []
+        self.times, self.cpu_times, self.faults = [], [], []
 
     def on_step_end(self, state):
         self.times.append(time.perf_counter())
         self.cpu_times.append(time.thread_time())
+        self.faults.append(common.page_faults())
 
 
 def _steady_rate(times, batch_size) -> float:
@@ -176,11 +178,13 @@ def _step_durations(times):
     return [b - a for a, b in zip(times[:-1], times[1:])]
 
 
-def _timing(times, cpu_times, batch_size, **extra) -> dict:
+def _timing(times, cpu_times, faults, batch_size, **extra) -> dict:
     """Wall-clock and CPU-time (this thread's: with one torch thread every kernel runs on it)
-    step durations; CPU time does not count the time the thread waits for a core."""
+    step durations, and the page faults of each step; CPU time does not count the time the
+    thread waits for a core."""
     return dict(rate=_steady_rate(times, batch_size), durations=_step_durations(times),
-                cpu_durations=_step_durations(cpu_times), **extra)
+                cpu_durations=_step_durations(cpu_times), faults=_step_durations(faults),
+                **extra)
 
 
 def _plain_loop(params, rows, loss_fn, args, device, fused: bool = False) -> dict:
@@ -193,7 +197,7 @@ def _plain_loop(params, rows, loss_fn, args, device, fused: bool = False) -> dic
         generator = torch.Generator().manual_seed(args.seed)
         order = torch.randperm(n, generator=generator).to(device)
         pyro.set_rng_seed(args.seed)
-        times, cpu_times, losses = [], [], []
+        times, cpu_times, faults, losses = [], [], [], []
         for start in range(0, n, args.batch_size):
             xb = x.index_select(0, order[start:start + args.batch_size])
             optimizer.zero_grad(set_to_none=True)
@@ -203,7 +207,8 @@ def _plain_loop(params, rows, loss_fn, args, device, fused: bool = False) -> dic
             losses.append(loss.item())
             times.append(time.perf_counter())
             cpu_times.append(time.thread_time())
-    return _timing(times, cpu_times, args.batch_size, end_to_end=n / sw.seconds,
+            faults.append(common.page_faults())
+    return _timing(times, cpu_times, faults, args.batch_size, end_to_end=n / sw.seconds,
                    last_loss=losses[-1])
 
 
@@ -216,7 +221,7 @@ def run_fit(pair, rows, objective, args, device, cuda_graph: bool = False) -> di
         result = fit(pair, rows, objective=objective, epochs=1, batch_size=args.batch_size,
                      lr=args.lr, seed=args.seed, device=device, progress=False,
                      callbacks=[clock], cuda_graph=cuda_graph)
-    return _timing(clock.times, clock.cpu_times, args.batch_size,
+    return _timing(clock.times, clock.cpu_times, clock.faults, args.batch_size,
                    end_to_end=rows.shape[0] / sw.seconds, last_loss=result.step_losses[-1])
 
 
@@ -252,7 +257,7 @@ def run_hand_graph(mirror, rows, spec, args, device, warmup: int = 3) -> dict:
 
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
-        times, cpu_times, losses, graph, static_loss = [], [], [], None, None
+        times, cpu_times, faults, losses, graph, static_loss = [], [], [], [], None, None
         for i, idx in enumerate(batches):
             static_x.copy_(x.index_select(0, idx))
             if i < warmup or static_x.shape[0] != idx.shape[0]:
@@ -269,8 +274,9 @@ def run_hand_graph(mirror, rows, spec, args, device, warmup: int = 3) -> dict:
                 losses.append(static_loss.item())
             times.append(time.perf_counter())
             cpu_times.append(time.thread_time())
-    return _timing(times[warmup:], cpu_times[warmup:], args.batch_size, end_to_end=n / sw.seconds,
-                   last_loss=losses[-1])
+            faults.append(common.page_faults())
+    return _timing(times[warmup:], cpu_times[warmup:], faults[warmup:], args.batch_size,
+                   end_to_end=n / sw.seconds, last_loss=losses[-1])
 
 
 def run_pyro_svi(user, rows, spec, args, device) -> dict:
@@ -288,12 +294,13 @@ def run_pyro_svi(user, rows, spec, args, device) -> dict:
         svi = pyro.infer.SVI(user.model, user.guide, pyro.optim.Adam({"lr": args.lr}), loss)
         order = torch.randperm(n, generator=torch.Generator().manual_seed(args.seed)).to(device)
         pyro.set_rng_seed(args.seed)
-        times, cpu_times, losses = [], [], []
+        times, cpu_times, faults, losses = [], [], [], []
         for start in range(0, n, args.batch_size):
             losses.append(svi.step(x.index_select(0, order[start:start + args.batch_size])))
             times.append(time.perf_counter())
             cpu_times.append(time.thread_time())
-    return _timing(times, cpu_times, args.batch_size, end_to_end=n / sw.seconds,
+            faults.append(common.page_faults())
+    return _timing(times, cpu_times, faults, args.batch_size, end_to_end=n / sw.seconds,
                    last_loss=losses[-1])
 
 
@@ -439,7 +446,9 @@ def _summary(outs, batch_size) -> dict:
     _, lo, hi = common.median_and_spread([o["rate"] for o in outs])
     return dict(median_step_ms=median_ms, rows_per_s=1e3 * batch_size / median_ms, min=lo,
                 max=hi, end_to_end=common.median_and_spread([o["end_to_end"] for o in outs])[0],
-                median_cpu_ms=cpu_ms, cpu_rows_per_s=1e3 * batch_size / cpu_ms)
+                median_cpu_ms=cpu_ms, cpu_rows_per_s=1e3 * batch_size / cpu_ms,
+                faults_per_step=statistics.fmean([f for o in outs for f in o["faults"]] or
+                                                 [math.nan]))
 
 
 def _time_objective(name, pairs, train, args, device, notes) -> dict:
@@ -496,6 +505,8 @@ def _print_results(results, checks, profiles, args, device, arch_text, notes) ->
     print(f"\ntrain_throughput: Bernoulli VAE {arch_text}, batch {args.batch_size}, Adam lr "
           f"{args.lr}, device {device}, validation {args.validation}")
     print(f"  machine: {common.machine_description(device)}")
+    print(f"  allocator: {common.allocator_description()} (a freed multi-MB tensor that "
+          f"glibc returns to the system costs one page fault per 4 KiB when it comes back)")
     print(f"  rows/s at the median step time over {args.repeats} alternating repetitions "
           f"[min-max of the per-repetition rates]; ratio = side / hand-written\n")
     table = []
@@ -507,11 +518,13 @@ def _print_results(results, checks, profiles, args, device, arch_text, notes) ->
             table.append(dict(objective=r["objective"], side=LABELS[side],
                               rate=f"{s['rows_per_s']:,.0f} [{s['min']:,.0f}-{s['max']:,.0f}]",
                               ms=s["median_step_ms"], ratio=s["ratio"],
-                              cpu_ms=s["median_cpu_ms"], cpu_ratio=s["cpu_ratio"]))
+                              cpu_ms=s["median_cpu_ms"], cpu_ratio=s["cpu_ratio"],
+                              faults=s["faults_per_step"]))
     print(common.format_table(table, [
         ("objective", "objective", ""), ("side", "side", ""), ("rate", "rows/s", ""),
         ("ms", "median ms/step", ".2f"), ("ratio", "/ hand", ".3f"),
-        ("cpu_ms", "CPU ms/step", ".2f"), ("cpu_ratio", "CPU-time / hand", ".3f")]))
+        ("cpu_ms", "CPU ms/step", ".2f"), ("cpu_ratio", "CPU-time / hand", ".3f"),
+        ("faults", "page faults/step", ",.0f")]))
     for note in sorted(notes):
         print(f"  note: {note}")
     print("\n  same objective as the hand-written one on the same batch and noise:")
