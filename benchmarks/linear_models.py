@@ -13,7 +13,7 @@ heteroscedastic noise, columns standardized):
    ``sklearn.decomposition.FactorAnalysis(d, svd_method="lapack", tol=tol * n)`` (scikit-learn's
    tolerance is on the *total* log-likelihood, hence ``tol * n`` for the same stopping rule).
    Both reach the same maximum; the mean log-likelihood per row of each is printed.
-3. **SVI**: ``inference.fit.fit(model, X, objective=ELBO(analytic_kl=True))`` (Adam, lr 0.01,
+3. **SVI**: ``pyro_lvm.fit(model, X, objective=ELBO(analytic_kl=True))`` (Adam, lr 0.01,
    batch 1000 by default) from the default initialisation
    until the exact mean log-likelihood per row of the fitted parameters,
    :math:`\\frac1n\\sum_i \\log p(x_i)` (``model.log_marginal``), is within 0.5% of the
@@ -181,7 +181,7 @@ class _ExactLogLikTarget:
         self.last = math.nan
 
     def on_epoch_end(self, state):
-        from pyro_lvm.inference.fit import StopFit
+        from pyro_lvm.inference.training import StopFit
 
         start = time.perf_counter()
         with torch.no_grad():
@@ -196,7 +196,7 @@ class _ExactLogLikTarget:
 
 
 def bench_svi(cls_name: str, X: np.ndarray, d: int, exact: float, args, device) -> dict:
-    from pyro_lvm.inference.fit import fit
+    from pyro_lvm.inference.training import fit
     from pyro_lvm.inference.objectives import ELBO
     import pyro_lvm.models.linear as linear
 

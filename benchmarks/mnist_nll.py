@@ -2,7 +2,7 @@ r"""Test negative log-likelihood of a DLVM on statically binarized MNIST, compar
 published numbers.
 
 Trains ``models.dlvm.DLVM`` (Bernoulli observation model, one stochastic layer) on the 50,000
-training rows with ``inference.fit.fit``, records the training and validation curves (10,000
+training rows with ``pyro_lvm.fit``, records the training and validation curves (10,000
 validation rows, the training objective per row after every epoch) and then estimates on the
 test rows
 
@@ -229,7 +229,7 @@ class TimeLimit:
         self.start = time.perf_counter()
 
     def on_step_end(self, state):
-        from pyro_lvm.inference.fit import StopFit
+        from pyro_lvm.inference.training import StopFit
 
         if time.perf_counter() - self.start > self.seconds:
             raise StopFit(f"time limit of {self.seconds:g} s reached")
@@ -312,7 +312,7 @@ def main(args=None) -> dict:
 
     from pyro_lvm.inference.diagnostics import latent_usage
     from pyro_lvm.inference.evaluate import elbo, log_likelihood
-    from pyro_lvm.inference.fit import EarlyStopping, KLWarmup, default_optimizer, fit
+    from pyro_lvm.inference.training import EarlyStopping, KLWarmup, default_optimizer, fit
     from pyro_lvm.inference.objectives import ELBO, IWAE
     from pyro_lvm.models.dlvm import DLVM
 

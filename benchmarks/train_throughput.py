@@ -214,7 +214,7 @@ def _plain_loop(params, rows, loss_fn, args, device, fused: bool = False) -> dic
 
 
 def run_fit(pair, rows, objective, args, device, cuda_graph: bool = False) -> dict:
-    from pyro_lvm.inference.fit import fit
+    from pyro_lvm.inference.training import fit
 
     clock = _StepClock()
     with common.Stopwatch(device) as sw:
@@ -398,7 +398,7 @@ def _bucket(key) -> str:
 
 def profile_fit(pair, rows, objective, args, device, top: int = 12) -> dict:
     """cProfile of one fit call; self time grouped by where the code lives, top functions."""
-    from pyro_lvm.inference.fit import fit
+    from pyro_lvm.inference.training import fit
 
     profiler = cProfile.Profile()
     profiler.enable()

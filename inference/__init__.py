@@ -15,7 +15,7 @@ from pyro_lvm.inference.impute import (ConditionalLogLikelihood, Imputation,
                                        interval_coverage, missing_mask)
 from pyro_lvm.inference.rubin import (RubinPooled, pooled_column_mean, pooled_regression,
                                       rubin_pool)
-from pyro_lvm.inference.fit import (EarlyStopping, FitResult, FitState, KLWarmup, NonFiniteLossError,
+from pyro_lvm.inference.training import (EarlyStopping, FitResult, FitState, KLWarmup, NonFiniteLossError,
                                     StopFit, fit, linear_warmup)
 from pyro_lvm.inference.importance_weights import (LogTerms, elbo_from_log_weights,
                                                    iwae_from_log_weights, log_weights,

@@ -122,7 +122,7 @@ def resolve_pair(pair, guide=None):
 
     Accepts an object with ``.model`` and ``.guide`` methods (the usual ``PyroModule``),
     a ``(model_fn, guide_fn)`` tuple, a model callable plus ``guide=``, or the
-    :class:`~pyro_lvm.inference.fit.FitResult` of any of these. A model or guide without a
+    :class:`~pyro_lvm.inference.training.FitResult` of any of these. A model or guide without a
     ``mask`` argument is returned wrapped to be callable as ``fn(x, mask=None)``
     (:func:`pyro_lvm.inference.pairs.mask_optional`).
 
@@ -246,7 +246,7 @@ def session(pair, data, *, mask=None, device="auto", guide=None, param_state=Non
     back, the parameter store and the caller's random state are restored: an evaluation
     leaves the pair as it found it, whatever ``device`` it ran on.
 
-    ``pair`` may be a :class:`~pyro_lvm.inference.fit.FitResult` (its trained ``pyro.param``
+    ``pair`` may be a :class:`~pyro_lvm.inference.training.FitResult` (its trained ``pyro.param``
     values are activated). Before anything is drawn the pair is run once on one row
     (:func:`pyro_lvm.inference.pairs.check_pair_for_evaluation`): mismatched sites, global
     latents and a plain-function pair whose parameters are not in the store raise

@@ -68,7 +68,7 @@ pass (:func:`_one_pass_surrogate`).
 
 Usage
 -----
-With :func:`inference.fit.fit` (``fit(pair, X, objective=IWAE(5, gradient="dreg"))``), with
+With :func:`pyro_lvm.fit` (``fit(pair, X, objective=IWAE(5, gradient="dreg"))``), with
 Pyro's ``SVI(model, guide, optim, loss=IWAE(5))``, or as a plain torch loss::
 
     objective = IWAE(num_particles=5, gradient="dreg")

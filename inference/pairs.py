@@ -95,13 +95,13 @@ def mask_required_message(fn: Callable, role: str, mask) -> str:
 
 # ----------------------------------------------------------------------------- fit results
 def _is_fit_result(obj) -> bool:
-    from pyro_lvm.inference.fit.state import FitResult
+    from pyro_lvm.inference.training.state import FitResult
 
     return isinstance(obj, FitResult)
 
 
 def unwrap_fit_result(pair, guide=None):
-    """``(pair, guide)`` with a :class:`~pyro_lvm.inference.fit.FitResult` replaced by the
+    """``(pair, guide)`` with a :class:`~pyro_lvm.inference.training.FitResult` replaced by the
     pair it trained (and the guide it was given, if any)."""
     if _is_fit_result(pair):
         if guide is None:

@@ -255,9 +255,9 @@ def pretrain_clusters(model: ClusterDLVM, x, *, epochs: int = PRETRAIN_EPOCHS,
        rows out before any cluster is fixed (Higgins et al. 2017 for the KL weight).
     2. :meth:`ClusterDLVM.init_clusters` (``init``, ``seed``) on the encoder means of ``x``.
 
-    Returns the :class:`pyro_lvm.inference.fit.FitResult` of step 1. The labels are never used.
+    Returns the :class:`pyro_lvm.inference.training.FitResult` of step 1. The labels are never used.
     """
-    from pyro_lvm.inference.fit import fit
+    from pyro_lvm.inference.training import fit
     from pyro_lvm.inference.objectives import ELBO
 
     result = fit(model, x, objective=ELBO(beta=beta), epochs=epochs, batch_size=batch_size,
@@ -276,7 +276,7 @@ def fit_clusters(model: ClusterDLVM, x, *, epochs: int = 30, lr: float = 2e-3,
 
     Returns ``(pretrain_result, joint_result)``, two FitResults (histories of both phases).
     """
-    from pyro_lvm.inference.fit import fit
+    from pyro_lvm.inference.training import fit
     from pyro_lvm.inference.objectives import ELBO
 
     pre = pretrain_clusters(model, x, epochs=pretrain_epochs, beta=pretrain_beta,

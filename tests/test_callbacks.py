@@ -1,9 +1,9 @@
-"""fit callbacks (inference/fit/callbacks.py): KL warm-up continued from an earlier phase."""
+"""fit callbacks (inference/training/callbacks.py): KL warm-up continued from an earlier phase."""
 from types import SimpleNamespace
 
 import pytest
 
-from pyro_lvm.inference.fit import KLWarmup
+from pyro_lvm.inference.training import KLWarmup
 from pyro_lvm.inference.objectives import ELBO
 
 

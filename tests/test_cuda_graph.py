@@ -16,15 +16,15 @@ import copy
 import pytest
 import torch
 
-from pyro_lvm.inference.fit import KLWarmup, fit
-from pyro_lvm.inference.fit import cuda_graph as cg
-from pyro_lvm.inference.fit import loop
+from pyro_lvm.inference.training import KLWarmup, fit
+from pyro_lvm.inference.training import cuda_graph as cg
+from pyro_lvm.inference.training import loop
 from pyro_lvm.inference.objectives import ELBO, IWAE
 from pyro_lvm.models import DLVM
 
 
 class StandInBackend:
-    """CPU stand-in for :class:`~pyro_lvm.inference.fit.cuda_graph.CudaGraphBackend`."""
+    """CPU stand-in for :class:`~pyro_lvm.inference.training.cuda_graph.CudaGraphBackend`."""
 
     def __init__(self, run, fail: bool = False):
         self.run, self.fail = run, fail

@@ -15,7 +15,7 @@ from scipy import stats
 from conftest import requires_cuda
 from pyro_lvm.inference.engine import isolated_param_store
 from pyro_lvm.inference.contract import check_contract
-from pyro_lvm.inference.fit import fit
+from pyro_lvm.inference.training import fit
 from pyro_lvm.inference.importance_weights import log_weights, trace_log_terms
 from pyro_lvm.models.dlvm import DLVM, LectureDLVM
 from pyro_lvm.models.likelihoods import Gaussian

@@ -11,7 +11,7 @@ import torch
 from pyro.nn import PyroModule
 
 from pyro_lvm.inference.contract import ContractError
-from pyro_lvm.inference.fit import (EarlyStopping, FitResult, NonFiniteLossError, StopFit, fit)
+from pyro_lvm.inference.training import (EarlyStopping, FitResult, NonFiniteLossError, StopFit, fit)
 from pyro_lvm.inference.importance_weights import log_weights
 
 N, P, D = 40, 3, 2

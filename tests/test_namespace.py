@@ -38,6 +38,11 @@ def test_public_names_import_from_the_top_package():
     import pyro_lvm.studies
     assert pyro_lvm.fit is pyro_lvm.inference.fit
     assert pyro_lvm.models.DLVM.__module__ == "pyro_lvm.models.dlvm"
+    # the function and the package that implements it have different names, so every module
+    # of the package is reachable as an attribute too
+    import pyro_lvm.inference.training.step as step
+    assert callable(pyro_lvm.inference.fit) and step.train_step.__module__ == step.__name__
+    assert pyro_lvm.inference.training.loop.fit is pyro_lvm.fit
 
 
 def test_no_bare_package_names_are_installed(tmp_path):
@@ -105,7 +110,8 @@ def test_wheel_installs_and_runs_the_main_job_from_an_empty_directory(tmp_path):
     import zipfile
     names = zipfile.ZipFile(wheel).namelist()
     assert not [n for n in names if n.split("/")[0] in ("models", "inference", "studies", "reports")]
-    assert "pyro_lvm/inference/fit/loop.py" in names and "pyro_lvm/inference/fit.py" not in names
+    assert "pyro_lvm/inference/training/loop.py" in names
+    assert not [n for n in names if n.startswith("pyro_lvm/inference/fit")]
     proc = _run([str(python), "-m", "pyro_lvm.studies.compare_priors", "--smoke", "--no-progress"],
                 cwd=work)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -15,7 +15,7 @@ import torch
 from pyro.nn import PyroModule, PyroParam
 from torch.distributions import constraints
 
-from pyro_lvm.inference.fit import KLWarmup, fit, linear_warmup
+from pyro_lvm.inference.training import KLWarmup, fit, linear_warmup
 from pyro_lvm.inference.importance_weights import (elbo_from_log_weights,
                                                    iwae_from_log_weights, log_weights,
                                                    trace_log_terms)

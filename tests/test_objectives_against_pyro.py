@@ -20,7 +20,7 @@ from pyro.nn import PyroModule, PyroParam
 from torch.distributions import Bernoulli as TorchBernoulli
 
 from pyro_lvm.inference.engine import isolated_param_store
-from pyro_lvm.inference.fit import fit
+from pyro_lvm.inference.training import fit
 from pyro_lvm.inference.importance_weights import PARTICLE_PLATE, log_weights, trace_log_terms
 from pyro_lvm.inference.objectives import ELBO, IWAE, _detached
 from pyro_lvm.models.dlvm import DLVM
@@ -435,7 +435,7 @@ def test_model_checks_the_data_on_every_call_while_validation_is_on():
 
 
 def test_default_optimizer_is_fused_adam_where_torch_has_the_kernel():
-    from pyro_lvm.inference.fit import default_optimizer
+    from pyro_lvm.inference.training import default_optimizer
 
     p = torch.nn.Parameter(torch.randn(3))
     optimizer = default_optimizer([p], 0.1)

@@ -10,7 +10,7 @@ import pyro.distributions as dist
 import pytest
 import torch
 
-from pyro_lvm.inference.fit import fit
+from pyro_lvm.inference.training import fit
 from pyro_lvm.inference.objectives import ELBO, IWAE
 from pyro_lvm.models.dlvm import DLVM
 

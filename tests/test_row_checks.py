@@ -1,5 +1,5 @@
 """fit() checks every training row once with Pyro's validation before the first step, then
-trains without the per-call checks (inference/fit/row_checks.py); validate_every_step=True
+trains without the per-call checks (inference/training/row_checks.py); validate_every_step=True
 keeps them on every step."""
 import numpy as np
 import pyro
@@ -8,7 +8,7 @@ import pytest
 import torch
 from pyro.infer.util import is_validation_enabled
 
-from pyro_lvm.inference.fit import fit
+from pyro_lvm.inference.training import fit
 
 P, D = 6, 2
 

@@ -1,9 +1,7 @@
-"""inference/fit/silent_modules.py: fit's training steps run a PyroModule pair without its
+"""inference/training/silent_modules.py: fit's training steps run a PyroModule pair without its
 per-call parameter statements only where that cannot change a number (plain nn.Parameters,
 no PyroParam / PyroSample, no outer handler), and the fit is then bit-identical to one that
 issues every statement."""
-import importlib
-
 import pyro
 import pyro.distributions as dist
 import pyro.poutine as poutine
@@ -11,13 +9,11 @@ import pytest
 import torch
 from pyro.nn import PyroModule, PyroParam, PyroSample
 
+import pyro_lvm.inference.training.step as fit_step
 from pyro_lvm import IWAE, fit
-from pyro_lvm.inference.fit.silent_modules import silenceable_modules, silent_param_statements
+from pyro_lvm.inference.training.silent_modules import silenceable_modules, silent_param_statements
 from pyro_lvm.models.dlvm import DLVM
 from pyro_lvm.models.linear import PPCA
-
-# (``pyro_lvm.inference.fit`` as an attribute is the function; the module holds the step)
-fit_step = importlib.import_module("pyro_lvm.inference.fit.step")
 
 
 def _dlvm():

@@ -43,9 +43,9 @@ def run_data(config: RunConfig, dataset: Dataset) -> Dataset:
 
 def fit_pair(model, dataset: Dataset, config: RunConfig, *, objective, callbacks, device,
              progress=None):
-    """Fit ``model`` with SVI (``inference.fit.fit``); a separate function so tests can count
+    """Fit ``model`` with SVI (``pyro_lvm.fit``); a separate function so tests can count
     fits. ``progress`` (a RunProgress, optional) adds a callback showing the steps."""
-    from pyro_lvm.inference.fit import fit
+    from pyro_lvm.inference.training import fit
 
     valid = dataset.valid if dataset.valid.shape[0] else None
     kwargs = {}
@@ -230,7 +230,7 @@ def _kl_warmup_callbacks(config: RunConfig, objective, notes: Optional[List[str]
             notes.append(f"warmup_epochs={config.warmup_epochs} ignored: {objective.name} has no "
                          f"KL weight to warm up")
         return []
-    from pyro_lvm.inference.fit import KLWarmup
+    from pyro_lvm.inference.training import KLWarmup
 
     return [KLWarmup(config.warmup_epochs, start_epoch=epochs_before)]
 

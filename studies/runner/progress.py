@@ -91,7 +91,7 @@ class StudyProgress:
 
 
 class _FitProgress:
-    """A fit callback (see :mod:`pyro_lvm.inference.fit.callbacks`) showing the steps."""
+    """A fit callback (see :mod:`pyro_lvm.inference.training.callbacks`) showing the steps."""
 
     def __init__(self, run: "RunProgress"):
         self.run = run

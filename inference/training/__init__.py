@@ -19,16 +19,19 @@ data are validated before the first step, a non-finite loss stops the fit with t
 step, site and data row that produced it (parameters restored to their last finite values),
 and a checkpoint file lets an interrupted fit resume exactly where it stopped.
 
-Modules: :mod:`.loop` (:func:`fit` and the epoch loop), :mod:`.step` (one optimizer step,
+The package is ``pyro_lvm.inference.training``; the function is re-exported as
+``pyro_lvm.fit`` and ``pyro_lvm.inference.fit``. Modules: :mod:`.loop` (:func:`fit` and the
+epoch loop), :mod:`.step` (one optimizer step,
 objectives, optimizer), :mod:`.state` (:class:`FitResult`, :class:`FitState`),
 :mod:`.callbacks` (:class:`EarlyStopping`, :class:`KLWarmup`), :mod:`.checkpoint` and
-:mod:`.forensics` (:class:`NonFiniteLossError`).
+:mod:`.forensics` (:class:`NonFiniteLossError`), :mod:`.row_checks` (Pyro's validation once
+per training row), :mod:`.silent_modules` (PyroModule parameter statements skipped in steps).
 """
-from pyro_lvm.inference.fit.callbacks import EarlyStopping, KLWarmup, linear_warmup
-from pyro_lvm.inference.fit.forensics import NonFiniteLossError
-from pyro_lvm.inference.fit.loop import fit
-from pyro_lvm.inference.fit.state import HISTORY_COLUMNS, FitResult, FitState, StopFit
-from pyro_lvm.inference.fit.step import default_optimizer
+from pyro_lvm.inference.training.callbacks import EarlyStopping, KLWarmup, linear_warmup
+from pyro_lvm.inference.training.forensics import NonFiniteLossError
+from pyro_lvm.inference.training.loop import fit
+from pyro_lvm.inference.training.state import HISTORY_COLUMNS, FitResult, FitState, StopFit
+from pyro_lvm.inference.training.step import default_optimizer
 
 __all__ = [
     "fit",

@@ -42,7 +42,7 @@ from typing import Any, Optional, Tuple
 
 import torch
 
-from pyro_lvm.inference.fit.step import train_step
+from pyro_lvm.inference.training.step import train_step
 
 __all__ = ["GraphedTrainStep", "cuda_graph_unavailable", "CudaGraphBackend"]
 

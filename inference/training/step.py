@@ -35,10 +35,10 @@ class ObjectiveAdapter:
         self.objective = objective
         self.model_fn, self.guide_fn, self.num_data = model_fn, guide_fn, num_data
         #: Pyro's validation during training steps (fit turns it off once every row has been
-        #: checked: :mod:`pyro_lvm.inference.fit.row_checks`)
+        #: checked: :mod:`pyro_lvm.inference.training.row_checks`)
         self.step_validation = step_validation
         #: the pair's PyroModule, whose parameter statements the steps may skip
-        #: (:mod:`pyro_lvm.inference.fit.silent_modules`); its tree is inspected at first use
+        #: (:mod:`pyro_lvm.inference.training.silent_modules`); its tree is inspected at first use
         self._module, self._silent = module, None
         if getattr(objective, "pyro_lvm_objective", False):
             self.kind = "pyro_lvm"
@@ -184,7 +184,7 @@ def train_step(run, xb: torch.Tensor, mb: Optional[torch.Tensor], batch_rows: to
     returns the loss. A non-finite loss or gradient is handed to ``run.non_finite`` (which
     raises) before the optimizer steps, so the parameters stay the last finite ones.
 
-    ``run`` is the fit in progress (:class:`pyro_lvm.inference.fit.loop.FitRun`): its state,
+    ``run`` is the fit in progress (:class:`pyro_lvm.inference.training.loop.FitRun`): its state,
     objective adapter, module and ``clip_norm``."""
     state = run.state
     rng_before = run.torch_rng_state()

@@ -1,5 +1,5 @@
 """The fitting loop: :func:`fit` checks its arguments and builds a :class:`FitRun`, which
-starts (or resumes) the fit and runs epochs of :func:`~pyro_lvm.inference.fit.step.train_step`
+starts (or resumes) the fit and runs epochs of :func:`~pyro_lvm.inference.training.step.train_step`
 with the callbacks, validation and checkpoints around them."""
 from __future__ import annotations
 
@@ -20,14 +20,14 @@ from tqdm import tqdm
 from pyro_lvm.inference import engine
 from pyro_lvm.inference.engine import check_int as _check_int
 from pyro_lvm.inference.contract import check_contract
-from pyro_lvm.inference.fit import checkpoint as ckpt
-from pyro_lvm.inference.fit.callbacks import HOOKS, check_callbacks
-from pyro_lvm.inference.fit.forensics import raise_non_finite
-from pyro_lvm.inference.fit.row_checks import check_every_row
-from pyro_lvm.inference.fit.state import (FitResult, FitState, StopFit, all_finite,
+from pyro_lvm.inference.training import checkpoint as ckpt
+from pyro_lvm.inference.training.callbacks import HOOKS, check_callbacks
+from pyro_lvm.inference.training.forensics import raise_non_finite
+from pyro_lvm.inference.training.row_checks import check_every_row
+from pyro_lvm.inference.training.state import (FitResult, FitState, StopFit, all_finite,
                                           history_frame)
-from pyro_lvm.inference.fit.cuda_graph import GraphedTrainStep, cuda_graph_unavailable
-from pyro_lvm.inference.fit.step import (ObjectiveAdapter, collect_params, optimizer_factory,
+from pyro_lvm.inference.training.cuda_graph import GraphedTrainStep, cuda_graph_unavailable
+from pyro_lvm.inference.training.step import (ObjectiveAdapter, collect_params, optimizer_factory,
                                          optimizer_name, train_step)
 
 __all__ = ["fit", "FitRun"]
@@ -502,7 +502,7 @@ def fit(pair, data, objective=None, epochs: int = 10, batch_size: int = 128, lr:
         cannot handle.
     cuda_graph : bool
         On a CUDA device, capture the training step in CUDA graphs and replay it
-        (:mod:`pyro_lvm.inference.fit.cuda_graph`): the pair's Python and Pyro's bookkeeping
+        (:mod:`pyro_lvm.inference.training.cuda_graph`): the pair's Python and Pyro's bookkeeping
         then run only while capturing. The first 3 steps and any batch of another shape (the
         last, partial batch of an epoch) run eagerly; a step that cannot be captured (e.g.
         data-dependent Python in the pair) falls back to eager training with a one-line

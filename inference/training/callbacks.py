@@ -1,7 +1,7 @@
 """Callbacks for :func:`pyro_lvm.inference.fit`: early stopping and KL warm-up.
 
 A callback is any object with some of the hooks in :data:`HOOKS`, each taking the fit's
-:class:`~pyro_lvm.inference.fit.FitState`; raising :class:`~pyro_lvm.inference.fit.StopFit`
+:class:`~pyro_lvm.inference.training.FitState`; raising :class:`~pyro_lvm.inference.training.StopFit`
 ends the fit. Callbacks with ``state_dict``/``load_state_dict`` are saved in checkpoints.
 """
 from __future__ import annotations
@@ -11,7 +11,7 @@ import numbers
 from typing import Iterable, List
 
 from pyro_lvm.inference.engine import check_int
-from pyro_lvm.inference.fit.state import FitState, StopFit
+from pyro_lvm.inference.training.state import FitState, StopFit
 
 __all__ = ["HOOKS", "check_callbacks", "EarlyStopping", "KLWarmup", "linear_warmup"]
 

@@ -5,8 +5,8 @@ arguments (a constraint test and a device-to-host read per argument) and every o
 value's support, and a pair's own per-call data checks run too. On a small network that is a
 noticeable share of a training step, and it finds nothing new after the first pass over the
 data: the data do not change between epochs, and a parameter that leaves its domain shows up
-as a non-finite loss or gradient, which :func:`~pyro_lvm.inference.fit.step.train_step`
-checks on every step and :mod:`~pyro_lvm.inference.fit.forensics` locates (site, parameter,
+as a non-finite loss or gradient, which :func:`~pyro_lvm.inference.training.step.train_step`
+checks on every step and :mod:`~pyro_lvm.inference.training.forensics` locates (site, parameter,
 rows) with validation back on.
 
 So :func:`pyro_lvm.inference.fit` runs the pair once over all training rows here, in batches

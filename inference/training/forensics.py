@@ -10,7 +10,7 @@ import pyro
 import torch
 from pyro.poutine.util import site_is_subsample
 
-from pyro_lvm.inference.fit.checkpoint import set_torch_rng_state
+from pyro_lvm.inference.training.checkpoint import set_torch_rng_state
 from pyro_lvm.inference.importance_weights import trace_log_terms
 
 __all__ = ["NonFiniteLossError", "diagnose_sites", "describe_site", "raise_non_finite"]
@@ -129,7 +129,7 @@ def describe_site(found: dict) -> str:
 
 def _fail(run, message: str, *, epoch: int, step: int, **details):
     # The optimizer step was not taken, so the live parameters are the last finite ones.
-    from pyro_lvm.inference.fit.state import history_frame
+    from pyro_lvm.inference.training.state import history_frame
 
     raise NonFiniteLossError(
         message, epoch=epoch + 1, step=step + 1, global_step=run.state.global_step + 1,
@@ -145,8 +145,8 @@ def raise_non_finite(run, exc_or_loss, *, epoch: int, step: int, xb, mb, batch_r
     (``rng_before``: the random state of the failing step). Re-raises ``exc_or_loss`` when it
     was not about a non-finite value after all.
 
-    ``run`` is the fit in progress (:class:`pyro_lvm.inference.fit.loop.FitRun`)."""
-    from pyro_lvm.inference.fit.step import param_names
+    ``run`` is the fit in progress (:class:`pyro_lvm.inference.training.loop.FitRun`)."""
+    from pyro_lvm.inference.training.step import param_names
 
     state = run.state
     where = f"epoch {epoch + 1}, step {step + 1} (global step {state.global_step + 1})"
