@@ -8,6 +8,7 @@ import pyro.poutine as poutine
 import pytest
 import torch
 from pyro.nn import PyroModule, PyroParam, PyroSample
+from pyro.nn.module import to_pyro_module_
 
 import pyro_lvm.inference.training.step as fit_step
 from pyro_lvm import IWAE, fit
@@ -47,6 +48,35 @@ def test_only_trees_of_plain_parameters_are_silenced():
     assert silenceable_modules(_WithPyroParam()) is None
     assert silenceable_modules(torch.nn.Linear(2, 2)) is None  # pyro.module in user code
     assert silenceable_modules(None) is None
+    # a sub-PyroModule converted in place has no Pyro name until first reached: left alone
+    converted = _Converted()
+    assert silenceable_modules(converted) is None
+    converted(torch.zeros(1, 2))
+    assert silenceable_modules(converted) is not None
+
+
+class _Converted(PyroModule):
+    def __init__(self):
+        super().__init__()
+        self.child = torch.nn.Linear(2, 2)
+        to_pyro_module_(self.child)
+
+    def forward(self, x):
+        return self.child(x)
+
+
+def test_module_local_params_setting_keeps_the_statements(monkeypatch):
+    model, x = _dlvm(), _binary_rows(5)
+    model.model(x), model.guide(x)
+    modules = silenceable_modules(model)
+    with pyro.settings.context(module_local_params=True):
+        with silent_param_statements(modules):
+            assert all(m._pyro_context is not _silent_context() for m in modules)
+
+
+def _silent_context():
+    from pyro_lvm.inference.training import silent_modules
+    return silent_modules._SILENT
 
 
 def _count_statements(monkeypatch):
@@ -70,6 +100,7 @@ def test_silent_block_issues_no_statement_and_restores_the_context(monkeypatch):
     model, x = _dlvm(), _binary_rows(5)
     counts = _count_statements(monkeypatch)
     model.model(x), model.guide(x)
+    assert all(m._pyro_context is _silent_context() for m in _silenced_inside(model))
     assert counts["module"] >= 2  # positive control: the statements are counted
     counts.update(param=0, module=0)
     contexts = [m._pyro_context for m in silenceable_modules(model)]
@@ -113,3 +144,10 @@ def test_fit_is_bit_identical_with_and_without_the_statements(monkeypatch, objec
     assert silent_result.step_losses == loud_result.step_losses
     for name, value in loud_params.items():
         assert torch.equal(silent_params[name], value), name
+
+
+def _silenced_inside(model):
+    """The modules' contexts as seen inside a silent block (positive control of the swap)."""
+    modules = silenceable_modules(model)
+    with silent_param_statements(modules):
+        return [type("Seen", (), {"_pyro_context": m._pyro_context})() for m in modules]

@@ -15,14 +15,16 @@ no handler is active outside fit's own, :func:`silent_param_statements` runs the
 modules' Pyro context switched off: the same tensors, the same sample sites and densities,
 none of the parameter messages. It does nothing (the statements are issued as usual) for a
 tree holding a ``PyroParam`` (its constrained value is read through the store) or a
-``PyroSample`` (its sample statement needs the context), for an outer handler, and for a pair
-that is not a ``PyroModule``.
+``PyroSample`` (its sample statement needs the context) or a sub-PyroModule not yet reached,
+for an outer handler, with Pyro's ``module_local_params`` setting, and for a pair that is not
+a ``PyroModule``.
 """
 from __future__ import annotations
 
 import contextlib
 from typing import Iterator, List, Optional
 
+import pyro
 import torch
 from pyro.nn import PyroModule
 from pyro.poutine.runtime import _PYRO_STACK
@@ -54,15 +56,17 @@ _SILENT = _SilentContext()
 
 
 def silenceable_modules(module: Optional[torch.nn.Module]) -> Optional[List[PyroModule]]:
-    """The PyroModules of ``module``'s tree when its parameter statements can be skipped (every
-    PyroModule has a Pyro context, no ``PyroParam`` and no ``PyroSample``); None otherwise."""
+    """The PyroModules of ``module``'s tree when its parameter statements can be skipped: every
+    PyroModule has a Pyro context and no ``PyroParam`` or ``PyroSample``, and every sub-PyroModule
+    already has its Pyro name (one that has none would take the switched-off context as its
+    own the first time it is reached, so the tree is left alone); None otherwise."""
     if not isinstance(module, PyroModule):
         return None
     modules = [m for m in module.modules() if isinstance(m, PyroModule)]
     for m in modules:
         state = m.__dict__
         if ("_pyro_context" not in state or state.get("_pyro_params")
-                or state.get("_pyro_samples")):
+                or state.get("_pyro_samples") or (m is not module and not state.get("_pyro_name"))):
             return None
     return modules
 
@@ -71,7 +75,8 @@ def silenceable_modules(module: Optional[torch.nn.Module]) -> Optional[List[Pyro
 def silent_param_statements(modules: Optional[List[PyroModule]]) -> Iterator[None]:
     """Run the block with the Pyro context of ``modules`` (from :func:`silenceable_modules`)
     switched off, unless a Pyro handler is active (then nothing changes)."""
-    if not modules or _PYRO_STACK:
+    # module-local parameters (a Pyro setting) read the context's own parameter state
+    if not modules or _PYRO_STACK or pyro.settings.get("module_local_params"):
         yield
         return
     saved = [m.__dict__["_pyro_context"] for m in modules]
