@@ -183,13 +183,15 @@ def _module_tensors(module) -> Iterator[torch.Tensor]:
 def prepare_data(pair, data, mask=None, *, name: str = "data", dtype=None, min_rows: int = 1,
                  data_dim: Optional[int] = None) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Validate ``data`` (and ``mask``) before any work: :func:`pyro_lvm.models.check_data`
-    (NaN/inf with row and column, numeric, the width ``pair.data_dim`` or ``data_dim``), then
+    (NaN/inf with row and column, numeric, the width ``pair.data_dim`` or ``data_dim``;
+    integer arrays other than 0/1 only for a pair with ``accepts_integer_data = True``), then
     the pair's own ``check_data(x, mask=None[, name=])`` when it has one. Returns CPU tensors,
     ``x`` in ``dtype`` (default: the data's own floating dtype)."""
     if data_dim is None:
         declared = getattr(pair, "data_dim", None)
         data_dim = int(declared) if isinstance(declared, numbers.Integral) else None
-    x = check_data(data, data_dim, name=name, min_rows=min_rows, mask=mask, dtype=dtype)
+    x = check_data(data, data_dim, name=name, min_rows=min_rows, mask=mask, dtype=dtype,
+                   integer_values=bool(getattr(pair, "accepts_integer_data", False)))
     mask_t = None
     if mask is not None:
         mask_t = torch.as_tensor(check_mask(mask, tuple(x.shape), name=name))

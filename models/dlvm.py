@@ -107,10 +107,18 @@ class _AmortizedGaussianGuideMixin:
         # by 0 and poison the gradients.
         return torch.where(mask, x, torch.zeros((), dtype=x.dtype, device=x.device)), mask
 
+    @property
+    def accepts_integer_data(self) -> bool:
+        """Whether integer arrays of any value are data for this model (count likelihoods);
+        read by :func:`pyro_lvm.inference.engine.prepare_data` as well."""
+        return bool(getattr(self.likelihood, "integer_data", False))
+
     def check_data(self, x, mask=None) -> torch.Tensor:
         """Validate data for this model (finite, ``data_dim`` columns, and the likelihood's
-        support, e.g. {0, 1} for Bernoulli); returns it as a float tensor."""
-        x = validation.check_data(x, self.data_dim, mask=mask)
+        support, e.g. {0, 1} for Bernoulli, non-negative integers for counts, which may come
+        as an integer array); returns it as a float tensor."""
+        x = validation.check_data(x, self.data_dim, mask=mask,
+                                  integer_values=self.accepts_integer_data)
         mask_t = None
         if mask is not None:
             mask_t = torch.as_tensor(validation.check_mask(mask, tuple(x.shape)), device=x.device)

@@ -107,6 +107,9 @@ class Likelihood(PyroModule):
     params_per_dim: int = 1
     #: Short name used in reports and configs.
     name: str = "likelihood"
+    #: Whether integer arrays of any value are data for this likelihood (counts); the others
+    #: accept integer arrays only when they are 0/1.
+    integer_data: bool = False
 
     def __init__(self, data_dim: Optional[int] = None):
         super().__init__()
@@ -429,6 +432,8 @@ DEFAULT_DISPERSION_BOUNDS = (1e-2, 1e3)
 
 class _DiscreteLikelihood(Likelihood):
     """Observation models of counts or categories: a log probability, at most 0 per row."""
+
+    integer_data = True
 
     def log_density_upper_bound(self) -> float:
         return 0.0

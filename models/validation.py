@@ -55,6 +55,7 @@ def check_data(
     min_rows: int = 1,
     mask=None,
     dtype: Optional[torch.dtype] = None,
+    integer_values: bool = False,
 ) -> torch.Tensor:
     """Validate a data matrix and return it as a floating point tensor.
 
@@ -75,6 +76,9 @@ def check_data(
     dtype : torch.dtype, optional
         Floating dtype of the result; defaults to ``x``'s own floating dtype or
         ``torch.get_default_dtype()``.
+    integer_values : bool
+        Accept integer data of any value (converted to float), for models of counts, whose
+        likelihood checks the values itself; otherwise integers other than 0/1 are refused.
 
     Raises
     ------
@@ -102,14 +106,15 @@ def check_data(
     if np.iscomplexobj(arr):
         raise ValueError(f"{name} must be real-valued, got complex dtype {arr.dtype}")
     _check_shape(tuple(arr.shape), data_dim, name=name, min_rows=min_rows)
-    if not np.issubdtype(arr.dtype, np.floating):
+    if not np.issubdtype(arr.dtype, np.floating) and not integer_values:
         vals = np.unique(arr)
         if not np.all(np.isin(vals, [0, 1])):
             raise ValueError(
                 f"{name} has integer dtype {arr.dtype} with values other than 0/1 "
                 f"(e.g. {vals[~np.isin(vals, [0, 1])][:3].tolist()}); pass floating point data "
-                f"(counts too: x.astype(float) for a Poisson, negative binomial or binomial "
-                f"model), or 0/1 data for binary models"
+                f"for a continuous model, or 0/1 data for binary models (count models, e.g. "
+                f"likelihood='poisson', 'negbinomial' or 'binomial' and PoissonPCA, take integer "
+                f"counts as they are)"
             )
     arr = arr.astype(np.float64, copy=False)
     if not arr.flags.writeable:

@@ -215,3 +215,56 @@ def test_dlvm_with_each_count_model_trains_and_evaluates(name, options):
         bad = x.clone()
         bad[2, 1] = 0.5
         fit(m, bad, epochs=1, progress=False, device="cpu")
+
+
+def test_integer_count_arrays_are_data_for_count_models_only():
+    """Counts usually arrive as integer arrays: count models take them as they are (the same
+    numbers as the float array); continuous models still refuse them, naming the fix."""
+    from pyro_lvm.models import PoissonPCA
+
+    counts = _count_data("poisson").numpy().astype(np.int64)
+    results = []
+    for data in (counts, counts.astype(np.float64), torch.from_numpy(counts)):
+        torch.manual_seed(0)
+        m = DLVM(P, 2, likelihood="poisson", hidden=(8,))
+        fitted = fit(m, data, epochs=2, batch_size=30, device="cpu", progress=False, seed=1)
+        ll = log_likelihood(m, data, num_samples=10, device="cpu", seed=0)
+        results.append((fitted.step_losses, ll.mean))
+    assert results[0] == results[1] == results[2]
+    assert DLVM(P, 2, likelihood="poisson").check_data(counts).dtype == torch.get_default_dtype()
+    assert PoissonPCA(P, 2).init_from_data(counts) is not None
+    with pytest.raises(ValueError, match=r"not non-negative integers.*row 0, column 1"):
+        DLVM(P, 2, likelihood="poisson").check_data(np.array([[0, -2] + [1] * (P - 2)]))
+    with pytest.raises(ValueError, match="integer dtype int64 with values other than 0/1.*"
+                                         "count models"):
+        fit(DLVM(P, 2, likelihood="gaussian"), counts, epochs=1, device="cpu", progress=False)
+
+
+def test_a_users_own_pair_opts_in_to_integer_counts():
+    import pyro
+    import pyro.distributions as dist
+
+    class UserPoissonFactor(torch.nn.Module):
+        def __init__(self, accepts):
+            super().__init__()
+            self.accepts_integer_data = accepts
+            self.log_rate = torch.nn.Parameter(torch.zeros(P))
+            self.loc = torch.nn.Parameter(torch.zeros(1))
+
+        def model(self, x, mask=None):
+            pyro.module("user_poisson", self)
+            with pyro.plate("data", x.shape[0]):
+                z = pyro.sample("z", dist.Normal(torch.zeros(1), 1.0).to_event(1))
+                pyro.sample("x", dist.Poisson((self.log_rate + 0.1 * z).exp()).to_event(1), obs=x)
+
+        def guide(self, x, mask=None):
+            pyro.module("user_poisson", self)
+            with pyro.plate("data", x.shape[0]):
+                pyro.sample("z", dist.Normal(self.loc.expand(x.shape[0], 1), 1.0).to_event(1))
+
+    counts = _count_data("poisson").numpy().astype(np.int32)
+    result = fit(UserPoissonFactor(True), counts, epochs=1, batch_size=30, device="cpu",
+                 progress=False)
+    assert np.isfinite(result.step_losses).all()
+    with pytest.raises(ValueError, match="integer dtype int32 with values other than 0/1"):
+        fit(UserPoissonFactor(False), counts, epochs=1, device="cpu", progress=False)
