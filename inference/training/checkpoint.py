@@ -1,5 +1,13 @@
 """Checkpoints of :func:`pyro_lvm.inference.fit`: everything an interrupted fit needs to go on
-exactly where it stopped (parameters, optimizer state, history, random states, callbacks).
+exactly where it stopped (module ``state_dict``, extra ``pyro.param`` values, optimizer state,
+history, random states, callbacks), written atomically after every epoch.
+
+If the file exists when ``fit`` starts, the fit resumes from it; on CPU the result is
+bit-for-bit that of an uninterrupted run (every step, the first after a resume included, takes
+the same path with the same random state). A resume with another ``lr``, ``optimizer``,
+objective, ``batch_size``, ``seed`` or data is refused, naming both values. After Ctrl-C the last
+completed epoch is on disk; the checkpoint of a fit that stopped early (``StopFit``,
+``EarlyStopping``) or has all its epochs returns at once.
 
 A checkpoint holds only tensors, numbers, strings, lists, tuples and dicts, and is read with
 ``torch.load(weights_only=True)``: loading a file never runs code from it (a crafted file is

@@ -19,9 +19,11 @@ A step is two graphs, so that fit keeps its guarantees:
 
 Random draws stay correct and reproducible under capture: PyTorch's CUDA generator is
 graph-safe (each replay advances the Philox offset that the capture registered), so every
-replay draws new latents, and the same seed gives the same sequence.
+replay draws new latents, and the same seed gives the same sequence (not the eager step's
+draws).
 
-What runs eagerly (documented in :func:`pyro_lvm.inference.fit`):
+What runs eagerly (``fit(..., cuda_graph=True)``; a fit not on a CUDA device trains eagerly
+after one line saying why):
 
 * the first ``warmup_steps`` steps (3; CUDA graphs need the lazily created optimizer state,
   cuBLAS workspaces and Pyro's parameters to exist before capture);

@@ -423,6 +423,17 @@ def _warn_if_minibatch_biased(objective, batch_size: int, num_data: int) -> None
         f"or batch_size >= {num_data}", UserWarning, stacklevel=3)
 
 
+def _missing_masks(model_fn, guide_fn, data, mask, validation, valid_mask):
+    """``allow_missing=True``: NaN entries join the masks (the pair must accept ``mask``)."""
+    from pyro_lvm.inference.impute import missing_mask, require_mask_argument
+
+    require_mask_argument(model_fn, guide_fn)
+    mask = missing_mask(data, mask, allow_missing=True, name="data")
+    if validation is not None:
+        valid_mask = missing_mask(validation, valid_mask, allow_missing=True, name="validation")
+    return mask, valid_mask
+
+
 def fit(pair, data, objective=None, epochs: int = 10, batch_size: int = 128, lr: float = 1e-3,
         seed: int = 0, device="auto", validation=None, callbacks: Optional[Iterable] = None,
         mask=None, valid_mask=None, guide: Optional[Callable] = None, progress: bool = True,
@@ -439,14 +450,12 @@ def fit(pair, data, objective=None, epochs: int = 10, batch_size: int = 128, lr:
     Parameters
     ----------
     pair : PyroModule with ``.model``/``.guide``, ``(model, guide)`` tuple, or model callable
-        Anything keeping the contract ``model(x, mask=None)`` / ``guide(x, mask=None)``.
-        Parameters may live in a module (moved with ``.to(device)``) or be ``pyro.param``
-        statements (created inside this fit's own parameter store; see ``FitResult``; create
-        their initial values on ``x.device``, e.g. ``lambda: x.new_zeros(p)``, for GPU fits).
+        Anything keeping the contract ``model(x, mask=None)`` / ``guide(x, mask=None)``, with
+        parameters in a module (moved to ``device``) or ``pyro.param`` statements (created in
+        this fit's own parameter store, see ``FitResult``; initial values on ``x.device``).
     data : array-like or tensor, shape (N, p)
-        Training data; validated (NaN/inf, width against ``pair.data_dim``, numeric) and by
-        the pair's own ``check_data(x, mask=None)`` when it has one, before any step. Data
-        are cast to the module's floating dtype (``model.double()`` fits in float64).
+        Training data, validated before any step (NaN/inf, numeric, width, the pair's own
+        ``check_data``) and cast to the module's floating dtype.
     objective : optional
         A pyro-lvm objective (``inference.objectives.ELBO()``, ``IWAE(K)``...) or a
         ``pyro.infer.ELBO`` instance. Default: :class:`inference.objectives.ELBO` (one particle).
@@ -458,8 +467,8 @@ def fit(pair, data, objective=None, epochs: int = 10, batch_size: int = 128, lr:
         Learning rate of the default optimizer, ``torch.optim.Adam`` (Kingma & Ba 2015), with
         torch's fused kernel where available (:func:`default_optimizer`).
     seed : int
-        Seeds Pyro/torch/numpy/random (``pyro.set_rng_seed``) and the minibatch order. On CPU
-        the same seed gives bit-for-bit the same history (except ``time_s``) and parameters.
+        Seeds Pyro/torch/numpy/random and the minibatch order; on CPU the same seed gives
+        bit-for-bit the same history (except ``time_s``) and parameters.
     device : {"auto", "cpu", "cuda", "cuda:N"} or torch.device
         Where to fit; the module and the data are moved there.
     validation : array-like, optional
@@ -468,57 +477,37 @@ def fit(pair, data, objective=None, epochs: int = 10, batch_size: int = 128, lr:
     callbacks : iterable, optional
         Objects with any of ``on_fit_start``, ``on_epoch_start``, ``on_step_start``,
         ``on_step_end``, ``on_epoch_end``, ``on_fit_end`` taking a :class:`FitState`; raise
-        :class:`StopFit` to stop. Callbacks with ``state_dict``/``load_state_dict`` are
-        saved in the checkpoint.
+        :class:`StopFit` to stop. Their ``state_dict`` goes into the checkpoint.
     mask, valid_mask : bool array-like of the data's shape, optional
         Observed entries (True); missing entries may hold NaN. Passed to model and guide.
     allow_missing : bool
-        Treat NaN entries of ``data`` / ``validation`` as missing (combined with ``mask``);
-        without it NaN is an error naming row and column. The pair must accept ``mask``
-        (checked before any step). With a DLVM and ``objective=IWAE(K)`` this is MIWAE
-        (Mattei & Frellsen 2019): the importance-weighted bound on the observed entries.
+        NaN entries of ``data`` / ``validation`` are missing (combined with ``mask``; the pair
+        must accept ``mask``); otherwise NaN is an error naming row and column. With a DLVM and
+        ``IWAE(K)`` this is MIWAE (Mattei & Frellsen 2019).
     guide : callable, optional
         The guide, when ``pair`` is a bare model callable.
     progress : bool
         Show a tqdm bar (epochs x steps) with the running objective and rows per second.
     checkpoint : str or path, optional
-        File to save the fit to after every epoch (atomically: module ``state_dict``, extra
-        ``pyro.param`` values, optimizer state, history, RNG states, callbacks). If the file
-        exists when ``fit`` starts, the fit resumes from it; on CPU the result is bit-for-bit
-        that of an uninterrupted run (every step, the first after a resume included, takes the
-        same path with the same random state). A resume with another ``lr``, ``optimizer``,
-        objective, ``batch_size``, ``seed`` or data is refused, naming both values. After
-        Ctrl-C the last completed epoch is on disk. A checkpoint of a fit that was stopped
-        early (``StopFit``, ``EarlyStopping``) or has all ``epochs`` returns at once. The file
-        holds only tensors, numbers, strings, lists and dicts and is read with
-        ``torch.load(weights_only=True)``: reading it never runs code.
+        File saved atomically after every epoch; if it exists, the fit resumes from it,
+        bit-for-bit on CPU. A resume with another ``lr``, ``optimizer``, objective,
+        ``batch_size``, ``seed`` or data is refused, naming both values; the file is read with
+        ``torch.load(weights_only=True)`` (:mod:`pyro_lvm.inference.training.checkpoint`).
     clip_norm : float, optional
         Clip the gradient's global 2-norm to this value.
     optimizer : callable, optional
         ``params -> torch.optim.Optimizer``, or an optimizer class (called with ``lr=lr``).
     check_pair : bool
         Run :func:`inference.check_contract` on the first rows before training (with its own
-        random state, so the fit's draws are unaffected). Disable only for pairs the check
-        cannot handle.
+        random state); disable only for pairs the check cannot handle.
     cuda_graph : bool
-        On a CUDA device, capture the training step in CUDA graphs and replay it
-        (:mod:`pyro_lvm.inference.training.cuda_graph`): the pair's Python and Pyro's bookkeeping
-        then run only while capturing. The first 3 steps and any batch of another shape (the
-        last, partial batch of an epoch) run eagerly; a step that cannot be captured (e.g.
-        data-dependent Python in the pair) falls back to eager training with a one-line
-        message, as does a fit that is not on a CUDA device. Same draws from the same seed
-        on every run; not the same draws as the eager step.
-
+        On a CUDA device, capture the training step in CUDA graphs and replay it; steps that
+        cannot be captured run eagerly, with a one-line message
+        (:mod:`pyro_lvm.inference.training.cuda_graph`).
     validate_every_step : bool
-        With Pyro's validation on (``pyro.enable_validation``, Pyro's default), ``fit`` runs the
-        pair once over every training row before the first step with validation on (argument
-        and support checks, the pair's own per-call data checks; a refusal names the rows),
-        then trains without those per-call checks, which cost a noticeable share of a step on
-        small networks and cannot find anything new: the data do not change, and a parameter
-        leaving its domain makes the loss or gradient non-finite, which every step checks
-        (``NonFiniteLossError``, located with validation back on). ``True`` keeps Pyro's
-        validation on in every step (e.g. to debug a pair whose checks depend on its
-        parameters). Without Pyro's validation neither runs.
+        With Pyro's validation on (its default), every training row is checked once with it
+        before the first step and the steps run without the per-call checks
+        (:mod:`pyro_lvm.inference.training.row_checks`); ``True`` keeps them in every step.
 
     Returns
     -------
@@ -555,13 +544,8 @@ def fit(pair, data, objective=None, epochs: int = 10, batch_size: int = 128, lr:
 
         objective = ELBO()
     if allow_missing:
-        from pyro_lvm.inference.impute import missing_mask, require_mask_argument
-
-        require_mask_argument(model_fn, guide_fn)
-        mask = missing_mask(data, mask, allow_missing=True, name="data")
-        if validation is not None:
-            valid_mask = missing_mask(validation, valid_mask, allow_missing=True,
-                                      name="validation")
+        mask, valid_mask = _missing_masks(model_fn, guide_fn, data, mask, validation,
+                                          valid_mask)
     x, train_mask, x_valid, valid_mask_t = _prepare_inputs(pair, module, data, mask, validation,
                                                            valid_mask)
     _warn_if_minibatch_biased(objective, batch_size, int(x.shape[0]))
