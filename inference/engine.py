@@ -180,6 +180,17 @@ def _module_tensors(module) -> Iterator[torch.Tensor]:
     return iter(list(module.parameters()) + list(module.buffers()))
 
 
+def _accepts_integer_data(pair) -> bool:
+    """``accepts_integer_data`` of the pair, or of the object whose bound methods it is
+    (``(m.model, m.guide)``, ``fit(m.model, guide=m.guide)``)."""
+    owners = [pair]
+    if isinstance(pair, (tuple, list)):
+        owners += [getattr(fn, "__self__", None) for fn in pair]
+    else:
+        owners.append(getattr(pair, "__self__", None))
+    return any(bool(getattr(o, "accepts_integer_data", False)) for o in owners if o is not None)
+
+
 def prepare_data(pair, data, mask=None, *, name: str = "data", dtype=None, min_rows: int = 1,
                  data_dim: Optional[int] = None) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Validate ``data`` (and ``mask``) before any work: :func:`pyro_lvm.models.check_data`
@@ -191,7 +202,7 @@ def prepare_data(pair, data, mask=None, *, name: str = "data", dtype=None, min_r
         declared = getattr(pair, "data_dim", None)
         data_dim = int(declared) if isinstance(declared, numbers.Integral) else None
     x = check_data(data, data_dim, name=name, min_rows=min_rows, mask=mask, dtype=dtype,
-                   integer_values=bool(getattr(pair, "accepts_integer_data", False)))
+                   integer_values=_accepts_integer_data(pair))
     mask_t = None
     if mask is not None:
         mask_t = torch.as_tensor(check_mask(mask, tuple(x.shape), name=name))

@@ -29,6 +29,7 @@ import pyro.distributions as dist
 import torch
 from pyro.nn import PyroModule, pyro_method
 
+from . import validation
 from .base import unique_module_name
 
 __all__ = ["Dequantized"]
@@ -87,9 +88,15 @@ class Dequantized(PyroModule):
             loc = (x + u) @ base.guide_weight.T + base.guide_bias
             return pyro.sample("z", base.guide_distribution(loc))
 
+    #: integer arrays are this model's data (read by ``engine.prepare_data``)
+    accepts_integer_data = True
+
     def check_data(self, x, mask=None) -> torch.Tensor:
-        """The wrapped model's checks, and integer values (what a dequantized model scores)."""
+        """The wrapped model's checks, and integer values (what a dequantized model scores);
+        integer arrays are taken as they are."""
         self._no_mask(mask)
+        if not (torch.is_tensor(x) and x.is_floating_point()):
+            x = validation.check_data(x, self.data_dim, integer_values=True)
         out = self.base.check_data(x)
         if not bool((out == torch.round(out)).all()):
             raise ValueError("a dequantized model scores integer-valued data; these data have "

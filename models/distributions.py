@@ -87,6 +87,8 @@ class BinaryBernoulli(dist.Bernoulli):
             reinterpreted_batch_ndims = len(self.batch_shape)
         if reinterpreted_batch_ndims == 0:
             return self
+        if reinterpreted_batch_ndims < 0:  # Pyro's own message
+            raise ValueError(f"Cannot remove event dimensions from {type(self)}")
         return IndependentBinaryBernoulli(self, reinterpreted_batch_ndims)
 
 
@@ -113,10 +115,15 @@ def binary_bernoulli_event_log_prob(logits: torch.Tensor, value: torch.Tensor) -
     The gradient :math:`\\partial/\\partial\\eta_j = x_j - \\sigma(\\eta_j)` is formed in one
     buffer (torch's autograd of the elementwise formula keeps two full-size tensors from the
     forward pass and builds two more backward). Higher-order gradients are supported; when
-    ``value`` itself requires a gradient, or under ``torch.func`` transforms, the plain
-    elementwise formula (same numbers) is used.
+    ``value`` itself requires a gradient, under ``torch.func`` transforms and for tensor
+    subclasses (``__torch_function__``), the plain elementwise formula (same numbers) is used.
     """
-    if value.requires_grad or torch._C._are_functorch_transforms_active():
+    if not torch.is_tensor(value) or not value.is_floating_point():
+        value = torch.as_tensor(value, dtype=logits.dtype, device=logits.device)
+    if (value.requires_grad or torch._C._are_functorch_transforms_active()
+            or torch.overrides.has_torch_function((logits, value))):
+        # e.g. Pyro's ProvenanceTensor (TraceGraph_ELBO with a non-reparameterized guide
+        # site), which a custom autograd function would cut from the graph
         return F.logsigmoid((2 * value - 1) * logits).sum(-1)
     return _BinaryBernoulliEventLogProb.apply(logits, value)
 

@@ -268,3 +268,17 @@ def test_a_users_own_pair_opts_in_to_integer_counts():
     assert np.isfinite(result.step_losses).all()
     with pytest.raises(ValueError, match="integer dtype int32 with values other than 0/1"):
         fit(UserPoissonFactor(False), counts, epochs=1, device="cpu", progress=False)
+
+
+def test_integer_counts_with_the_pair_given_as_bound_methods():
+    counts = _count_data("poisson").numpy().astype(np.int64)
+    for make_call in (lambda m: fit((m.model, m.guide), counts, epochs=1, batch_size=30,
+                                    device="cpu", progress=False, seed=2),
+                      lambda m: fit(m.model, counts, guide=m.guide, epochs=1, batch_size=30,
+                                    device="cpu", progress=False, seed=2)):
+        torch.manual_seed(0)
+        m = DLVM(P, 2, likelihood="poisson", hidden=(8,))
+        assert np.isfinite(make_call(m).step_losses).all()
+    gaussian = DLVM(P, 2, likelihood="gaussian")
+    with pytest.raises(ValueError, match="integer dtype int64"):
+        fit((gaussian.model, gaussian.guide), counts, epochs=1, device="cpu", progress=False)

@@ -49,3 +49,15 @@ def test_dequantized_refuses_fractional_data_and_masks():
         model.check_data(torch.ones(2, 3), mask=torch.ones(2, 3, dtype=torch.bool))
     with pytest.raises(ValueError, match="wraps FactorAnalysis"):
         Dequantized(torch.nn.Linear(2, 2))
+
+
+def test_dequantized_takes_integer_arrays_as_they_are():
+    rng = np.random.default_rng(2)
+    data = rng.multivariate_normal([3.0, 2.0], [[2.0, 1.2], [1.2, 1.5]], size=200)
+    fa = FactorAnalysis(2, 1).double()
+    fa.fit_em(torch.from_numpy(data), progress=False)
+    model = Dequantized(fa)
+    ints = np.floor(data[:10]).astype(np.int64)
+    a = log_likelihood(model, ints, num_samples=50, device="cpu", seed=3)
+    b = log_likelihood(model, ints.astype(np.float64), num_samples=50, device="cpu", seed=3)
+    assert a.mean == b.mean and a.per_row.equals(b.per_row)

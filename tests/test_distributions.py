@@ -124,3 +124,64 @@ def test_binary_bernoulli_to_event_keeps_the_fused_class_and_pyros_semantics():
     with pyro.validation_enabled(True), pytest.raises(ValueError):
         BinaryBernoulli(logits=logits, validate_args=True).to_event(1).log_prob(
             torch.full((5, 30), 0.5))
+
+
+def test_bernoulli_event_log_prob_keeps_the_graph_of_tensor_subclasses_and_odd_values():
+    from pyro.ops.provenance import ProvenanceTensor
+
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(3, generator=g, dtype=torch.float64, requires_grad=True)
+    x = torch.tensor([1.0, 0.0, 1.0], dtype=torch.float64)
+    # TraceGraph_ELBO wraps values downstream of a non-reparameterized site in ProvenanceTensor
+    logits = w * ProvenanceTensor(torch.randn(3, generator=g, dtype=torch.float64),
+                                  frozenset({"c"}))
+    out = binary_bernoulli_event_log_prob(logits, x)
+    assert out.requires_grad
+    (grad,) = torch.autograd.grad(out, w)
+    (ref,) = torch.autograd.grad(_bce_event_log_prob(w * logits.detach() / w.detach(), x), w)
+    torch.testing.assert_close(grad, ref)
+    # a bool or Python-number value is a 0/1 value of the logits' dtype
+    plain = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    flags = torch.tensor([True, False, True])
+    (g_bool,) = torch.autograd.grad(binary_bernoulli_event_log_prob(plain, flags).sum(), plain)
+    (g_ref,) = torch.autograd.grad(_bce_event_log_prob(plain, flags.double()).sum(), plain)
+    torch.testing.assert_close(g_bool, g_ref)
+    with pyro.validation_enabled(False):  # (with validation on, torch asks for a tensor)
+        torch.testing.assert_close(BinaryBernoulli(logits=plain).to_event(1).log_prob(1.0),
+                                   _bce_event_log_prob(plain, torch.ones(3, dtype=torch.float64)))
+    d = BinaryBernoulli(logits=plain).to_event(1)
+    with pytest.raises(ValueError, match="Cannot remove event dimensions"):
+        d.to_event(-2)
+    assert type(d.to_event(-1)) is BinaryBernoulli
+
+
+def test_tracegraph_elbo_gradients_through_a_non_reparameterized_guide_site():
+    """Pyro's TraceGraph_ELBO (the ELBO for guides with discrete sites) gives the same
+    gradients with BinaryBernoulli as with Pyro's Bernoulli (positive control: it needs them)."""
+    g = torch.Generator().manual_seed(6)
+    x = (torch.rand(5, 4, generator=g) < 0.5).float()
+
+    def grads(bernoulli):
+        pyro.clear_param_store()
+        w = pyro.param("w", torch.randn(3, 4, generator=torch.Generator().manual_seed(7)))
+        probs = pyro.param("probs", torch.full((3,), 1 / 3),
+                           constraint=dist.constraints.simplex)
+
+        def model(x):
+            with pyro.plate("data", x.shape[0]):
+                c = pyro.sample("c", dist.Categorical(torch.full((3,), 1 / 3)))
+                pyro.sample("x", bernoulli(logits=pyro.param("w")[c]).to_event(1), obs=x)
+
+        def guide(x):
+            with pyro.plate("data", x.shape[0]):
+                pyro.sample("c", dist.Categorical(pyro.param("probs")))
+
+        pyro.set_rng_seed(0)
+        loss = pyro.infer.TraceGraph_ELBO().loss_and_grads(model, guide, x)
+        return loss, w.unconstrained().grad.clone(), probs.unconstrained().grad.clone()
+
+    ours, ref = grads(BinaryBernoulli), grads(dist.Bernoulli)
+    assert ours[0] == pytest.approx(ref[0], rel=1e-6)
+    assert ref[1].abs().sum() > 0
+    torch.testing.assert_close(ours[1], ref[1])
+    torch.testing.assert_close(ours[2], ref[2])

@@ -151,3 +151,37 @@ def _silenced_inside(model):
     modules = silenceable_modules(model)
     with silent_param_statements(modules):
         return [type("Seen", (), {"_pyro_context": m._pyro_context})() for m in modules]
+
+
+def test_pyros_own_elbos_are_never_silenced(monkeypatch):
+    """RenyiELBO.loss_and_grads takes its gradient step only when the trace holds param
+    sites: with Pyro's ELBOs every statement is issued (the fit equals a loud one)."""
+    x = _binary_rows()
+
+    def run():
+        pyro.clear_param_store()
+        model = _dlvm()
+        start = {n: p.detach().clone() for n, p in model.named_parameters()}
+        fit(model, x, objective=pyro.infer.RenyiELBO(alpha=0.5, num_particles=2), epochs=3,
+            batch_size=x.shape[0], seed=5, progress=False)  # full batch: RenyiELBO is biased
+        # with minibatches (fit warns)
+        return {n: (p.detach() - start[n]) for n, p in model.named_parameters()}
+
+    moved = run()
+    assert max(float(d.abs().max()) for d in moved.values()) > 0  # it trains
+    monkeypatch.setattr(fit_step, "silenceable_modules", lambda module: None)
+    for name, delta in run().items():
+        assert torch.equal(moved[name], delta), name
+
+
+def test_a_sub_pyromodule_created_inside_the_block_keeps_the_trees_context():
+    model, x = _dlvm(), _binary_rows(5)
+    modules = silenceable_modules(model)
+    root_context = model._pyro_context
+    with silent_param_statements(modules):
+        model.head = PyroModule[torch.nn.Linear](2, 2)   # created during a step
+        model.head(torch.zeros(1, 2))
+    assert model.head._pyro_context is root_context
+    with poutine.trace(param_only=True) as tr:
+        model.head(torch.zeros(1, 2))
+    assert any(site["type"] == "param" and "head" in name for name, site in tr.trace.nodes.items())

@@ -10,9 +10,10 @@ sync; neither changes the value a model reads when every parameter of the tree i
 ``nn.Parameter``: PyroModule returns its own tensor and discards the statement's answer, and
 ``pyro.module`` leaves the child's tensors in place.
 
-So during ``fit``'s training steps, once the first step has collected the parameters and when
-no handler is active outside fit's own, :func:`silent_param_statements` runs the pair with its
-modules' Pyro context switched off: the same tensors, the same sample sites and densities,
+So during ``fit``'s training steps with a pyro-lvm objective (Pyro's own ELBOs look for
+``param`` sites: ``RenyiELBO.loss_and_grads`` takes no gradient step without one), once the
+parameters have been collected and when no handler is active outside fit's own,
+:func:`silent_param_statements` runs the pair with its modules' Pyro context switched off: the same tensors, the same sample sites and densities,
 none of the parameter messages. It does nothing (the statements are issued as usual) for a
 tree holding a ``PyroParam`` (its constrained value is read through the store) or a
 ``PyroSample`` (its sample statement needs the context) or a sub-PyroModule not yet reached,
@@ -87,3 +88,8 @@ def silent_param_statements(modules: Optional[List[PyroModule]]) -> Iterator[Non
     finally:
         for m, context in zip(modules, saved):
             m.__dict__["_pyro_context"] = context
+        # a sub-PyroModule created or converted during the block took its parent's context,
+        # the stand-in: it gets the tree's own (modules[0] is the root, first in .modules())
+        for m in modules[0].modules():
+            if m.__dict__.get("_pyro_context") is _SILENT:
+                m.__dict__["_pyro_context"] = saved[0]

@@ -70,8 +70,9 @@ class ObjectiveAdapter:
     def train_loss(self, xb: torch.Tensor, mb: Optional[torch.Tensor]) -> torch.Tensor:
         """Scaled minibatch loss with gradients accumulated into ``.grad`` (returns it detached),
         with Pyro's validation as :attr:`step_validation` says."""
-        if self._silent is None:
-            self._silent = silenceable_modules(self._module) or []
+        if self._silent is None:  # Pyro's own ELBOs look for param sites: never silenced
+            self._silent = (silenceable_modules(self._module) if self.kind == "pyro_lvm"
+                            else None) or []
         with pyro.validation_enabled(self.step_validation), \
                 silent_param_statements(self._silent):
             return self._train_loss(xb, mb)
