@@ -111,7 +111,7 @@ class _AmortizedGaussianGuideMixin:
     def accepts_integer_data(self) -> bool:
         """Whether integer arrays of any value are data for this model (count likelihoods);
         read by :func:`pyro_lvm.inference.engine.prepare_data` as well."""
-        return bool(getattr(self.likelihood, "integer_data", False))
+        return bool(getattr(getattr(self, "likelihood", None), "integer_data", False))
 
     def check_data(self, x, mask=None) -> torch.Tensor:
         """Validate data for this model (finite, ``data_dim`` columns, and the likelihood's
