@@ -180,29 +180,21 @@ def _module_tensors(module) -> Iterator[torch.Tensor]:
     return iter(list(module.parameters()) + list(module.buffers()))
 
 
-def _accepts_integer_data(pair) -> bool:
-    """``accepts_integer_data`` of the pair, or of the object whose bound methods it is
-    (``(m.model, m.guide)``, ``fit(m.model, guide=m.guide)``)."""
-    owners = [pair]
-    if isinstance(pair, (tuple, list)):
-        owners += [getattr(fn, "__self__", None) for fn in pair]
-    else:
-        owners.append(getattr(pair, "__self__", None))
-    return any(bool(getattr(o, "accepts_integer_data", False)) for o in owners if o is not None)
-
-
 def prepare_data(pair, data, mask=None, *, name: str = "data", dtype=None, min_rows: int = 1,
-                 data_dim: Optional[int] = None) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+                 data_dim: Optional[int] = None, module: Optional[torch.nn.Module] = None
+                 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Validate ``data`` (and ``mask``) before any work: :func:`pyro_lvm.models.check_data`
     (NaN/inf with row and column, numeric, the width ``pair.data_dim`` or ``data_dim``;
-    integer arrays other than 0/1 only for a pair with ``accepts_integer_data = True``), then
-    the pair's own ``check_data(x, mask=None[, name=])`` when it has one. Returns CPU tensors,
-    ``x`` in ``dtype`` (default: the data's own floating dtype)."""
+    integer arrays other than 0/1 only when the pair, or the ``module`` owning it
+    (:func:`resolve_pair`), says ``accepts_integer_data = True``), then the pair's own
+    ``check_data(x, mask=None[, name=])`` when it has one. Returns CPU tensors, ``x`` in
+    ``dtype`` (default: the data's own floating dtype)."""
     if data_dim is None:
         declared = getattr(pair, "data_dim", None)
         data_dim = int(declared) if isinstance(declared, numbers.Integral) else None
     x = check_data(data, data_dim, name=name, min_rows=min_rows, mask=mask, dtype=dtype,
-                   integer_values=_accepts_integer_data(pair))
+                   integer_values=any(bool(getattr(owner, "accepts_integer_data", False))
+                                      for owner in (pair, module)))
     mask_t = None
     if mask is not None:
         mask_t = torch.as_tensor(check_mask(mask, tuple(x.shape), name=name))
@@ -271,7 +263,8 @@ def session(pair, data, *, mask=None, device="auto", guide=None, param_state=Non
         seed = int(seed)
     dev = resolve_device(device)
     model_fn, guide_fn, module = resolve_pair(pair, guide)
-    x, mask_t = prepare_data(pair, data, mask, dtype=module_dtype(module), min_rows=min_rows)
+    x, mask_t = prepare_data(pair, data, mask, dtype=module_dtype(module), min_rows=min_rows,
+                             module=module)
     original_device = module_device(module)
     moved = module is not None and original_device is not None and original_device != dev
     # every submodule's own flag, so a module with parts frozen in eval mode is left so

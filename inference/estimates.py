@@ -30,8 +30,15 @@ def _fmt(value: Optional[float], se: Optional[float] = None) -> str:
     return f"{value:.{decimals}f}"
 
 
+class _Summarized:
+    """``str(result)`` is the result's ``summary()``."""
+
+    def __str__(self) -> str:
+        return self.summary()
+
+
 @dataclass
-class LogLikelihoodEstimate:
+class LogLikelihoodEstimate(_Summarized):
     """Importance-sampled estimate of log p(x) per row and for the data set.
 
     Attributes
@@ -123,12 +130,10 @@ class LogLikelihoodEstimate:
                          f"{_fmt(self.bits_per_dim_se, self.bits_per_dim_se)} (MC se)")
         return "\n".join(lines)
 
-    def __str__(self) -> str:
-        return self.summary()
 
 
 @dataclass
-class ELBOEstimate:
+class ELBOEstimate(_Summarized):
     """Held-out ELBO per row, :math:`\\mathrm{ELBO}(x_i) = E_q[\\log p(x_i, z) - \\log q(z\\mid x_i)]`,
     estimated with K draws from the guide (a lower bound on log p(x_i), not a likelihood).
 
@@ -180,12 +185,10 @@ class ELBOEstimate:
                          f"{self.exact_mean - self.mean:.3g})")
         return "\n".join(lines)
 
-    def __str__(self) -> str:
-        return self.summary()
 
 
 @dataclass
-class ReconstructionError:
+class ReconstructionError(_Summarized):
     """Per-row reconstruction error of x by the model's reconstruction.
 
     Attributes
@@ -228,6 +231,3 @@ class ReconstructionError:
             s += (f"\n  binary cross-entropy = {_fmt(self.cross_entropy, self.cross_entropy_se)} ± "
                   f"{_fmt(self.cross_entropy_se, self.cross_entropy_se)} nats per row")
         return s
-
-    def __str__(self) -> str:
-        return self.summary()

@@ -405,9 +405,9 @@ def log_likelihood(pair, data, num_samples: int = 5000, *, chunk_size: Optional[
         available, NaN or +inf log weights (naming the rows); with ``allow_missing``, a row
         with every entry missing or a pair without a ``mask`` argument.
     """
-    from pyro_lvm.inference.impute import evaluation_mask  # (impute imports this module)
+    from pyro_lvm.inference.impute import missing_data_mask  # (impute imports this module)
 
-    mask = evaluation_mask(pair, data, mask, allow_missing=allow_missing, guide=guide)
+    mask = missing_data_mask(pair, data, mask, allow_missing=allow_missing, guide=guide)
     ctx, probe, raw, exact, rows, particles, elapsed = _run_is(
         pair, data, num_samples, chunk_size=chunk_size, batch_size=batch_size, mask=mask,
         device=device, seed=seed, progress=progress, guide=guide, max_elements=max_elements,
@@ -427,9 +427,9 @@ def elbo(pair, data, num_samples: int = 1, *, chunk_size: Optional[int] = None,
 
     Arguments as in :func:`log_likelihood`. Returns an :class:`ELBOEstimate`.
     """
-    from pyro_lvm.inference.impute import evaluation_mask  # (impute imports this module)
+    from pyro_lvm.inference.impute import missing_data_mask  # (impute imports this module)
 
-    mask = evaluation_mask(pair, data, mask, allow_missing=allow_missing, guide=guide)
+    mask = missing_data_mask(pair, data, mask, allow_missing=allow_missing, guide=guide)
     ctx, _probe_info, raw, exact, _r, _p, _t = _run_is(
         pair, data, num_samples, chunk_size=chunk_size, batch_size=batch_size, mask=mask,
         device=device, seed=seed, progress=progress, guide=guide, max_elements=max_elements,
@@ -584,9 +584,9 @@ def evaluate(pair, data, num_samples: int = 5000, *, chunk_size: Optional[int] =
     """
     if reconstruction not in ("auto", True, False):
         raise ValueError(f"reconstruction must be 'auto', True or False, got {reconstruction!r}")
-    from pyro_lvm.inference.impute import evaluation_mask  # (impute imports this module)
+    from pyro_lvm.inference.impute import missing_data_mask  # (impute imports this module)
 
-    mask = evaluation_mask(pair, data, mask, allow_missing=allow_missing, guide=guide)
+    mask = missing_data_mask(pair, data, mask, allow_missing=allow_missing, guide=guide)
     ctx, probe, raw, exact, rows, particles, elapsed = _run_is(
         pair, data, num_samples, chunk_size=chunk_size, batch_size=batch_size, mask=mask,
         device=device, seed=seed, progress=progress, guide=guide, max_elements=max_elements,

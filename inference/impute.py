@@ -145,13 +145,15 @@ def missing_mask(x, mask=None, *, allow_missing: bool = False, name: str = "x") 
     return m
 
 
-def evaluation_mask(pair, data, mask=None, *, allow_missing: bool = False, guide=None):
-    """The ``mask`` that :func:`~pyro_lvm.inference.log_likelihood`, :func:`~pyro_lvm.inference.elbo`
-    and :func:`~pyro_lvm.inference.evaluate` pass on, for their ``allow_missing`` argument.
+def missing_data_mask(pair, data, mask=None, *, allow_missing: bool = False, guide=None,
+                      name: str = "data"):
+    """The ``mask`` that :func:`~pyro_lvm.inference.fit`, :func:`~pyro_lvm.inference.log_likelihood`,
+    :func:`~pyro_lvm.inference.elbo` and :func:`~pyro_lvm.inference.evaluate` pass on, for their
+    ``allow_missing`` argument (``name``: what to call ``data`` in messages).
 
     Without ``allow_missing``, ``mask`` unchanged (NaN in ``data`` outside it stays an error
-    naming row and column, raised by the data check). With it, as in
-    ``fit(allow_missing=True)``: the pair must accept ``mask`` (checked first), and the mask is
+    naming row and column, raised by the data check). With it, the pair must accept ``mask``
+    (checked first), and the mask is
     the entries that are not NaN (and observed in ``mask`` when given), so the estimates are of
     :math:`\\log p(x_{\\mathrm{obs}})`, the missing entries marginalized out.
 
@@ -165,7 +167,7 @@ def evaluation_mask(pair, data, mask=None, *, allow_missing: bool = False, guide
         return mask
     model_fn, guide_fn, _ = resolve_pair(pair, guide)
     require_mask_argument(model_fn, guide_fn)
-    return missing_mask(data, mask, allow_missing=True, name="data")
+    return missing_mask(data, mask, allow_missing=True, name=name)
 
 
 def _restore_type(values: np.ndarray, like):

@@ -65,7 +65,7 @@ from pyro.nn import pyro_method
 
 from . import validation
 from .dlvm import DLVM
-from .priors import FullCovarianceMixturePrior, MixturePrior, inverse_softplus
+from .priors import FullCovarianceMixturePrior, MixturePrior
 
 __all__ = ["ClusterDLVM", "pretrain_clusters", "fit_clusters"]
 
@@ -113,24 +113,13 @@ class ClusterDLVM(DLVM):
     def component_distribution(self, index: Optional[torch.Tensor] = None):
         """:math:`p(z \\mid c)` for every component (batch ``[C]``) or, given a tensor of
         component indices, for those (batch ``index.shape``); event shape ``[d]``."""
-        if self.covariance == "full":
-            means, tril = self.prior.means, self.prior.scale_tril
-            if index is not None:
-                means, tril = means[index], tril[index]
-            return dist.MultivariateNormal(means, scale_tril=tril)
-        _, means, scales = self.prior.mixture_components()
-        if index is not None:
-            means, scales = means[index], scales[index]
-        return dist.Normal(means, scales).to_event(1)
+        return self.prior.component_distribution(index)
 
     def component_draws(self, eps: torch.Tensor) -> torch.Tensor:
         """:math:`z = m_c + L_c \\varepsilon` for standard normal ``eps`` ``[..., C, d]``: a
         draw of :math:`z \\sim p(z \\mid c)` in column ``c`` (:math:`L_c = \\operatorname{diag}
         s_c` for diagonal components)."""
-        if self.covariance == "full":
-            return self.prior.means + (self.prior.scale_tril @ eps.unsqueeze(-1)).squeeze(-1)
-        _, means, scales = self.prior.mixture_components()
-        return means + scales * eps
+        return self.prior.component_draws(eps)
 
     @pyro_method
     def enumerated_model(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None):
@@ -220,17 +209,7 @@ class ClusterDLVM(DLVM):
 
             labels = KMeans(self.num_clusters, n_init=10, random_state=seed).fit_predict(loc)
             weights, means, variances = _cluster_moments(loc, labels, self.num_clusters, full)
-        if full:
-            self.prior.set_components(weights, means, variances)
-            return self
-        prior = self.prior
-        like = prior.logits
-        with torch.no_grad():
-            prior.logits.copy_(torch.as_tensor(np.log(weights), dtype=like.dtype))
-            prior.means.copy_(torch.as_tensor(means, dtype=like.dtype))
-            sd = np.sqrt(variances) - prior.min_scale
-            prior.raw_scales.copy_(inverse_softplus(torch.as_tensor(
-                np.maximum(sd, 1e-3), dtype=like.dtype)))
+        self.prior.set_components(weights, means, variances)
         return self
 
     def extra_repr(self) -> str:

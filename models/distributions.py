@@ -80,7 +80,7 @@ class BinaryBernoulli(dist.Bernoulli):
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
         if self._validate_args:
             self._validate_sample(value)
-        return F.logsigmoid((2 * value - 1) * self.logits)
+        return _binary_log_prob(self.logits, value)
 
     def to_event(self, reinterpreted_batch_ndims=None):
         if reinterpreted_batch_ndims is None:
@@ -124,8 +124,13 @@ def binary_bernoulli_event_log_prob(logits: torch.Tensor, value: torch.Tensor) -
             or torch.overrides.has_torch_function((logits, value))):
         # e.g. Pyro's ProvenanceTensor (TraceGraph_ELBO with a non-reparameterized guide
         # site), which a custom autograd function would cut from the graph
-        return F.logsigmoid((2 * value - 1) * logits).sum(-1)
+        return _binary_log_prob(logits, value).sum(-1)
     return _BinaryBernoulliEventLogProb.apply(logits, value)
+
+
+def _binary_log_prob(logits: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """The elementwise density of :class:`BinaryBernoulli`, every path's one formula."""
+    return F.logsigmoid((2 * value - 1) * logits)
 
 
 def _broadcasts_into(shape: torch.Size, target: torch.Size) -> bool:
@@ -138,7 +143,7 @@ class _BinaryBernoulliEventLogProb(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, value):
         ctx.save_for_backward(logits, value)
-        return F.logsigmoid((2 * value - 1) * logits).sum(-1)  # BinaryBernoulli.log_prob
+        return _binary_log_prob(logits, value).sum(-1)
 
     @staticmethod
     def backward(ctx, grad):

@@ -42,6 +42,7 @@ import math
 from typing import Callable, Optional, Tuple, Union
 
 import pyro.distributions as dist
+import numpy as np
 import torch
 import torch.nn.functional as F
 from pyro.nn import PyroModule
@@ -237,6 +238,28 @@ class _LearnedMixturePrior(Prior):
         """Mixture weights :math:`\\pi` (softmax of ``logits``), shape ``[K]``."""
         return torch.softmax(self.logits, dim=-1)
 
+    def component_distribution(self, index: Optional[torch.Tensor] = None
+                               ) -> dist.TorchDistribution:
+        """:math:`p(z \\mid c)` for every component (batch ``[K]``) or, given component
+        indices, for those (batch ``index.shape``); event shape ``[d]``."""
+        raise NotImplementedError
+
+    def component_draws(self, eps: torch.Tensor) -> torch.Tensor:
+        """:math:`z = m_c + L_c \\varepsilon` for standard normal ``eps`` ``[..., K, d]``: a draw
+        of :math:`z \\sim p(z \\mid c)` in column ``c``."""
+        raise NotImplementedError
+
+    def set_components(self, weights, means, covariances) -> None:
+        """Set :math:`\\pi` ``[K]``, :math:`m_k` ``[K, d]`` and the component covariances (the
+        subclass's form)."""
+        raise NotImplementedError
+
+    def _set_weights_and_means(self, weights, means) -> None:
+        like = self.logits
+        with torch.no_grad():
+            self.logits.copy_(torch.as_tensor(weights, dtype=torch.float64).log().to(like))
+            self.means.copy_(torch.as_tensor(means).to(like))
+
 
 class MixturePrior(_GaussianMixtureMixin, _LearnedMixturePrior):
     """Learnable mixture of ``K`` diagonal Gaussians,
@@ -282,6 +305,24 @@ class MixturePrior(_GaussianMixtureMixin, _LearnedMixturePrior):
     def mixture_components(self):
         return self.weights, self.means, self.scales
 
+    def component_distribution(self, index=None):
+        means, scales = self.means, self.scales
+        if index is not None:
+            means, scales = means[index], scales[index]
+        return dist.Normal(means, scales).to_event(1)
+
+    def component_draws(self, eps):
+        return self.means + self.scales * eps
+
+    def set_components(self, weights, means, covariances) -> None:
+        """``covariances``: per-coordinate variances ``[K, d]`` (component scales below
+        ``min_scale`` are raised to just above it)."""
+        self._set_weights_and_means(weights, means)
+        sd = np.maximum(np.sqrt(np.asarray(covariances, dtype=np.float64)) - self.min_scale, 1e-3)
+        with torch.no_grad():
+            self.raw_scales.copy_(inverse_softplus(torch.as_tensor(
+                sd, dtype=self.raw_scales.dtype)))
+
     def extra_repr(self) -> str:
         return f"latent_dim={self.latent_dim}, num_components={self.num_components}"
 
@@ -325,17 +366,14 @@ class FullCovarianceMixturePrior(_LearnedMixturePrior):
         return torch.tril(self.raw_tril, -1) + torch.diag_embed(diag)
 
     def set_components(self, weights, means, covariances) -> None:
-        """Set :math:`\\pi`, :math:`m_k` and :math:`L_k L_k^\\top` (``covariances``
-        ``[K, d, d]``, positive definite; Cholesky diagonals below ``min_scale`` are raised
-        to just above it)."""
-        like = self.logits
+        """``covariances``: ``[K, d, d]``, positive definite (Cholesky diagonals below
+        ``min_scale`` are raised to just above it)."""
+        self._set_weights_and_means(weights, means)
         chol = torch.linalg.cholesky(torch.as_tensor(covariances, dtype=torch.float64))
         diag = (chol.diagonal(dim1=-2, dim2=-1) - self.min_scale).clamp_min(1e-6)
         raw = torch.tril(chol, -1) + torch.diag_embed(inverse_softplus(diag))
         with torch.no_grad():
-            self.logits.copy_(torch.as_tensor(weights, dtype=torch.float64).log().to(like))
-            self.means.copy_(torch.as_tensor(means).to(like))
-            self.raw_tril.copy_(raw.to(like))
+            self.raw_tril.copy_(raw.to(self.raw_tril))
 
     @property
     def eval_width(self) -> int:
@@ -343,9 +381,14 @@ class FullCovarianceMixturePrior(_LearnedMixturePrior):
         whitened differences)."""
         return self.num_components * (self.latent_dim + 2)
 
-    def component_distribution(self) -> dist.MultivariateNormal:
-        """The ``K`` components, batch shape ``[K]``."""
-        return dist.MultivariateNormal(self.means, scale_tril=self.scale_tril)
+    def component_distribution(self, index=None):
+        means, tril = self.means, self.scale_tril
+        if index is not None:
+            means, tril = means[index], tril[index]
+        return dist.MultivariateNormal(means, scale_tril=tril)
+
+    def component_draws(self, eps):
+        return self.means + (self.scale_tril @ eps.unsqueeze(-1)).squeeze(-1)
 
     def distribution(self) -> dist.TorchDistribution:
         return dist.MixtureSameFamily(dist.Categorical(logits=self.logits),

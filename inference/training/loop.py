@@ -50,7 +50,7 @@ def _prepare_inputs(pair, module, data, mask, validation, valid_mask):
     """Training and validation data (and masks) validated before the first step, in the
     module's floating dtype."""
     dtype = engine.module_dtype(module)
-    x, train_mask = engine.prepare_data(pair, data, mask, name="data", dtype=dtype)
+    x, train_mask = engine.prepare_data(pair, data, mask, name="data", dtype=dtype, module=module)
     # checks that need the whole training set (not a minibatch), e.g. constant columns
     check_training = getattr(pair, "check_training_data", None)
     if callable(check_training):
@@ -59,7 +59,7 @@ def _prepare_inputs(pair, module, data, mask, validation, valid_mask):
     if validation is not None:
         x_valid, valid_mask_t = engine.prepare_data(pair, validation, valid_mask,
                                                     name="validation", dtype=dtype or x.dtype,
-                                                    data_dim=int(x.shape[1]))
+                                                    data_dim=int(x.shape[1]), module=module)
     elif valid_mask is not None:
         raise ValueError("valid_mask was given without validation data")
     return x, train_mask, x_valid, valid_mask_t
@@ -80,7 +80,7 @@ class FitRun:
         self.callbacks, self.make_optimizer = callbacks, optimizer_factory(optimizer, lr)
         self.num_data = int(x.shape[0])
         # with Pyro's validation on, every row is checked once before the first step, and the
-        # steps run without the per-call checks unless asked for (fit.row_checks)
+        # steps run without the per-call checks unless asked for (training.row_checks)
         self.rows_checked_once = is_validation_enabled() and not validate_every_step
         self.adapter = ObjectiveAdapter(
             objective, model_fn, guide_fn, self.num_data,
@@ -423,17 +423,6 @@ def _warn_if_minibatch_biased(objective, batch_size: int, num_data: int) -> None
         f"or batch_size >= {num_data}", UserWarning, stacklevel=3)
 
 
-def _missing_masks(model_fn, guide_fn, data, mask, validation, valid_mask):
-    """``allow_missing=True``: NaN entries join the masks (the pair must accept ``mask``)."""
-    from pyro_lvm.inference.impute import missing_mask, require_mask_argument
-
-    require_mask_argument(model_fn, guide_fn)
-    mask = missing_mask(data, mask, allow_missing=True, name="data")
-    if validation is not None:
-        valid_mask = missing_mask(validation, valid_mask, allow_missing=True, name="validation")
-    return mask, valid_mask
-
-
 def fit(pair, data, objective=None, epochs: int = 10, batch_size: int = 128, lr: float = 1e-3,
         seed: int = 0, device="auto", validation=None, callbacks: Optional[Iterable] = None,
         mask=None, valid_mask=None, guide: Optional[Callable] = None, progress: bool = True,
@@ -543,9 +532,13 @@ def fit(pair, data, objective=None, epochs: int = 10, batch_size: int = 128, lr:
         from pyro_lvm.inference.objectives import ELBO
 
         objective = ELBO()
-    if allow_missing:
-        mask, valid_mask = _missing_masks(model_fn, guide_fn, data, mask, validation,
-                                          valid_mask)
+    if allow_missing:  # NaN entries join the masks (the pair must accept mask)
+        from pyro_lvm.inference.impute import missing_data_mask
+
+        mask = missing_data_mask(pair, data, mask, allow_missing=True, guide=guide)
+        if validation is not None:
+            valid_mask = missing_data_mask(pair, validation, valid_mask, allow_missing=True,
+                                           guide=guide, name="validation")
     x, train_mask, x_valid, valid_mask_t = _prepare_inputs(pair, module, data, mask, validation,
                                                            valid_mask)
     _warn_if_minibatch_biased(objective, batch_size, int(x.shape[0]))
