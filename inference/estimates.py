@@ -38,7 +38,20 @@ class _Summarized:
 
 
 @dataclass
-class LogLikelihoodEstimate(_Summarized):
+class _PerRowEstimate(_Summarized):
+    """The fields the two bound / likelihood estimates share (documented on each)."""
+
+    per_row: pd.DataFrame
+    mean: float
+    mc_se: float
+    data_se: float
+    exact_mean: Optional[float]
+    num_samples: int
+    num_rows: int
+
+
+@dataclass
+class LogLikelihoodEstimate(_PerRowEstimate):
     """Importance-sampled estimate of log p(x) per row and for the data set.
 
     Attributes
@@ -68,13 +81,6 @@ class LogLikelihoodEstimate(_Summarized):
         What the estimate is, for tables and plots.
     """
 
-    per_row: pd.DataFrame
-    mean: float
-    mc_se: float
-    data_se: float
-    exact_mean: Optional[float]
-    num_samples: int
-    num_rows: int
     discrete: bool = False
     bits_per_dim: Optional[float] = None
     bits_per_dim_se: Optional[float] = None
@@ -133,7 +139,7 @@ class LogLikelihoodEstimate(_Summarized):
 
 
 @dataclass
-class ELBOEstimate(_Summarized):
+class ELBOEstimate(_PerRowEstimate):
     """Held-out ELBO per row, :math:`\\mathrm{ELBO}(x_i) = E_q[\\log p(x_i, z) - \\log q(z\\mid x_i)]`,
     estimated with K draws from the guide (a lower bound on log p(x_i), not a likelihood).
 
@@ -149,13 +155,6 @@ class ELBOEstimate(_Summarized):
         Mean exact log p(x) when the model has ``log_marginal`` (ELBO <= it).
     """
 
-    per_row: pd.DataFrame
-    mean: float
-    mc_se: float
-    data_se: float
-    exact_mean: Optional[float]
-    num_samples: int
-    num_rows: int
     seed: int = 0
     label: str = ELBO_LABEL
 
