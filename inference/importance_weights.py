@@ -52,6 +52,7 @@ Obermeyer et al. (2019), Tensor variable elimination for plated factor graphs, I
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import numbers
 from dataclasses import dataclass
@@ -205,17 +206,22 @@ def _record(fn: Callable, x: torch.Tensor, num_particles: int, mask: Optional[to
     their values on dims left of the particle plate (:mod:`pyro_lvm.inference.enumeration`);
     the enumeration handler sits below the recorder, so replayed values come first."""
     recorder = _SiteRecorder(replay)
-    # whether any handler was active before ours (a bool now: the stack itself grows below)
+    # whether any handler was active before ours (checked before the stack grows below)
     outer = bool(_PYRO_STACK)
-    with contextlib.ExitStack() as stack:
-        if enumerate_sites:
-            stack.enter_context(poutine.enum(first_available_dim=enumeration.FIRST_ENUM_DIM))
-        stack.enter_context(recorder)
-        stack.enter_context(pyro.plate(PARTICLE_PLATE, num_particles, dim=-2))
-        if not outer:
-            stack.enter_context(_StoredParams())
+    enum = (poutine.enum(first_available_dim=enumeration.FIRST_ENUM_DIM) if enumerate_sites
+            else contextlib.nullcontext())
+    with enum, recorder, _particle_plate(num_particles), \
+            (contextlib.nullcontext() if outer else _StoredParams()):
         fn(x, mask=mask)
     return recorder.trace
+
+
+@functools.lru_cache(maxsize=64)
+def _particle_plate(num_particles: int) -> pyro.plate:
+    """The particle plate for ``num_particles``, built once and entered on every run (as a
+    model reuses one ``pyro.plate`` object for several statements): building a plate sends
+    its subsample message through the handler stack, entering it only claims its dim."""
+    return pyro.plate(PARTICLE_PLATE, num_particles, dim=-2)
 
 
 def _compute_log_prob(site: dict) -> torch.Tensor:

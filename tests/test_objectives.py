@@ -819,3 +819,55 @@ def test_parameter_statements_stop_at_the_objectives_own_handler_unless_an_outer
     assert torch.equal(results[0][0], results[1][0])
     assert torch.equal(results[0][1], results[1][1])
     pyro.clear_param_store()
+
+
+def test_the_particle_plate_is_built_once_and_is_free_again_after_an_error():
+    """The particle plate object is reused across runs (building one sends a message through
+    the handler stack); its dim is released when the pair raises, and an outer handler sees
+    the particle frame on every site as with a fresh plate."""
+    import pyro.poutine as poutine
+    from pyro_lvm.inference import importance_weights as iw
+
+    assert iw._particle_plate(3) is iw._particle_plate(3)
+    assert iw._particle_plate(4) is not iw._particle_plate(3)
+    x = torch.randn(5, 2)
+
+    def model(x, mask=None):
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", dist.Normal(torch.zeros(2), 1.0).to_event(1))
+            pyro.sample("x", dist.Normal(z, 1.0).to_event(1), obs=x)
+
+    def guide(x, mask=None):
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("z", dist.Normal(0.5 * x, 0.8).to_event(1))
+
+    def failing_guide(x, mask=None):
+        guide(x)
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        iw.log_weights(model, failing_guide, x, 3)
+
+    class Frames(poutine.messenger.Messenger):  # an outer handler (the guide and the model
+        def __init__(self):                       # both have a site "z")
+            super().__init__()
+            self.seen = []
+
+        def _pyro_sample(self, msg):
+            if msg["name"] == "z":
+                self.seen.append({(f.name, f.dim, f.size) for f in msg["cond_indep_stack"]})
+
+    with Frames() as outer:
+        lw = iw.log_weights(model, guide, x, 3)
+    assert lw.shape == (3, 5) and bool(torch.isfinite(lw).all())
+    assert outer.seen == [{(iw.PARTICLE_PLATE, -2, 3), ("data", -1, 5)}] * 2
+    # the same weights as Pyro's own vectorized particles at the same seed (fresh plates)
+    pyro.set_rng_seed(9)
+    ours = iw.log_weights(model, guide, x, 3)
+    pyro.set_rng_seed(9)
+    with pyro.plate(iw.PARTICLE_PLATE, 3, dim=-2):
+        gtr = poutine.trace(guide).get_trace(x)
+        mtr = poutine.trace(poutine.replay(model, trace=gtr)).get_trace(x)
+    ref = (mtr.nodes["x"]["fn"].log_prob(x) + mtr.nodes["z"]["fn"].log_prob(gtr.nodes["z"]["value"])
+           - gtr.nodes["z"]["fn"].log_prob(gtr.nodes["z"]["value"]))
+    torch.testing.assert_close(ours, ref)
