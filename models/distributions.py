@@ -22,12 +22,57 @@ import torch
 import torch.nn.functional as F
 from pyro.distributions.util import sum_rightmost
 
-__all__ = ["DiagonalNormal", "StandardNormal", "BinaryBernoulli", "IndependentBinaryBernoulli"]
+__all__ = ["DiagonalNormal", "StandardNormal", "BinaryBernoulli", "EventIndependent",
+           "IndependentBinaryBernoulli"]
 
 _HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 
 
-class DiagonalNormal(dist.Normal):
+class _ExpandKeepsShape:
+    """``expand`` to the batch shape a distribution already has returns the distribution
+    itself (distributions are immutable) rather than a copy.
+
+    Pyro's plates expand the distribution of every sample site inside them to the plates'
+    shape; for a site whose distribution is built in that shape (the usual case inside the
+    data plate) torch's ``expand`` would build a new instance, with a new view of each
+    parameter and a node in the autograd graph for each, to represent the same distribution.
+    """
+
+    def expand(self, batch_shape, _instance=None):
+        if _instance is None and torch.Size(batch_shape) == self.batch_shape:
+            return self
+        return super().expand(batch_shape, _instance=_instance)
+
+
+def _reinterpreted(base, reinterpreted_batch_ndims, independent_class):
+    """``base.to_event(n)`` as an ``independent_class`` instance (Pyro's argument handling)."""
+    if reinterpreted_batch_ndims is None:
+        reinterpreted_batch_ndims = len(base.batch_shape)
+    if reinterpreted_batch_ndims == 0:
+        return base
+    if reinterpreted_batch_ndims < 0:  # Pyro's own message
+        raise ValueError(f"Cannot remove event dimensions from {type(base)}")
+    return independent_class(base, reinterpreted_batch_ndims)
+
+
+class EventIndependent(_ExpandKeepsShape, dist.Independent):
+    """Pyro's ``Independent`` (what ``to_event`` returns) for the distributions of this module:
+    the same distribution, whose ``expand`` to its own batch shape returns itself."""
+
+    def to_event(self, reinterpreted_batch_ndims=None):
+        if reinterpreted_batch_ndims is None:
+            reinterpreted_batch_ndims = len(self.batch_shape)
+        return self.base_dist.to_event(self.reinterpreted_batch_ndims + reinterpreted_batch_ndims)
+
+
+class _ShapeKeepingBase(_ExpandKeepsShape):
+    """``expand`` keeps an unchanged shape, ``to_event`` returns an :class:`EventIndependent`."""
+
+    def to_event(self, reinterpreted_batch_ndims=None):
+        return _reinterpreted(self, reinterpreted_batch_ndims, EventIndependent)
+
+
+class DiagonalNormal(_ShapeKeepingBase, dist.Normal):
     """``Normal(loc, scale)`` whose ``log_prob`` standardizes once:
 
     .. math:: \\log \\mathcal{N}(x; \\mu, \\sigma) = -\\tfrac12 \\Big(\\frac{x - \\mu}{\\sigma}\\Big)^2
@@ -41,7 +86,7 @@ class DiagonalNormal(dist.Normal):
         return -0.5 * standardized * standardized - self.scale.log() - _HALF_LOG_2PI
 
 
-class StandardNormal(dist.Normal):
+class StandardNormal(_ShapeKeepingBase, dist.Normal):
     """:math:`\\mathcal{N}(0, 1)` (built as ``StandardNormal(zeros, ones)``, as
     :class:`pyro_lvm.models.priors.StandardNormalPrior` does), whose ``log_prob`` skips the
     location and scale:
@@ -60,7 +105,7 @@ class StandardNormal(dist.Normal):
         return -0.5 * value * value - _HALF_LOG_2PI
 
 
-class BinaryBernoulli(dist.Bernoulli):
+class BinaryBernoulli(_ExpandKeepsShape, dist.Bernoulli):
     """Pyro's ``Bernoulli`` with a cheaper ``log_prob`` for values in {0, 1}:
 
     .. math:: \\log p(x \\mid \\eta) = -\\operatorname{softplus}\\big((1 - 2x)\\,\\eta\\big)
@@ -83,16 +128,10 @@ class BinaryBernoulli(dist.Bernoulli):
         return _binary_log_prob(self.logits, value)
 
     def to_event(self, reinterpreted_batch_ndims=None):
-        if reinterpreted_batch_ndims is None:
-            reinterpreted_batch_ndims = len(self.batch_shape)
-        if reinterpreted_batch_ndims == 0:
-            return self
-        if reinterpreted_batch_ndims < 0:  # Pyro's own message
-            raise ValueError(f"Cannot remove event dimensions from {type(self)}")
-        return IndependentBinaryBernoulli(self, reinterpreted_batch_ndims)
+        return _reinterpreted(self, reinterpreted_batch_ndims, IndependentBinaryBernoulli)
 
 
-class IndependentBinaryBernoulli(dist.Independent):
+class IndependentBinaryBernoulli(EventIndependent):
     """``BinaryBernoulli(logits).to_event(n)``: Pyro's ``Independent`` whose ``log_prob`` sums
     the last dimension in one autograd node (:func:`binary_bernoulli_event_log_prob`)."""
 
@@ -101,11 +140,6 @@ class IndependentBinaryBernoulli(dist.Independent):
             self.base_dist._validate_sample(value)
         log_p = binary_bernoulli_event_log_prob(self.base_dist.logits, value)
         return sum_rightmost(log_p, self.reinterpreted_batch_ndims - 1)
-
-    def to_event(self, reinterpreted_batch_ndims=None):
-        if reinterpreted_batch_ndims is None:
-            reinterpreted_batch_ndims = len(self.batch_shape)
-        return self.base_dist.to_event(self.reinterpreted_batch_ndims + reinterpreted_batch_ndims)
 
 
 def binary_bernoulli_event_log_prob(logits: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
@@ -139,23 +173,87 @@ def _broadcasts_into(shape: torch.Size, target: torch.Size) -> bool:
         s == 1 or s == t for s, t in zip(reversed(shape), reversed(target)))
 
 
+#: Bytes of logits per chunk in :func:`_binary_event_sum` and the gradient: a chunk's
+#: temporaries stay in a core's cache and are small enough to be reused from the heap.
+_CHUNK_BYTES = 1 << 20
+
+
+def _particle_blocks(logits: torch.Tensor, value: torch.Tensor):
+    """``(logits as [P, Q, D], value as [Q, D])`` when ``value`` is the trailing block of
+    ``logits`` repeated ``P`` times (the observed rows under a particle plate) and the logits are
+    large enough for chunks to pay; None otherwise."""
+    if (logits.dim() < 2 or value.dim() < 1 or value.dtype != logits.dtype
+            or logits.shape[logits.dim() - value.dim():] != value.shape
+            or logits.numel() * logits.element_size() <= 2 * _CHUNK_BYTES
+            or not (logits.is_contiguous() and value.is_contiguous())):
+        return None
+    width = logits.shape[-1]
+    rows = value.numel() // width
+    return logits.view(-1, rows, width), value.view(rows, width)
+
+
+def _chunks(blocks):
+    """``(particle slice, row slice)`` pairs covering ``[P, Q]`` about ``_CHUNK_BYTES`` of
+    logits at a time, the row slices outermost."""
+    logits, _ = blocks
+    particles, rows, width = logits.shape
+    chunk_rows = max(1, _CHUNK_BYTES // (width * logits.element_size()))
+    if rows <= chunk_rows:
+        step = max(1, chunk_rows // rows)
+        return [(slice(p, p + step), slice(0, rows)) for p in range(0, particles, step)]
+    return [(slice(p, p + 1), slice(q, q + chunk_rows))
+            for q in range(0, rows, chunk_rows) for p in range(particles)]
+
+
+def _binary_event_sum(logits: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """``_binary_log_prob(logits, value).sum(-1)``, for large logits evaluated a chunk at a
+    time (the same elementwise formula and per-row sums), so that no temporary as large as the
+    logits is allocated: at ``K = 50`` particles of a 784-pixel batch of 100 each would be
+    15.7 MB, which the C allocator may hand back to the system and fault in again on the next
+    call (``benchmarks/README.md``, section 1)."""
+    blocks = _particle_blocks(logits, value)
+    if blocks is None:
+        return _binary_log_prob(logits, value).sum(-1)
+    blocked_logits, blocked_value = blocks
+    out = logits.new_empty(blocked_logits.shape[:2])
+    for particles, rows in _chunks(blocks):
+        torch.sum(_binary_log_prob(blocked_logits[particles, rows], blocked_value[rows]), -1,
+                  out=out[particles, rows])
+    return out.view(logits.shape[:-1])
+
+
+def _binary_event_grad(logits: torch.Tensor, value: torch.Tensor,
+                       grad: torch.Tensor) -> torch.Tensor:
+    """``(value - sigmoid(logits)) * grad[..., None]`` in one buffer shaped like ``logits``
+    (``value`` broadcasting into it), chunked as :func:`_binary_event_sum`."""
+    grad = grad.unsqueeze(-1)
+    blocks = _particle_blocks(logits, value)
+    if blocks is None or grad.shape != logits.shape[:-1] + (1,):
+        return torch.sigmoid(logits).sub_(value).mul_(-grad)
+    blocked_logits, blocked_value = blocks
+    out = torch.empty_like(blocked_logits)
+    blocked_grad = grad.view(blocked_logits.shape[:2] + (1,))
+    for particles, rows in _chunks(blocks):
+        chunk = torch.sigmoid(blocked_logits[particles, rows], out=out[particles, rows])
+        chunk.sub_(blocked_value[rows]).mul_(-blocked_grad[particles, rows])
+    return out.view(logits.shape)
+
+
 class _BinaryBernoulliEventLogProb(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, value):
         ctx.save_for_backward(logits, value)
-        return _binary_log_prob(logits, value).sum(-1)
+        return _binary_event_sum(logits, value)
 
     @staticmethod
     def backward(ctx, grad):
         logits, value = ctx.saved_tensors
         if not ctx.needs_input_grad[0]:
             return None, None
-        grad = grad.unsqueeze(-1)
         if not torch.is_grad_enabled() and _broadcasts_into(value.shape, logits.shape):
-            # one buffer: sigmoid, then subtract and scale in place
-            grad_logits = torch.sigmoid(logits).sub_(value).mul_(-grad)
+            grad_logits = _binary_event_grad(logits, value, grad)
         else:  # differentiable (create_graph) or broadcasting beyond the logits' shape
-            grad_logits = (value - torch.sigmoid(logits)) * grad
+            grad_logits = (value - torch.sigmoid(logits)) * grad.unsqueeze(-1)
         if grad_logits.shape != logits.shape:
             grad_logits = grad_logits.sum_to_size(logits.shape)
         return grad_logits, None

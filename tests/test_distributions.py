@@ -5,11 +5,13 @@ torch's binary cross-entropy in value, gradient and second derivative, in every 
 direction."""
 import pyro
 import pyro.distributions as dist
+import pyro.poutine as poutine
 import pytest
 import torch
 import torch.nn.functional as F
 
-from pyro_lvm.models.distributions import (BinaryBernoulli, DiagonalNormal,
+import pyro_lvm.models.distributions as distributions
+from pyro_lvm.models.distributions import (BinaryBernoulli, DiagonalNormal, EventIndependent,
                                             IndependentBinaryBernoulli, StandardNormal,
                                             binary_bernoulli_event_log_prob)
 
@@ -185,3 +187,78 @@ def test_tracegraph_elbo_gradients_through_a_non_reparameterized_guide_site():
     assert ref[1].abs().sum() > 0
     torch.testing.assert_close(ours[1], ref[1])
     torch.testing.assert_close(ours[2], ref[2])
+
+
+@pytest.mark.parametrize("logits_shape, x_shape, chunk_bytes", [
+    ((50, 100, 784), (100, 784), None),   # IWAE-50 on a 784-pixel batch: particle chunks
+    ((3, 2000, 784), (2000, 784), None),  # long blocks: row chunks inside each particle
+    ((7, 5, 6), (5, 6), 3 * 6 * 8),       # forced: ragged row chunks (5 rows, 3 per chunk)
+    ((7, 2, 6), (2, 6), 4 * 6 * 8),       # forced: two particles per chunk, the last one alone
+])
+def test_chunked_bernoulli_event_sum_is_the_unchunked_formula(monkeypatch, logits_shape, x_shape,
+                                                               chunk_bytes):
+    if chunk_bytes is not None:
+        monkeypatch.setattr(distributions, "_CHUNK_BYTES", chunk_bytes)
+    dtype = torch.float32 if chunk_bytes is None else torch.float64
+    g = torch.Generator().manual_seed(6)
+    logits = (4 * torch.randn(logits_shape, generator=g, dtype=dtype)).requires_grad_()
+    x = (torch.rand(x_shape, generator=g, dtype=dtype) < 0.4).to(dtype)
+    # positive control: these shapes do take the chunked path, in more than one chunk
+    blocks = distributions._particle_blocks(logits.detach(), x)
+    assert blocks is not None and len(distributions._chunks(blocks)) > 1
+    ours = binary_bernoulli_event_log_prob(logits, x)
+    # the same elementwise formula and per-row sums: bit for bit
+    assert torch.equal(ours, distributions._binary_log_prob(logits.detach(), x).sum(-1))
+    weights = torch.randn(ours.shape, generator=g, dtype=dtype)
+    (grad,) = torch.autograd.grad((weights * ours).sum(), logits)
+    ref = (x - torch.sigmoid(logits.detach())) * weights.unsqueeze(-1)
+    torch.testing.assert_close(grad, ref, rtol=0, atol=2e-7 if dtype == torch.float32 else 1e-15)
+    if chunk_bytes is not None:
+        assert torch.autograd.gradcheck(lambda l: binary_bernoulli_event_log_prob(l, x),
+                                        (logits.detach().clone().requires_grad_(),))
+        # positive control: chunks paired with the wrong data rows are seen
+        monkeypatch.setattr(distributions, "_particle_blocks",
+                            lambda l, v, f=distributions._particle_blocks:
+                            (lambda b: (b[0], b[1].roll(1, 0)))(f(l, v)))
+        assert not torch.equal(binary_bernoulli_event_log_prob(logits.detach(), x),
+                               ours.detach())
+
+
+def test_small_or_unaligned_logits_take_the_plain_formula():
+    x = torch.ones(100, 784)
+    assert distributions._particle_blocks(torch.zeros(5, 100, 784), x) is None      # 1.5 MB
+    assert distributions._particle_blocks(torch.zeros(50, 100, 784), x[:1]) is None  # broadcast
+    assert distributions._particle_blocks(torch.zeros(50, 784, 100).transpose(1, 2), x) is None
+    assert distributions._particle_blocks(torch.zeros(50, 100, 784), x.double()) is None
+    assert distributions._particle_blocks(torch.zeros(50, 100, 784), x) is not None
+
+
+def test_expand_to_the_same_shape_returns_the_distribution_and_pyros_plates_keep_it():
+    loc, scale = torch.randn(6, 3), torch.rand(6, 3) + 0.1
+    q = DiagonalNormal(loc, scale).to_event(1)
+    assert type(q) is EventIndependent and q.expand([6]) is q
+    assert q.base_dist.expand([6, 3]) is q.base_dist
+    wider = q.expand([4, 6])
+    assert type(wider) is EventIndependent and type(wider.base_dist) is DiagonalNormal
+    assert wider.batch_shape == (4, 6) and wider is not q
+    value = torch.randn(4, 6, 3)
+    torch.testing.assert_close(wider.log_prob(value),
+                               dist.Normal(loc, scale).to_event(1).log_prob(value))
+    p = StandardNormal(torch.zeros(3), torch.ones(3)).to_event(1)
+    assert type(p) is EventIndependent and p.expand([]) is p
+    assert type(p.expand([6])) is EventIndependent and p.expand([6]).batch_shape == (6,)
+    b = BinaryBernoulli(logits=torch.randn(6, 5)).to_event(1)
+    assert b.expand([6]) is b and b.base_dist.expand([6, 5]) is b.base_dist
+    assert type(q.to_event(1)) is EventIndependent and q.to_event(1).event_shape == (6, 3)
+    assert q.to_event(-1) is q.base_dist
+    with pytest.raises(ValueError, match="Cannot remove event dimensions"):
+        DiagonalNormal(loc, scale).to_event(-1)
+
+    def site_fn(d):
+        with poutine.trace() as tr, pyro.plate("data", 6):
+            pyro.sample("z", d)
+        return tr.trace.nodes["z"]["fn"]
+
+    assert site_fn(q) is q                     # the data plate's expand is the identity
+    reference = dist.Normal(loc, scale).to_event(1)
+    assert site_fn(reference) is not reference  # positive control: Pyro's copies
