@@ -22,8 +22,7 @@ a ``PyroModule``.
 """
 from __future__ import annotations
 
-import contextlib
-from typing import Iterator, List, Optional
+from typing import List, Optional
 
 import pyro
 import torch
@@ -72,24 +71,38 @@ def silenceable_modules(module: Optional[torch.nn.Module]) -> Optional[List[Pyro
     return modules
 
 
-@contextlib.contextmanager
-def silent_param_statements(modules: Optional[List[PyroModule]]) -> Iterator[None]:
-    """Run the block with the Pyro context of ``modules`` (from :func:`silenceable_modules`)
-    switched off, unless a Pyro handler is active (then nothing changes)."""
-    # module-local parameters (a Pyro setting) read the context's own parameter state
-    if not modules or _PYRO_STACK or pyro.settings.get("module_local_params"):
-        yield
-        return
-    saved = [m.__dict__["_pyro_context"] for m in modules]
-    for m in modules:
-        m.__dict__["_pyro_context"] = _SILENT
-    try:
-        yield
-    finally:
-        for m, context in zip(modules, saved):
+class silent_param_statements:
+    """Context manager: run the block with the Pyro context of ``modules`` (from
+    :func:`silenceable_modules`) switched off, unless a Pyro handler is active (then nothing
+    changes). A class rather than a generator: it is entered on every training step."""
+
+    __slots__ = ("modules", "known", "saved")
+
+    def __init__(self, modules: Optional[List[PyroModule]]):
+        self.modules = modules or []
+        self.known = {id(m) for m in self.modules}
+        self.saved: Optional[list] = None
+
+    def __enter__(self) -> None:
+        # module-local parameters (a Pyro setting) read the context's own parameter state
+        if not self.modules or _PYRO_STACK or pyro.settings.get("module_local_params"):
+            self.saved = None
+            return
+        self.saved = [m.__dict__["_pyro_context"] for m in self.modules]
+        for m in self.modules:
+            m.__dict__["_pyro_context"] = _SILENT
+
+    def __exit__(self, *exc) -> None:
+        saved, self.saved = self.saved, None
+        if saved is None:
+            return
+        for m, context in zip(self.modules, saved):
             m.__dict__["_pyro_context"] = context
-        # a sub-PyroModule created or converted during the block took its parent's context,
-        # the stand-in: it gets the tree's own (modules[0] is the root, first in .modules())
-        for m in modules[0].modules():
-            if m.__dict__.get("_pyro_context") is _SILENT:
-                m.__dict__["_pyro_context"] = saved[0]
+        # A sub-PyroModule attached during the block took its parent's context, the stand-in
+        # (PyroModule hands a parent's context down only to PyroModule children): it gets the
+        # tree's own (modules[0] is the root, first in .modules()).
+        if any(isinstance(child, PyroModule) and id(child) not in self.known
+               for m in self.modules for child in m._modules.values()):
+            for m in self.modules[0].modules():
+                if m.__dict__.get("_pyro_context") is _SILENT:
+                    m.__dict__["_pyro_context"] = saved[0]

@@ -71,10 +71,9 @@ class ObjectiveAdapter:
         """Scaled minibatch loss with gradients accumulated into ``.grad`` (returns it detached),
         with Pyro's validation as :attr:`step_validation` says."""
         if self._silent is None:  # Pyro's own ELBOs look for param sites: never silenced
-            self._silent = (silenceable_modules(self._module) if self.kind == "pyro_lvm"
-                            else None) or []
-        with pyro.validation_enabled(self.step_validation), \
-                silent_param_statements(self._silent):
+            self._silent = silent_param_statements(
+                silenceable_modules(self._module) if self.kind == "pyro_lvm" else None)
+        with pyro.validation_enabled(self.step_validation), self._silent:
             return self._train_loss(xb, mb)
 
     def _train_loss(self, xb, mb):
