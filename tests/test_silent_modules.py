@@ -185,3 +185,20 @@ def test_a_sub_pyromodule_created_inside_the_block_keeps_the_trees_context():
     with poutine.trace(param_only=True) as tr:
         model.head(torch.zeros(1, 2))
     assert any(site["type"] == "param" and "head" in name for name, site in tr.trace.nodes.items())
+
+
+def test_a_replaced_sub_pyromodule_and_its_children_get_the_trees_context():
+    """A sub-PyroModule assigned during the block under an existing name (same number of
+    children) and the PyroModules inside it are found too; one silent block is reusable."""
+    model, x = _dlvm(), _binary_rows(5)
+    block = silent_param_statements(silenceable_modules(model))
+    root_context = model._pyro_context
+    for _ in range(2):
+        with block:
+            inner = PyroModule[torch.nn.Sequential](PyroModule[torch.nn.Linear](2, 2))
+            model.likelihood = inner   # replaces the likelihood PyroModule
+        assert model.likelihood._pyro_context is root_context
+        assert model.likelihood[0]._pyro_context is root_context
+        with block:
+            assert model._pyro_context is _silent_context()  # positive control: swapped
+        assert model._pyro_context is root_context
