@@ -63,6 +63,7 @@ import pyro.poutine as poutine
 from pyro.distributions.util import scale_and_mask
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.runtime import _PYRO_STACK
+from pyro.poutine.subsample_messenger import _Subsample
 from pyro.poutine.util import site_is_subsample
 import torch
 
@@ -179,21 +180,34 @@ class _SiteRecorder(Messenger):
 
 
 class _StoredParams(Messenger):
-    """Answers a ``pyro.param`` statement for a name already in the parameter store with
-    ``store[name]``, what the store itself returns (the initial value is then ignored), and
-    stops the message there.
+    """The innermost frame of a run when no handler was active before the objective's own
+    (:func:`_record`). It answers two kinds of bookkeeping message that the frames it skips,
+    the recorder, the particle plate and the enumeration handler, have nothing to do with:
 
-    Used only when no handler was active before the objective's own (:func:`_record`): then
-    the frames it skips, the recorder and the particle plate, have nothing to do with
-    parameters, and ``pyro.module`` / ``PyroModule`` statements, one per parameter tensor on
-    every call, no longer walk them. Any outer handler (Pyro's ``SVI`` and ``fit`` collect the
-    parameters with ``poutine.trace(param_only=True)``) sees every statement as usual.
+    * a ``pyro.param`` statement for a name already in the parameter store, with
+      ``store[name]`` (what the store itself returns; the initial value is then ignored):
+      ``pyro.module`` / ``PyroModule`` issue one per parameter tensor on every call;
+    * the subsample message a ``pyro.plate`` without subsampling sends when it is built, with
+      the plate's indices ``0..size-1`` (what Pyro's own sampler returns). Such a plate's
+      indices are the same in the guide and the model, so nothing is lost by not recording
+      them; a subsampling plate (``subsample_size < size``) goes through every frame as usual,
+      so that the model replays the guide's indices.
+
+    Any outer handler (Pyro's ``SVI`` and ``fit`` collect the parameters with
+    ``poutine.trace(param_only=True)``) sees every message as usual.
     """
 
     def _pyro_param(self, msg) -> None:
         store = pyro.get_param_store()
         if msg["name"] in store:
             msg["value"] = store[msg["name"]]
+            msg["done"] = msg["stop"] = True
+
+    def _pyro_sample(self, msg) -> None:
+        fn = msg["fn"]
+        if (type(fn) is _Subsample and msg["value"] is None and not fn.use_cuda
+                and (fn.subsample_size is None or fn.subsample_size >= fn.size)):
+            msg["value"] = torch.arange(fn.size, device=fn.device)
             msg["done"] = msg["stop"] = True
 
 
@@ -210,8 +224,8 @@ def _record(fn: Callable, x: torch.Tensor, num_particles: int, mask: Optional[to
     outer = bool(_PYRO_STACK)
     enum = (poutine.enum(first_available_dim=enumeration.FIRST_ENUM_DIM) if enumerate_sites
             else contextlib.nullcontext())
-    with enum, recorder, _particle_plate(num_particles), \
-            (contextlib.nullcontext() if outer else _StoredParams()):
+    particles = _particle_plate(num_particles)  # built (the first time) outside our frames
+    with enum, recorder, particles, (contextlib.nullcontext() if outer else _StoredParams()):
         fn(x, mask=mask)
     return recorder.trace
 

@@ -871,3 +871,64 @@ def test_the_particle_plate_is_built_once_and_is_free_again_after_an_error():
     ref = (mtr.nodes["x"]["fn"].log_prob(x) + mtr.nodes["z"]["fn"].log_prob(gtr.nodes["z"]["value"])
            - gtr.nodes["z"]["fn"].log_prob(gtr.nodes["z"]["value"]))
     torch.testing.assert_close(ours, ref)
+
+
+def test_full_plates_indices_are_answered_innermost_and_subsampling_plates_are_replayed():
+    """With no outer handler, the subsample message of a plate without subsampling is answered
+    by the innermost frame (its indices 0..n-1; the site is not recorded); a plate that
+    subsamples goes through the recorder, so the model sees the guide's indices. Weights equal
+    those computed with an outer handler (every message through every frame)."""
+    import pyro.poutine as poutine
+    from pyro.poutine.util import site_is_subsample
+    from pyro_lvm.inference import importance_weights as iw
+
+    x = torch.randn(6, 2)
+    seen = {}
+
+    def pair(subsample_size):
+        def model(x, mask=None):
+            with pyro.plate("data", x.shape[0], subsample_size=subsample_size) as idx:
+                seen["model"] = idx
+                z = pyro.sample("z", dist.Normal(x.new_zeros(2), 1.0).to_event(1))
+                pyro.sample("x", dist.Normal(z, 1.0).to_event(1), obs=x[idx])
+
+        def guide(x, mask=None):
+            with pyro.plate("data", x.shape[0], subsample_size=subsample_size) as idx:
+                seen["guide"] = idx
+                pyro.sample("z", dist.Normal(0.5 * x[idx], 0.7).to_event(1))
+        return model, guide
+
+    model, guide = pair(None)
+    pyro.set_rng_seed(3)
+    terms = iw.trace_log_terms(model, guide, x, 2)
+    assert torch.equal(seen["model"], torch.arange(6)) and torch.equal(seen["guide"],
+                                                                          torch.arange(6))
+    assert not any(site_is_subsample(site) for site in terms.guide_trace.nodes.values())
+    pyro.set_rng_seed(3)
+    with poutine.block():  # an outer handler: every message through every frame
+        reference = iw.trace_log_terms(model, guide, x, 2)
+    # positive control: there the plate's site is recorded
+    assert [n for n, s in reference.guide_trace.nodes.items() if site_is_subsample(s)] == ["data"]
+    torch.testing.assert_close(terms.log_weights, reference.log_weights, rtol=0, atol=0)
+    # a subsampling plate: recorded in the guide and replayed into the model
+    model, guide = pair(4)
+    for seed in range(5):
+        pyro.set_rng_seed(seed)
+        guide_trace = iw._record(guide, x, 2, None)
+        iw._record(model, x, 2, None, replay=guide_trace, enumerate_sites=True)
+        assert "data" in guide_trace.nodes and len(seen["guide"]) == 4
+        assert torch.equal(seen["model"], seen["guide"])
+
+
+def test_the_dlvm_enters_one_data_plate_per_batch_size():
+    import pyro.poutine as poutine
+    from pyro_lvm.models import dlvm as dlvm_module
+    from pyro_lvm.models.dlvm import DLVM
+
+    assert dlvm_module._data_plate(7) is dlvm_module._data_plate(7)
+    model = DLVM(5, 2, hidden=(4,))
+    x = (torch.rand(7, 5) < 0.5).float()
+    for rows in (7, 3, 7):
+        tr = poutine.trace(model.model).get_trace(x[:rows])
+        frames = [(f.name, f.dim, f.size) for f in tr.nodes["x"]["cond_indep_stack"]]
+        assert frames == [("data", -1, rows)]
