@@ -30,8 +30,10 @@ them. A site outside the data plate, or whose ``log_prob`` does not broadcast to
 Every density is the one the pair's own distribution objects define: the sites are recorded
 from a run of the guide and of the model (replayed on the guide's draws) by a light Pyro
 handler (:class:`_SiteRecorder`), with no separate hand-written formula for any model
-family. When no handler is active outside the objective's own, parameter statements are
-answered from the parameter store at the innermost frame (:class:`_StoredParams`).
+family. When no handler is active outside the objective's own, parameter statements and
+the subsample messages of plates that do not subsample are answered at the innermost frame
+(:class:`_StoredParams`). The particle plate is one ``pyro.plate`` object per ``K``, entered
+on every run.
 
 The per-point bounds are pure functions of the weights:
 

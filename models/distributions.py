@@ -9,9 +9,14 @@ densities are evaluated on ``[K, batch, d]`` tensors, where torch's general form
 expanded scale each materialized) is a visible part of an IWAE step with large ``K``
 (``benchmarks/README.md``, section 1); so is the Bernoulli likelihood over the
 ``[K, batch, p]`` decoder logits, whose event sum :class:`BinaryBernoulli` computes in one
-autograd node (:class:`IndependentBinaryBernoulli`). These are the single definition every
-path uses: fitting, evaluation and diagnostics all call ``log_prob`` of the distribution the
-model or guide builds.
+autograd node (:class:`IndependentBinaryBernoulli`), for large logits a cache-sized chunk at
+a time (no temporary as large as the logits). These are the single definition every path
+uses: fitting, evaluation and diagnostics all call ``log_prob`` of the distribution the model
+or guide builds.
+
+``expand`` to the batch shape a distribution already has returns the distribution itself
+(Pyro's plates expand every sample site's distribution to the plates' shape), and
+``to_event`` returns an :class:`EventIndependent` with the same property.
 """
 from __future__ import annotations
 
