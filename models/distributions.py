@@ -186,8 +186,10 @@ _CHUNK_BYTES = 1 << 20
 def _particle_blocks(logits: torch.Tensor, value: torch.Tensor):
     """``(logits as [P, Q, D], value as [Q, D])`` when ``value`` is the trailing block of
     ``logits`` repeated ``P`` times (the observed rows under a particle plate) and the logits are
-    large enough for chunks to pay; None otherwise."""
-    if (logits.dim() < 2 or value.dim() < 1 or value.dtype != logits.dtype
+    large enough for chunks to pay; None otherwise. CPU only: a GPU's caching allocator keeps
+    freed memory, and there each chunk would cost kernel launches."""
+    if (logits.device.type != "cpu" or logits.dim() < 2 or value.dim() < 1
+            or value.dtype != logits.dtype
             or logits.shape[logits.dim() - value.dim():] != value.shape
             or logits.numel() * logits.element_size() <= 2 * _CHUNK_BYTES
             or not (logits.is_contiguous() and value.is_contiguous())):

@@ -231,6 +231,8 @@ def test_small_or_unaligned_logits_take_the_plain_formula():
     assert distributions._particle_blocks(torch.zeros(50, 784, 100).transpose(1, 2), x) is None
     assert distributions._particle_blocks(torch.zeros(50, 100, 784), x.double()) is None
     assert distributions._particle_blocks(torch.zeros(50, 100, 784), x) is not None
+    meta = torch.zeros(50, 100, 784, device="meta")  # not on the CPU: no chunks
+    assert distributions._particle_blocks(meta, x.to("meta")) is None
 
 
 def test_expand_to_the_same_shape_returns_the_distribution_and_pyros_plates_keep_it():
