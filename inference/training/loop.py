@@ -405,6 +405,24 @@ class FitRun:
             hook(self.state)
 
 
+def _default_objective():
+    from pyro_lvm.inference.objectives import ELBO
+
+    return ELBO()
+
+
+def _missing_data_masks(pair, guide, data, mask, validation, valid_mask):
+    """``fit(allow_missing=True)``: the NaN entries of the data (and of the validation rows)
+    join their masks (the pair must accept ``mask``)."""
+    from pyro_lvm.inference.impute import missing_data_mask
+
+    mask = missing_data_mask(pair, data, mask, allow_missing=True, guide=guide)
+    if validation is not None:
+        valid_mask = missing_data_mask(pair, validation, valid_mask, allow_missing=True,
+                                       guide=guide, name="validation")
+    return mask, valid_mask
+
+
 def _warn_if_minibatch_biased(objective, batch_size: int, num_data: int) -> None:
     r"""One warning when the objective scales minibatches inside a log-mean-exp.
 
@@ -528,17 +546,9 @@ def fit(pair, data, objective=None, epochs: int = 10, batch_size: int = 128, lr:
     if module is None and isinstance(getattr(model_fn, "__self__", None), torch.nn.Module):
         module = model_fn.__self__  # (m.model, m.guide): still move and checkpoint m
     dev = engine.resolve_device(device)
-    if objective is None:
-        from pyro_lvm.inference.objectives import ELBO
-
-        objective = ELBO()
-    if allow_missing:  # NaN entries join the masks (the pair must accept mask)
-        from pyro_lvm.inference.impute import missing_data_mask
-
-        mask = missing_data_mask(pair, data, mask, allow_missing=True, guide=guide)
-        if validation is not None:
-            valid_mask = missing_data_mask(pair, validation, valid_mask, allow_missing=True,
-                                           guide=guide, name="validation")
+    objective = _default_objective() if objective is None else objective
+    if allow_missing:
+        mask, valid_mask = _missing_data_masks(pair, guide, data, mask, validation, valid_mask)
     x, train_mask, x_valid, valid_mask_t = _prepare_inputs(pair, module, data, mask, validation,
                                                            valid_mask)
     _warn_if_minibatch_biased(objective, batch_size, int(x.shape[0]))
