@@ -192,8 +192,9 @@ class _StoredParams(Messenger):
     * the subsample message a ``pyro.plate`` without subsampling sends when it is built, with
       the plate's indices ``0..size-1`` (what Pyro's own sampler returns). Such a plate's
       indices are the same in the guide and the model, so nothing is lost by not recording
-      them; a subsampling plate (``subsample_size < size``) goes through every frame as usual,
-      so that the model replays the guide's indices.
+      them; a subsampling plate (``subsample_size < size``), and a plate whose site the
+      replayed trace holds (a guide's plate with explicit indices), go through every frame as
+      usual, so that the model replays the guide's indices.
 
     Any outer handler (Pyro's ``SVI`` and ``fit`` collect the parameters with
     ``poutine.trace(param_only=True)``) sees every message as usual.
@@ -205,10 +206,15 @@ class _StoredParams(Messenger):
             msg["value"] = store[msg["name"]]
             msg["done"] = msg["stop"] = True
 
+    def __init__(self, replay: Optional[poutine.Trace] = None):
+        super().__init__()
+        self.replay = replay
+
     def _pyro_sample(self, msg) -> None:
         fn = msg["fn"]
         if (type(fn) is _Subsample and msg["value"] is None and not fn.use_cuda
-                and (fn.subsample_size is None or fn.subsample_size >= fn.size)):
+                and (fn.subsample_size is None or fn.subsample_size >= fn.size)
+                and (self.replay is None or msg["name"] not in self.replay.nodes)):
             msg["value"] = torch.arange(fn.size, device=fn.device)
             msg["done"] = msg["stop"] = True
 
@@ -227,7 +233,8 @@ def _record(fn: Callable, x: torch.Tensor, num_particles: int, mask: Optional[to
     enum = (poutine.enum(first_available_dim=enumeration.FIRST_ENUM_DIM) if enumerate_sites
             else contextlib.nullcontext())
     particles = _particle_plate(num_particles)  # built (the first time) outside our frames
-    with enum, recorder, particles, (contextlib.nullcontext() if outer else _StoredParams()):
+    with enum, recorder, particles, (contextlib.nullcontext() if outer
+                                     else _StoredParams(replay)):
         fn(x, mask=mask)
     return recorder.trace
 

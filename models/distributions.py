@@ -239,7 +239,8 @@ def _binary_event_grad(logits: torch.Tensor, value: torch.Tensor,
         return torch.sigmoid(logits).sub_(value).mul_(-grad)
     blocked_logits, blocked_value = blocks
     out = torch.empty_like(blocked_logits)
-    blocked_grad = grad.view(blocked_logits.shape[:2] + (1,))
+    # (autograd may pass an expanded gradient, e.g. from an event sum over more dims)
+    blocked_grad = grad.reshape(blocked_logits.shape[:2] + (1,))
     for particles, rows in _chunks(blocks):
         chunk = torch.sigmoid(blocked_logits[particles, rows], out=out[particles, rows])
         chunk.sub_(blocked_value[rows]).mul_(-blocked_grad[particles, rows])

@@ -47,7 +47,6 @@ IJCAI.
 """
 from __future__ import annotations
 
-import functools
 import math
 from typing import Optional, Sequence, Tuple, Union
 
@@ -67,14 +66,6 @@ from .priors import PRIOR_NAMES, Prior, StandardNormalPrior, make_prior
 
 __all__ = ["DLVM", "LectureDLVM"]
 
-
-@functools.lru_cache(maxsize=64)
-def _data_plate(rows: int) -> pyro.plate:
-    """``pyro.plate("data", rows, dim=-1)``, built once per batch size and entered on every call
-    (as a model reuses one plate object for several statements): building a plate sends a
-    subsample message through every active handler, entering it only claims its dim. The full
-    batch is the plate (no subsampling), so no handler needs that message."""
-    return pyro.plate("data", rows, dim=-1)
 
 
 def _hidden_tuple(hidden, what: str) -> Tuple[int, ...]:
@@ -152,7 +143,7 @@ class _AmortizedGaussianGuideMixin:
         \\sigma_\\phi(x_i)^2)`, site ``"z"`` (reparameterized)."""
         x, _ = self._observed(x, mask)
         loc, scale = self._encode(x)
-        with _data_plate(x.shape[0]):
+        with pyro.plate("data", x.shape[0], dim=-1):
             return pyro.sample("z", DiagonalNormal(loc, scale).to_event(1))
 
 
@@ -275,7 +266,7 @@ class DLVM(_AmortizedGaussianGuideMixin, PyroModule):
         if validation.per_call_data_checks():
             # A clear message (which value, where) before Pyro's generic support error.
             self.likelihood.check_data(x, mask)
-        with _data_plate(x.shape[0]):
+        with pyro.plate("data", x.shape[0], dim=-1):
             z = pyro.sample("z", self.prior.distribution())
             out = self.decoder(z)
             px = self.likelihood.distribution(out)

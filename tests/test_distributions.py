@@ -264,3 +264,21 @@ def test_expand_to_the_same_shape_returns_the_distribution_and_pyros_plates_keep
     assert site_fn(q) is q                     # the data plate's expand is the identity
     reference = dist.Normal(loc, scale).to_event(1)
     assert site_fn(reference) is not reference  # positive control: Pyro's copies
+
+
+def test_chunked_bernoulli_gradient_takes_an_expanded_incoming_gradient(monkeypatch):
+    """An event sum over more dims (``to_event(2)``: images) hands the event function an
+    expanded gradient: the chunked gradient equals the plain formula's bit for bit."""
+    g = torch.Generator().manual_seed(7)
+    logits = torch.randn(50, 100, 28, 28, generator=g).requires_grad_()  # 15.7 MB: chunked
+    x = (torch.rand(100, 28, 28, generator=g) < 0.3).float()
+
+    def grad():
+        lp = BinaryBernoulli(logits=logits).to_event(2).log_prob(x)  # [50, 100]
+        return torch.autograd.grad(torch.logsumexp(lp, 0).sum(), logits)[0]
+
+    assert distributions._particle_blocks(logits.detach(), x) is not None
+    chunked = grad()
+    monkeypatch.setattr(distributions, "_CHUNK_BYTES", 1 << 40)
+    assert distributions._particle_blocks(logits.detach(), x) is None  # positive control
+    assert torch.equal(chunked, grad())

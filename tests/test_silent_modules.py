@@ -202,3 +202,14 @@ def test_a_replaced_sub_pyromodule_and_its_children_get_the_trees_context():
         with block:
             assert model._pyro_context is _silent_context()  # positive control: swapped
         assert model._pyro_context is root_context
+
+
+def test_a_nested_entry_of_the_same_block_changes_nothing():
+    model = _dlvm()
+    block = silent_param_statements(silenceable_modules(model))
+    root_context = model._pyro_context
+    with block:
+        with block:
+            assert model._pyro_context is _silent_context()
+        assert model._pyro_context is _silent_context()  # still inside the outer entry
+    assert model._pyro_context is root_context

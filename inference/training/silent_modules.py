@@ -76,23 +76,28 @@ class silent_param_statements:
     :func:`silenceable_modules`) switched off, unless a Pyro handler is active (then nothing
     changes). A class rather than a generator: it is entered on every training step."""
 
-    __slots__ = ("modules", "known", "saved")
+    __slots__ = ("modules", "known", "saved", "depth")
 
     def __init__(self, modules: Optional[List[PyroModule]]):
         self.modules = modules or []
         self.known = {id(m) for m in self.modules}
         self.saved: Optional[list] = None
+        self.depth = 0  # a nested entry of the same object changes nothing
 
     def __enter__(self) -> None:
+        self.depth += 1
         # module-local parameters (a Pyro setting) read the context's own parameter state
-        if not self.modules or _PYRO_STACK or pyro.settings.get("module_local_params"):
-            self.saved = None
+        if (self.depth > 1 or not self.modules or _PYRO_STACK
+                or pyro.settings.get("module_local_params")):
             return
         self.saved = [m.__dict__["_pyro_context"] for m in self.modules]
         for m in self.modules:
             m.__dict__["_pyro_context"] = _SILENT
 
     def __exit__(self, *exc) -> None:
+        self.depth -= 1
+        if self.depth > 0:
+            return
         saved, self.saved = self.saved, None
         if saved is None:
             return
