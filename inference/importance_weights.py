@@ -200,15 +200,16 @@ class _StoredParams(Messenger):
     ``poutine.trace(param_only=True)``) sees every message as usual.
     """
 
+    def __init__(self, replay: Optional[poutine.Trace] = None):
+        # the model's run: a plate whose site the guide recorded is replayed by the recorder
+        super().__init__()
+        self.replay = replay
+
     def _pyro_param(self, msg) -> None:
         store = pyro.get_param_store()
         if msg["name"] in store:
             msg["value"] = store[msg["name"]]
             msg["done"] = msg["stop"] = True
-
-    def __init__(self, replay: Optional[poutine.Trace] = None):
-        super().__init__()
-        self.replay = replay
 
     def _pyro_sample(self, msg) -> None:
         fn = msg["fn"]
