@@ -156,15 +156,19 @@ class UserVAE(torch.nn.Module):
 
 
 class _StepClock:
-    """fit callback: a timestamp after every optimizer step."""
+    """Wall clock, this thread's CPU time and the page faults after every step: :meth:`tick` in
+    a bare loop, or as a fit callback (``on_step_end``)."""
 
     def __init__(self):
         self.times, self.cpu_times, self.faults = [], [], []
 
-    def on_step_end(self, state):
+    def tick(self) -> None:
         self.times.append(time.perf_counter())
         self.cpu_times.append(time.thread_time())
         self.faults.append(common.page_faults())
+
+    def on_step_end(self, state) -> None:
+        self.tick()
 
 
 def _steady_rate(times, batch_size) -> float:
@@ -178,13 +182,14 @@ def _step_durations(times):
     return [b - a for a, b in zip(times[:-1], times[1:])]
 
 
-def _timing(times, cpu_times, faults, batch_size, **extra) -> dict:
+def _timing(clock: _StepClock, batch_size, skip: int = 0, **extra) -> dict:
     """Wall-clock and CPU-time (this thread's: with one torch thread every kernel runs on it)
-    step durations, and the page faults of each step; CPU time does not count the time the
-    thread waits for a core."""
+    step durations, and the page faults of each step, after the first ``skip`` steps; CPU time
+    does not count the time the thread waits for a core."""
+    times = clock.times[skip:]
     return dict(rate=_steady_rate(times, batch_size), durations=_step_durations(times),
-                cpu_durations=_step_durations(cpu_times), faults=_step_durations(faults),
-                **extra)
+                cpu_durations=_step_durations(clock.cpu_times[skip:]),
+                faults=_step_durations(clock.faults[skip:]), **extra)
 
 
 def _plain_loop(params, rows, loss_fn, args, device, fused: bool = False) -> dict:
@@ -197,7 +202,7 @@ def _plain_loop(params, rows, loss_fn, args, device, fused: bool = False) -> dic
         generator = torch.Generator().manual_seed(args.seed)
         order = torch.randperm(n, generator=generator).to(device)
         pyro.set_rng_seed(args.seed)
-        times, cpu_times, faults, losses = [], [], [], []
+        clock, losses = _StepClock(), []
         for start in range(0, n, args.batch_size):
             xb = x.index_select(0, order[start:start + args.batch_size])
             optimizer.zero_grad(set_to_none=True)
@@ -205,10 +210,8 @@ def _plain_loop(params, rows, loss_fn, args, device, fused: bool = False) -> dic
             loss.backward()
             optimizer.step()
             losses.append(loss.item())
-            times.append(time.perf_counter())
-            cpu_times.append(time.thread_time())
-            faults.append(common.page_faults())
-    return _timing(times, cpu_times, faults, args.batch_size, end_to_end=n / sw.seconds,
+            clock.tick()
+    return _timing(clock, args.batch_size, end_to_end=n / sw.seconds,
                    last_loss=losses[-1])
 
 
@@ -221,7 +224,7 @@ def run_fit(pair, rows, objective, args, device, cuda_graph: bool = False) -> di
         result = fit(pair, rows, objective=objective, epochs=1, batch_size=args.batch_size,
                      lr=args.lr, seed=args.seed, device=device, progress=False,
                      callbacks=[clock], cuda_graph=cuda_graph)
-    return _timing(clock.times, clock.cpu_times, clock.faults, args.batch_size,
+    return _timing(clock, args.batch_size,
                    end_to_end=rows.shape[0] / sw.seconds, last_loss=result.step_losses[-1])
 
 
@@ -257,7 +260,7 @@ def run_hand_graph(mirror, rows, spec, args, device, warmup: int = 3) -> dict:
 
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
-        times, cpu_times, faults, losses, graph, static_loss = [], [], [], [], None, None
+        clock, losses, graph, static_loss = _StepClock(), [], None, None
         for i, idx in enumerate(batches):
             static_x.copy_(x.index_select(0, idx))
             if i < warmup or static_x.shape[0] != idx.shape[0]:
@@ -272,10 +275,8 @@ def run_hand_graph(mirror, rows, spec, args, device, warmup: int = 3) -> dict:
                         static_loss = step()
                 graph.replay()
                 losses.append(static_loss.item())
-            times.append(time.perf_counter())
-            cpu_times.append(time.thread_time())
-            faults.append(common.page_faults())
-    return _timing(times[warmup:], cpu_times[warmup:], faults[warmup:], args.batch_size,
+            clock.tick()
+    return _timing(clock, args.batch_size, skip=warmup,
                    end_to_end=n / sw.seconds, last_loss=losses[-1])
 
 
@@ -294,13 +295,11 @@ def run_pyro_svi(user, rows, spec, args, device) -> dict:
         svi = pyro.infer.SVI(user.model, user.guide, pyro.optim.Adam({"lr": args.lr}), loss)
         order = torch.randperm(n, generator=torch.Generator().manual_seed(args.seed)).to(device)
         pyro.set_rng_seed(args.seed)
-        times, cpu_times, faults, losses = [], [], [], []
+        clock, losses = _StepClock(), []
         for start in range(0, n, args.batch_size):
             losses.append(svi.step(x.index_select(0, order[start:start + args.batch_size])))
-            times.append(time.perf_counter())
-            cpu_times.append(time.thread_time())
-            faults.append(common.page_faults())
-    return _timing(times, cpu_times, faults, args.batch_size, end_to_end=n / sw.seconds,
+            clock.tick()
+    return _timing(clock, args.batch_size, end_to_end=n / sw.seconds,
                    last_loss=losses[-1])
 
 

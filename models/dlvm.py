@@ -67,7 +67,6 @@ from .priors import PRIOR_NAMES, Prior, StandardNormalPrior, make_prior
 __all__ = ["DLVM", "LectureDLVM"]
 
 
-
 def _hidden_tuple(hidden, what: str) -> Tuple[int, ...]:
     if isinstance(hidden, int):
         hidden = (hidden,)
