@@ -21,6 +21,7 @@ or guide builds.
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import pyro.distributions as dist
 import torch
@@ -28,7 +29,7 @@ import torch.nn.functional as F
 from pyro.distributions.util import sum_rightmost
 
 __all__ = ["DiagonalNormal", "StandardNormal", "BinaryBernoulli", "EventIndependent",
-           "IndependentBinaryBernoulli"]
+           "IndependentDiagonalNormal", "IndependentBinaryBernoulli", "normal_event_log_prob"]
 
 _HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 
@@ -82,13 +83,32 @@ class DiagonalNormal(_ShapeKeepingBase, dist.Normal):
 
     .. math:: \\log \\mathcal{N}(x; \\mu, \\sigma) = -\\tfrac12 \\Big(\\frac{x - \\mu}{\\sigma}\\Big)^2
               - \\log \\sigma - \\tfrac12 \\log 2\\pi .
+
+    ``to_event(n)`` returns an :class:`IndependentDiagonalNormal`, which sums the last
+    dimension inside one autograd node; ``expand`` (a particle plate's, say) remembers the
+    parameters before the expansion, so that this sum broadcasts them instead of reading the
+    expanded copies (``log sigma`` is then taken once per row, not once per particle).
     """
+
+    def expand(self, batch_shape, _instance=None):
+        new = super().expand(batch_shape, _instance=_instance)
+        if new is not self:
+            new._unexpanded = self.unexpanded_params
+        return new
+
+    @property
+    def unexpanded_params(self):
+        """``(loc, scale)`` as given (broadcast together), before any ``expand``."""
+        return getattr(self, "_unexpanded", None) or (self.loc, self.scale)
 
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
         if self._validate_args:
             self._validate_sample(value)
         standardized = (value - self.loc) / self.scale
         return -0.5 * standardized * standardized - self.scale.log() - _HALF_LOG_2PI
+
+    def to_event(self, reinterpreted_batch_ndims=None):
+        return _reinterpreted(self, reinterpreted_batch_ndims, IndependentDiagonalNormal)
 
 
 class StandardNormal(_ShapeKeepingBase, dist.Normal):
@@ -99,15 +119,121 @@ class StandardNormal(_ShapeKeepingBase, dist.Normal):
     .. math:: \\log \\mathcal{N}(z; 0, 1) = -\\tfrac12 z^2 - \\tfrac12 \\log 2\\pi .
 
     With Pyro's validation on, ``log_prob`` checks that the location is 0 and the scale 1.
+    ``to_event(n)`` returns an :class:`IndependentDiagonalNormal` (its event sum in one
+    autograd node).
     """
 
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
         if self._validate_args:
             self._validate_sample(value)
-            if not (bool((self.loc == 0).all()) and bool((self.scale == 1).all())):
-                raise ValueError("StandardNormal must be built with loc 0 and scale 1; use "
-                                 "DiagonalNormal (or Normal) for other values")
+            self._check_standard()
         return -0.5 * value * value - _HALF_LOG_2PI
+
+    def _check_standard(self) -> None:
+        if not (bool((self.loc == 0).all()) and bool((self.scale == 1).all())):
+            raise ValueError("StandardNormal must be built with loc 0 and scale 1; use "
+                             "DiagonalNormal (or Normal) for other values")
+
+    @property
+    def unexpanded_params(self):
+        return None, None
+
+    def to_event(self, reinterpreted_batch_ndims=None):
+        return _reinterpreted(self, reinterpreted_batch_ndims, IndependentDiagonalNormal)
+
+
+class IndependentDiagonalNormal(EventIndependent):
+    """``DiagonalNormal(loc, scale).to_event(n)`` (or ``StandardNormal``'s): Pyro's
+    ``Independent`` whose ``log_prob`` sums the last dimension in one autograd node
+    (:func:`normal_event_log_prob`) on the parameters before any particle-plate expansion.
+    Values of another shape than the distribution's (broadcasting against it) take the
+    elementwise formula."""
+
+    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        base = self.base_dist
+        if not (torch.is_tensor(value) and value.shape == base.batch_shape and value.dim() > 0):
+            return super().log_prob(value)
+        if self._validate_args:
+            base._validate_sample(value)
+            if isinstance(base, StandardNormal):
+                base._check_standard()
+        loc, scale = base.unexpanded_params
+        log_p = normal_event_log_prob(value, loc, scale)
+        return sum_rightmost(log_p, self.reinterpreted_batch_ndims - 1)
+
+
+def normal_event_log_prob(value: torch.Tensor, loc: Optional[torch.Tensor] = None,
+                          scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """:math:`\\sum_j \\log \\mathcal N(x_j; \\mu_j, \\sigma_j) = -\\tfrac12 \\lVert s \\rVert^2
+    - \\sum_j \\log\\sigma_j - \\tfrac d2 \\log 2\\pi`, :math:`s = (x - \\mu) / \\sigma`, over the
+    last dimension (``loc`` and ``scale`` broadcasting into ``value``; None: 0 and 1).
+
+    Its gradients, :math:`\\partial/\\partial x = -s/\\sigma`, :math:`\\partial/\\partial\\mu =
+    s/\\sigma` and :math:`\\partial/\\partial\\sigma = (s^2 - 1)/\\sigma`, are formed from one saved
+    buffer (torch's autograd of the elementwise formula keeps and builds several more).
+    Higher-order gradients are supported; under ``torch.func`` transforms, for tensor
+    subclasses (``__torch_function__``) and for a scale broadcasting along the last
+    dimension, the plain formula (same numbers) is used.
+    """
+    tensors = tuple(t for t in (value, loc, scale) if t is not None)
+    if ((scale is not None and scale.shape[-1:] != value.shape[-1:])
+            or torch._C._are_functorch_transforms_active()
+            or torch.overrides.has_torch_function(tensors)):
+        standardized = value if loc is None else value - loc
+        standardized = standardized if scale is None else standardized / scale
+        log_det = 0.0 if scale is None else scale.log().sum(-1)
+        return -0.5 * (standardized * standardized).sum(-1) - log_det \
+            - value.shape[-1] * _HALF_LOG_2PI
+    if loc is None and scale is None:
+        return _StandardNormalEventLogProb.apply(value)
+    if loc is None:
+        loc = torch.zeros((), dtype=value.dtype, device=value.device)
+    if scale is None:
+        scale = torch.ones(value.shape[-1:], dtype=value.dtype, device=value.device)
+    return _NormalEventLogProb.apply(value, loc, scale)
+
+
+class _StandardNormalEventLogProb(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, value):
+        ctx.save_for_backward(value)
+        return torch.linalg.vecdot(value, value).mul_(-0.5).sub_(value.shape[-1] * _HALF_LOG_2PI)
+
+    @staticmethod
+    def backward(ctx, grad):
+        value, = ctx.saved_tensors
+        return value * grad.neg().unsqueeze(-1)
+
+
+class _NormalEventLogProb(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, value, loc, scale):
+        standardized = torch.sub(value, loc).div_(scale)
+        ctx.save_for_backward(value, loc, scale, standardized)
+        log_det = scale.log().sum(-1).add_(value.shape[-1] * _HALF_LOG_2PI)
+        return torch.linalg.vecdot(standardized, standardized).mul_(-0.5).sub_(log_det)
+
+    @staticmethod
+    def backward(ctx, grad):
+        value, loc, scale, standardized = ctx.saved_tensors
+        grad = grad.unsqueeze(-1)
+        if torch.is_grad_enabled():  # create_graph: differentiable in the inputs
+            standardized = (value - loc) / scale
+            weighted = standardized / scale * grad
+        else:
+            weighted = torch.div(standardized, scale).mul_(grad)  # s g / sigma
+        grad_value = (-weighted).sum_to_size(value.shape) if ctx.needs_input_grad[0] else None
+        grad_loc = weighted.sum_to_size(loc.shape) if ctx.needs_input_grad[1] else None
+        grad_scale = None
+        if ctx.needs_input_grad[2]:
+            # sum over the broadcast rows of g (s^2 - 1) / sigma, the -1 term summed first;
+            # in place unless the location's gradient is that same buffer
+            in_place = not torch.is_grad_enabled() and (grad_loc is None
+                                                        or loc.shape != weighted.shape)
+            squares = weighted.mul_(standardized) if in_place else weighted * standardized
+            grad_scale = squares.sum_to_size(scale.shape) \
+                - grad.sum_to_size(scale.shape[:-1] + (1,)) / scale
+        return grad_value, grad_loc, grad_scale
 
 
 class BinaryBernoulli(_ExpandKeepsShape, dist.Bernoulli):

@@ -12,8 +12,9 @@ import torch.nn.functional as F
 
 import pyro_lvm.models.distributions as distributions
 from pyro_lvm.models.distributions import (BinaryBernoulli, DiagonalNormal, EventIndependent,
-                                            IndependentBinaryBernoulli, StandardNormal,
-                                            binary_bernoulli_event_log_prob)
+                                            IndependentBinaryBernoulli, IndependentDiagonalNormal,
+                                            StandardNormal, binary_bernoulli_event_log_prob,
+                                            normal_event_log_prob)
 
 
 def test_diagonal_normal_log_prob_and_gradients_equal_torch_normal():
@@ -238,20 +239,21 @@ def test_small_or_unaligned_logits_take_the_plain_formula():
 def test_expand_to_the_same_shape_returns_the_distribution_and_pyros_plates_keep_it():
     loc, scale = torch.randn(6, 3), torch.rand(6, 3) + 0.1
     q = DiagonalNormal(loc, scale).to_event(1)
-    assert type(q) is EventIndependent and q.expand([6]) is q
+    assert type(q) is IndependentDiagonalNormal and isinstance(q, EventIndependent)
+    assert q.expand([6]) is q
     assert q.base_dist.expand([6, 3]) is q.base_dist
     wider = q.expand([4, 6])
-    assert type(wider) is EventIndependent and type(wider.base_dist) is DiagonalNormal
+    assert type(wider) is IndependentDiagonalNormal and type(wider.base_dist) is DiagonalNormal
     assert wider.batch_shape == (4, 6) and wider is not q
     value = torch.randn(4, 6, 3)
     torch.testing.assert_close(wider.log_prob(value),
                                dist.Normal(loc, scale).to_event(1).log_prob(value))
     p = StandardNormal(torch.zeros(3), torch.ones(3)).to_event(1)
-    assert type(p) is EventIndependent and p.expand([]) is p
-    assert type(p.expand([6])) is EventIndependent and p.expand([6]).batch_shape == (6,)
+    assert type(p) is IndependentDiagonalNormal and p.expand([]) is p
+    assert type(p.expand([6])) is IndependentDiagonalNormal and p.expand([6]).batch_shape == (6,)
     b = BinaryBernoulli(logits=torch.randn(6, 5)).to_event(1)
     assert b.expand([6]) is b and b.base_dist.expand([6, 5]) is b.base_dist
-    assert type(q.to_event(1)) is EventIndependent and q.to_event(1).event_shape == (6, 3)
+    assert type(q.to_event(1)) is IndependentDiagonalNormal and q.to_event(1).event_shape == (6, 3)
     assert q.to_event(-1) is q.base_dist
     with pytest.raises(ValueError, match="Cannot remove event dimensions"):
         DiagonalNormal(loc, scale).to_event(-1)
@@ -282,3 +284,93 @@ def test_chunked_bernoulli_gradient_takes_an_expanded_incoming_gradient(monkeypa
     monkeypatch.setattr(distributions, "_CHUNK_BYTES", 1 << 40)
     assert distributions._particle_blocks(logits.detach(), x) is None  # positive control
     assert torch.equal(chunked, grad())
+
+
+# (loc shape, scale shape, value shape, expand the to_event(1) distribution to)
+NORMAL_SHAPES = [((3, 4), (3, 4), (5, 3, 4), (5, 3)),      # a particle plate over a data plate
+                 ((3, 4), (4,), (5, 3, 4), (5, 3)),        # one scale for every row
+                 ((3, 4), (3, 4), (3, 4), None),           # no expansion
+                 ((3, 1), (3, 4), (2, 3, 4), (2, 3)),      # a location broadcasting over events
+                 ((3, 4), (3, 1), (2, 3, 4), (2, 3))]      # a scale broadcasting over events
+
+
+@pytest.mark.parametrize("loc_shape,scale_shape,value_shape,expand", NORMAL_SHAPES)
+def test_normal_event_log_prob_value_gradients_and_second_derivatives_equal_torch(
+        loc_shape, scale_shape, value_shape, expand):
+    torch.manual_seed(0)
+    loc = torch.randn(loc_shape, dtype=torch.float64, requires_grad=True)
+    scale = (torch.rand(scale_shape, dtype=torch.float64) + 0.5).requires_grad_()
+    value = torch.randn(value_shape, dtype=torch.float64, requires_grad=True)
+    ours = DiagonalNormal(loc, scale).to_event(1)
+    ours = ours if expand is None else ours.expand(expand)
+    assert type(ours) is IndependentDiagonalNormal
+    reference = dist.Normal(loc, scale).to_event(1)
+    reference = reference if expand is None else reference.expand(expand)
+    a, b = ours.log_prob(value), reference.log_prob(value)
+    torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    inputs = (value, loc, scale)
+    weights = torch.randn(a.shape, dtype=torch.float64)
+    first_a = torch.autograd.grad((a * weights).sum(), inputs, create_graph=True)
+    first_b = torch.autograd.grad((b * weights).sum(), inputs, create_graph=True)
+    for x, y in zip(first_a, first_b):
+        torch.testing.assert_close(x, y, rtol=1e-10, atol=1e-12)
+    for x, y in zip(first_a, first_b):  # second derivatives through every input
+        for u, v in zip(torch.autograd.grad(x.pow(2).sum(), inputs, retain_graph=True),
+                        torch.autograd.grad(y.pow(2).sum(), inputs, retain_graph=True)):
+            torch.testing.assert_close(u, v, rtol=1e-10, atol=1e-12)
+    assert torch.autograd.gradcheck(normal_event_log_prob, inputs)
+    assert torch.autograd.gradgradcheck(normal_event_log_prob, inputs)
+
+
+def test_normal_event_log_prob_uses_the_parameters_before_the_particle_expansion():
+    loc = torch.randn(6, 3, requires_grad=True)
+    scale = (torch.rand(6, 3) + 0.5).requires_grad_()
+    wide = DiagonalNormal(loc, scale).to_event(1).expand([50, 6])
+    assert wide.base_dist.scale.stride()[0] == 0              # torch's expanded view...
+    unexpanded_loc, unexpanded_scale = wide.base_dist.unexpanded_params
+    assert unexpanded_loc is loc and unexpanded_scale is scale  # ...and what the sum reads
+    assert wide.expand([7, 50, 6]).base_dist.unexpanded_params[1] is scale
+    z = wide.rsample()
+    log_q = wide.log_prob(z)
+    assert log_q.shape == (50, 6)
+    torch.testing.assert_close(log_q, dist.Normal(loc, scale).to_event(1).log_prob(z))
+    # a value narrower than the distribution broadcasts as torch's does (plain formula)
+    narrow = torch.randn(6, 3)
+    torch.testing.assert_close(wide.log_prob(narrow),
+                               dist.Normal(loc, scale).to_event(1).expand([50, 6]).log_prob(narrow))
+    # to_event(2): the extra event dimension is summed after the event density
+    two = DiagonalNormal(loc, scale).to_event(2)
+    torch.testing.assert_close(two.log_prob(z), dist.Normal(loc, scale).to_event(2).log_prob(z))
+
+
+def test_standard_normal_event_log_prob_and_its_parameter_check():
+    z = torch.randn(5, 3, 4, dtype=torch.float64, requires_grad=True)
+    prior = StandardNormal(torch.zeros(3, 4, dtype=torch.float64),
+                           torch.ones(3, 4, dtype=torch.float64)).to_event(1).expand([5, 3])
+    reference = dist.Normal(0.0, 1.0).expand([5, 3, 4]).to_event(1)
+    torch.testing.assert_close(prior.log_prob(z), reference.log_prob(z), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(torch.autograd.grad(prior.log_prob(z).sum(), z)[0], -z)
+    assert torch.autograd.gradgradcheck(normal_event_log_prob, (z,))
+    wrong = StandardNormal(torch.ones(3, 4), torch.ones(3, 4)).to_event(1)
+    with pyro.validation_enabled(True), pytest.raises(ValueError, match="loc 0 and scale 1"):
+        wrong.log_prob(torch.zeros(3, 4))
+
+
+def test_normal_event_log_prob_keeps_functorch_and_tensor_subclass_graphs():
+    loc, scale = torch.randn(4, 3), torch.rand(4, 3) + 0.5
+    value = torch.randn(4, 3)
+
+    def density(v):
+        return normal_event_log_prob(v, loc, scale).sum()
+
+    torch.testing.assert_close(torch.func.grad(density)(value), -(value - loc) / scale ** 2)
+
+    class Tagged(torch.Tensor):
+        pass
+
+    tagged = value.clone().as_subclass(Tagged).requires_grad_()
+    out = normal_event_log_prob(tagged, loc, scale)
+    assert isinstance(out, Tagged) and out.grad_fn is not None
+    assert "_NormalEventLogProb" not in type(out.grad_fn).__name__  # the plain formula
+    torch.testing.assert_close(out.as_subclass(torch.Tensor),
+                               dist.Normal(loc, scale).to_event(1).log_prob(value))
