@@ -7,12 +7,14 @@ written with fewer elementwise passes. Inside a particle plate the guide's and t
 densities are evaluated on ``[K, batch, d]`` tensors, where torch's general formula
 (``-(x - loc)^2 / (2 scale^2) - log scale - log sqrt(2 pi)``, the variance and the log of the
 expanded scale each materialized) is a visible part of an IWAE step with large ``K``
-(``benchmarks/README.md``, section 1); so is the Bernoulli likelihood over the
-``[K, batch, p]`` decoder logits, whose event sum :class:`BinaryBernoulli` computes in one
-autograd node (:class:`IndependentBinaryBernoulli`), for large logits a cache-sized chunk at
-a time (no temporary as large as the logits). These are the single definition every path
-uses: fitting, evaluation and diagnostics all call ``log_prob`` of the distribution the model
-or guide builds.
+(``benchmarks/README.md``, section 1), and so is the Bernoulli likelihood over the
+``[K, batch, p]`` decoder logits. So ``to_event`` of the Normals sums the event in one
+autograd node on the parameters as they were before the particle plate's expansion
+(:class:`IndependentDiagonalNormal`), and the Bernoulli's event sum is one autograd node
+(:class:`IndependentBinaryBernoulli`), for large logits a cache-sized chunk at a time (no
+temporary as large as the logits). These are the single definition every path uses:
+fitting, evaluation and diagnostics all call ``log_prob`` of the distribution the model or
+guide builds.
 
 ``expand`` to the batch shape a distribution already has returns the distribution itself
 (Pyro's plates expand every sample site's distribution to the plates' shape), and
