@@ -173,19 +173,18 @@ def normal_event_log_prob(value: torch.Tensor, loc: Optional[torch.Tensor] = Non
     Its gradients, :math:`\\partial/\\partial x = -s/\\sigma`, :math:`\\partial/\\partial\\mu =
     s/\\sigma` and :math:`\\partial/\\partial\\sigma = (s^2 - 1)/\\sigma`, are formed from one saved
     buffer (torch's autograd of the elementwise formula keeps and builds several more).
-    Higher-order gradients are supported; under ``torch.func`` transforms, for tensor
-    subclasses (``__torch_function__``) and for a scale broadcasting along the last
-    dimension, the plain formula (same numbers) is used.
+    Higher-order gradients and forward-mode differentiation are supported; under
+    ``torch.func`` transforms, for tensor subclasses (``__torch_function__``), for a scale
+    broadcasting along the last dimension and for a value narrower than the parameters, the
+    plain formula (same numbers) is used.
     """
     tensors = tuple(t for t in (value, loc, scale) if t is not None)
-    if ((scale is not None and scale.shape[-1:] != value.shape[-1:])
+    if (not all(_broadcasts_into(t.shape, value.shape) for t in tensors[1:])
+            or (scale is not None and scale.shape[-1:] != value.shape[-1:])
             or torch._C._are_functorch_transforms_active()
             or torch.overrides.has_torch_function(tensors)):
-        standardized = value if loc is None else value - loc
-        standardized = standardized if scale is None else standardized / scale
-        log_det = 0.0 if scale is None else scale.log().sum(-1)
-        return -0.5 * (standardized * standardized).sum(-1) - log_det \
-            - value.shape[-1] * _HALF_LOG_2PI
+        return _plain_normal_event_log_prob(value, loc, scale,
+                                            torch.broadcast_shapes(*(t.shape for t in tensors)))
     if loc is None and scale is None:
         return _StandardNormalEventLogProb.apply(value)
     if loc is None:
@@ -195,11 +194,27 @@ def normal_event_log_prob(value: torch.Tensor, loc: Optional[torch.Tensor] = Non
     return _NormalEventLogProb.apply(value, loc, scale)
 
 
+def _plain_normal_event_log_prob(value, loc, scale, shape: torch.Size) -> torch.Tensor:
+    """The elementwise formula of :func:`normal_event_log_prob`, every input broadcast to
+    ``shape`` (a scale or value narrower than the event counts once per event element)."""
+    standardized = value if loc is None else value - loc
+    standardized = standardized if scale is None else standardized / scale
+    squares = (standardized * standardized).expand(shape).sum(-1)
+    log_det = 0.0 if scale is None else scale.log().expand(shape).sum(-1)
+    return -0.5 * squares - log_det - shape[-1] * _HALF_LOG_2PI
+
+
 class _StandardNormalEventLogProb(torch.autograd.Function):
     @staticmethod
     def forward(ctx, value):
         ctx.save_for_backward(value)
+        ctx.save_for_forward(value)
         return torch.linalg.vecdot(value, value).mul_(-0.5).sub_(value.shape[-1] * _HALF_LOG_2PI)
+
+    @staticmethod
+    def jvp(ctx, value_tangent):
+        value, = ctx.saved_tensors
+        return -torch.linalg.vecdot(value, value_tangent)
 
     @staticmethod
     def backward(ctx, grad):
@@ -212,8 +227,22 @@ class _NormalEventLogProb(torch.autograd.Function):
     def forward(ctx, value, loc, scale):
         standardized = torch.sub(value, loc).div_(scale)
         ctx.save_for_backward(value, loc, scale, standardized)
+        ctx.save_for_forward(scale, standardized)
         log_det = scale.log().sum(-1).add_(value.shape[-1] * _HALF_LOG_2PI)
         return torch.linalg.vecdot(standardized, standardized).mul_(-0.5).sub_(log_det)
+
+    @staticmethod
+    def jvp(ctx, value_tangent, loc_tangent, scale_tangent):
+        scale, standardized = ctx.saved_tensors
+        weighted = standardized / scale
+        out = torch.zeros(standardized.shape[:-1], dtype=scale.dtype, device=scale.device)
+        if value_tangent is not None:
+            out = out - torch.linalg.vecdot(weighted, value_tangent)
+        if loc_tangent is not None:
+            out = out + torch.linalg.vecdot(weighted, loc_tangent)
+        if scale_tangent is not None:
+            out = out + torch.linalg.vecdot(weighted * standardized - 1 / scale, scale_tangent)
+        return out
 
     @staticmethod
     def backward(ctx, grad):
@@ -379,7 +408,20 @@ class _BinaryBernoulliEventLogProb(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, value):
         ctx.save_for_backward(logits, value)
+        ctx.save_for_forward(logits, value)
         return _binary_event_sum(logits, value)
+
+    @staticmethod
+    def jvp(ctx, logits_tangent, value_tangent):
+        logits, value = ctx.saved_tensors
+        out = torch.zeros(torch.broadcast_shapes(logits.shape, value.shape)[:-1],
+                          dtype=logits.dtype, device=logits.device)
+        if logits_tangent is not None:
+            out = out + torch.linalg.vecdot(value - torch.sigmoid(logits), logits_tangent)
+        if value_tangent is not None:  # d/dx log sigmoid((2x - 1) eta) = 2 eta sigmoid(-(...))
+            signed = (2 * value - 1) * logits
+            out = out + torch.linalg.vecdot(2 * logits * torch.sigmoid(-signed), value_tangent)
+        return out
 
     @staticmethod
     def backward(ctx, grad):

@@ -374,3 +374,59 @@ def test_normal_event_log_prob_keeps_functorch_and_tensor_subclass_graphs():
     assert "_NormalEventLogProb" not in type(out.grad_fn).__name__  # the plain formula
     torch.testing.assert_close(out.as_subclass(torch.Tensor),
                                dist.Normal(loc, scale).to_event(1).log_prob(value))
+
+
+@pytest.mark.parametrize("param_shape,expand", [((), (4,)), ((), (3, 4)), ((3, 1), (3, 4))])
+def test_normal_event_log_prob_counts_a_broadcast_scale_once_per_event_element(param_shape,
+                                                                             expand):
+    # Normal(0., s).expand([d]).to_event(1): the unexpanded scale is narrower than the event
+    loc = torch.randn(param_shape, dtype=torch.float64, requires_grad=True)
+    scale = (torch.rand(param_shape, dtype=torch.float64) + 0.5).requires_grad_()
+    value = torch.randn(expand, dtype=torch.float64)
+    ours = DiagonalNormal(loc, scale).expand(expand).to_event(1).log_prob(value)
+    reference = dist.Normal(loc, scale).expand(expand).to_event(1).log_prob(value)
+    torch.testing.assert_close(ours, reference, rtol=1e-12, atol=1e-12)
+    for x, y in zip(torch.autograd.grad(ours.sum(), (loc, scale)),
+                    torch.autograd.grad(reference.sum(), (loc, scale))):
+        torch.testing.assert_close(x, y, rtol=1e-10, atol=1e-12)
+    # a value narrower than the parameters broadcasts up, as in torch
+    narrow = torch.randn(1, dtype=torch.float64)
+    torch.testing.assert_close(
+        normal_event_log_prob(narrow, torch.zeros(4, dtype=torch.float64),
+                              torch.full((4,), 2.0, dtype=torch.float64)),
+        dist.Normal(torch.zeros(4, dtype=torch.float64), 2.0).to_event(1).log_prob(narrow))
+
+
+def test_forward_mode_derivatives_of_the_event_densities_equal_torchs():
+    import torch.autograd.forward_ad as forward_ad
+
+    def jvp(fn, *pairs):
+        with forward_ad.dual_level():
+            out = fn(*[forward_ad.make_dual(x, t) for x, t in pairs])
+            return forward_ad.unpack_dual(out).tangent
+
+    torch.manual_seed(0)
+    f64 = dict(dtype=torch.float64)
+    loc, scale = torch.randn(3, 4, **f64), torch.rand(3, 4, **f64) + 0.5
+    value = torch.randn(5, 3, 4, **f64)
+    pairs = [(value, torch.randn_like(value)), (loc, torch.randn_like(loc)),
+             (scale, torch.randn_like(scale))]
+    torch.testing.assert_close(
+        jvp(lambda v, m, s: DiagonalNormal(m, s).to_event(1).expand([5, 3]).log_prob(v), *pairs),
+        jvp(lambda v, m, s: dist.Normal(m, s).to_event(1).expand([5, 3]).log_prob(v), *pairs))
+    zeros, ones = torch.zeros(3, 4, **f64), torch.ones(3, 4, **f64)
+    torch.testing.assert_close(
+        jvp(lambda v: StandardNormal(zeros, ones).to_event(1).expand([5, 3]).log_prob(v),
+            pairs[0]),
+        jvp(lambda v: dist.Normal(zeros, ones).to_event(1).expand([5, 3]).log_prob(v), pairs[0]))
+    logits, x = torch.randn(5, 3, 4, **f64), (torch.rand(3, 4) < 0.5).double()
+    tangents = (torch.randn_like(logits), torch.randn_like(x))
+    torch.testing.assert_close(
+        jvp(lambda eta: BinaryBernoulli(logits=eta).to_event(1).log_prob(x),
+            (logits, tangents[0])),
+        jvp(lambda eta: dist.Bernoulli(logits=eta).to_event(1).log_prob(x),
+            (logits, tangents[0])))
+    torch.testing.assert_close(  # a tangent on the value too: the elementwise formula's
+        jvp(binary_bernoulli_event_log_prob, (logits, tangents[0]), (x, tangents[1])),
+        jvp(lambda eta, v: F.logsigmoid((2 * v - 1) * eta).sum(-1), (logits, tangents[0]),
+            (x, tangents[1])))
