@@ -28,6 +28,7 @@ export PYTHONUNBUFFERED=1
 SUMMARY="$OUT_DIR/SUMMARY.md"
 PY="${PYTHON:-$(command -v python || command -v python3)}"
 BUDGET="${GPU_CHECK_SECONDS:-400}"
+LIMIT_IMPORTS=60
 
 if [[ $DRY == 1 ]]; then
   DEVICE=cpu
@@ -35,7 +36,7 @@ if [[ $DRY == 1 ]]; then
   EVAL="--smoke --threads 1"
   MNIST="--smoke --threads 1"
   TESTS=(--collect-only -q -m cuda)
-  LIMIT_IMPORTS=60; LIMIT_TESTS=120; LIMIT_TRAIN=180; LIMIT_EVAL=120; LIMIT_MNIST=180
+  LIMIT_TESTS=120; LIMIT_TRAIN=180; LIMIT_EVAL=120; LIMIT_MNIST=180
   BUDGET="${GPU_CHECK_SECONDS:-900}"
   BATCHES=(100)
 else
@@ -44,7 +45,7 @@ else
   EVAL="--rows 1000 --num-samples 5000 --repeats 2"
   MNIST="--architecture burda --epochs ${MNIST_EPOCHS:-3280} --time-limit ${MNIST_SECONDS:-85} --eval-rows 2000 --eval-samples 5000 --no-progress"
   TESTS=(-q -m cuda -p no:cacheprovider)
-  LIMIT_IMPORTS=60; LIMIT_TESTS=75; LIMIT_TRAIN=80; LIMIT_EVAL=45; LIMIT_MNIST=120
+  LIMIT_TESTS=75; LIMIT_TRAIN=80; LIMIT_EVAL=45; LIMIT_MNIST=120
   BATCHES=(100 1000)
 fi
 

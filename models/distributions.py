@@ -106,8 +106,7 @@ class DiagonalNormal(_ShapeKeepingBase, dist.Normal):
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
         if self._validate_args:
             self._validate_sample(value)
-        standardized = (value - self.loc) / self.scale
-        return -0.5 * standardized * standardized - self.scale.log() - _HALF_LOG_2PI
+        return _normal_log_density(value, self.loc, self.scale)
 
     def to_event(self, reinterpreted_batch_ndims=None):
         return _reinterpreted(self, reinterpreted_batch_ndims, IndependentDiagonalNormal)
@@ -128,10 +127,10 @@ class StandardNormal(_ShapeKeepingBase, dist.Normal):
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
         if self._validate_args:
             self._validate_sample(value)
-            self._check_standard()
-        return -0.5 * value * value - _HALF_LOG_2PI
+        return _normal_log_density(value)
 
-    def _check_standard(self) -> None:
+    def _validate_sample(self, value: torch.Tensor) -> None:
+        super()._validate_sample(value)
         if not (bool((self.loc == 0).all()) and bool((self.scale == 1).all())):
             raise ValueError("StandardNormal must be built with loc 0 and scale 1; use "
                              "DiagonalNormal (or Normal) for other values")
@@ -157,8 +156,6 @@ class IndependentDiagonalNormal(EventIndependent):
             return super().log_prob(value)
         if self._validate_args:
             base._validate_sample(value)
-            if isinstance(base, StandardNormal):
-                base._check_standard()
         loc, scale = base.unexpanded_params
         log_p = normal_event_log_prob(value, loc, scale)
         return sum_rightmost(log_p, self.reinterpreted_batch_ndims - 1)
@@ -181,10 +178,9 @@ def normal_event_log_prob(value: torch.Tensor, loc: Optional[torch.Tensor] = Non
     tensors = tuple(t for t in (value, loc, scale) if t is not None)
     if (not all(_broadcasts_into(t.shape, value.shape) for t in tensors[1:])
             or (scale is not None and scale.shape[-1:] != value.shape[-1:])
-            or torch._C._are_functorch_transforms_active()
-            or torch.overrides.has_torch_function(tensors)):
-        return _plain_normal_event_log_prob(value, loc, scale,
-                                            torch.broadcast_shapes(*(t.shape for t in tensors)))
+            or _needs_plain_autograd(tensors)):
+        # every element of the broadcast shape counts, a narrower scale's log too
+        return _normal_log_density(value, loc, scale).sum(-1)
     if loc is None and scale is None:
         return _StandardNormalEventLogProb.apply(value)
     if loc is None:
@@ -194,14 +190,24 @@ def normal_event_log_prob(value: torch.Tensor, loc: Optional[torch.Tensor] = Non
     return _NormalEventLogProb.apply(value, loc, scale)
 
 
-def _plain_normal_event_log_prob(value, loc, scale, shape: torch.Size) -> torch.Tensor:
-    """The elementwise formula of :func:`normal_event_log_prob`, every input broadcast to
-    ``shape`` (a scale or value narrower than the event counts once per event element)."""
+def _normal_log_density(value: torch.Tensor, loc: Optional[torch.Tensor] = None,
+                        scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The elementwise :math:`\\log \\mathcal N(x; \\mu, \\sigma)` (None: 0 and 1), in the
+    inputs' broadcast shape: the one formula behind :class:`DiagonalNormal`,
+    :class:`StandardNormal` and the plain path of :func:`normal_event_log_prob`."""
     standardized = value if loc is None else value - loc
     standardized = standardized if scale is None else standardized / scale
-    squares = (standardized * standardized).expand(shape).sum(-1)
-    log_det = 0.0 if scale is None else scale.log().expand(shape).sum(-1)
-    return -0.5 * squares - log_det - shape[-1] * _HALF_LOG_2PI
+    if scale is None:
+        return -0.5 * standardized * standardized - _HALF_LOG_2PI
+    return -0.5 * standardized * standardized - scale.log() - _HALF_LOG_2PI
+
+
+def _needs_plain_autograd(tensors) -> bool:
+    """Whether a custom autograd function would lose something: under ``torch.func``
+    transforms, and for tensor subclasses (``__torch_function__``, e.g. Pyro's
+    ``ProvenanceTensor``), which a custom function would cut from the graph."""
+    return (torch._C._are_functorch_transforms_active()
+            or torch.overrides.has_torch_function(tensors))
 
 
 class _StandardNormalEventLogProb(torch.autograd.Function):
@@ -316,8 +322,7 @@ def binary_bernoulli_event_log_prob(logits: torch.Tensor, value: torch.Tensor) -
     """
     if not torch.is_tensor(value) or not value.is_floating_point():
         value = torch.as_tensor(value, dtype=logits.dtype, device=logits.device)
-    if (value.requires_grad or torch._C._are_functorch_transforms_active()
-            or torch.overrides.has_torch_function((logits, value))):
+    if value.requires_grad or _needs_plain_autograd((logits, value)):
         # e.g. Pyro's ProvenanceTensor (TraceGraph_ELBO with a non-reparameterized guide
         # site), which a custom autograd function would cut from the graph
         return _binary_log_prob(logits, value).sum(-1)
