@@ -24,6 +24,8 @@ import ctypes.util
 import inspect
 import math
 import numbers
+import os
+import threading
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterator, Optional, Tuple, Union
 
@@ -38,6 +40,7 @@ from pyro_lvm.models import check_data, check_mask
 
 __all__ = [
     "resolve_device", "resolve_pair", "isolated_param_store", "release_host_memory",
+    "keep_freed_memory",
     "check_int", "module_dtype", "module_device", "prepare_data", "Session", "session",
     "DEFAULT_MAX_ELEMENTS", "default_max_elements", "plan_chunks", "distribution_eval_width",
     "pair_eval_width", "draw_width", "stream_log_weights", "log_weight_matrix",
@@ -54,7 +57,39 @@ _MAX_GPU_ELEMENTS = 2 ** 30
 
 
 # ------------------------------------------------------------------------------ runtime
-_MALLOC_TRIM = None
+_GLIBC = None
+
+#: glibc's ``mallopt`` parameters (``malloc.h``)
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+#: the largest mmap threshold glibc accepts on a 64-bit system; its own dynamic policy raises
+#: the threshold up to this value (and the trim threshold to twice it) as large blocks are freed
+_MMAP_THRESHOLD_MAX = 32 * 2 ** 20
+#: free memory at the top of the heap that ``fit`` keeps instead of returning it
+_FIT_TRIM_THRESHOLD = 2 ** 30
+#: environment variables by which a user sets glibc's allocator; any of them turns
+#: :func:`keep_freed_memory` off, so that the user's own settings stay in force
+_USER_ALLOCATOR_ENV = ("MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_MMAP_MAX_",
+                       "MALLOC_TOP_PAD_", "MALLOC_ARENA_MAX")
+#: set to 0 to leave glibc's allocator as it is during ``fit``
+KEEP_FREED_MEMORY_ENV = "PYRO_LVM_KEEP_FREED_MEMORY"
+_keep_lock = threading.Lock()
+_keep_depth = 0
+
+
+def _glibc():
+    """The C library when it is glibc (``mallopt``, ``malloc_trim``), else None."""
+    global _GLIBC
+    if _GLIBC is None:
+        _GLIBC = False
+        try:
+            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+            libc.gnu_get_libc_version  # only glibc has it (not musl, macOS or Windows)
+            libc.malloc_trim.argtypes = [ctypes.c_size_t]
+            libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+            _GLIBC = libc
+        except (OSError, AttributeError):
+            pass
+    return _GLIBC or None
 
 
 def release_host_memory() -> None:
@@ -67,17 +102,61 @@ def release_host_memory() -> None:
     0.8 to 3.8 GiB over the 1,250 chunks of a 10,000 x 5,000 MNIST evaluation although the
     live tensors stayed the same. Trimming after each chunk (about 0.05 ms) keeps it flat.
     """
-    global _MALLOC_TRIM
-    if _MALLOC_TRIM is None:
-        _MALLOC_TRIM = False
-        try:
-            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-            _MALLOC_TRIM = libc.malloc_trim
-            _MALLOC_TRIM.argtypes = [ctypes.c_size_t]
-        except (OSError, AttributeError):  # not glibc (macOS, musl, Windows)
-            pass
-    if _MALLOC_TRIM:
-        _MALLOC_TRIM(0)
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
+def _keeping_wanted() -> bool:
+    if os.environ.get(KEEP_FREED_MEMORY_ENV, "1").strip().lower() in ("0", "false", "no", "off"):
+        return False
+    if any(name in os.environ for name in _USER_ALLOCATOR_ENV):
+        return False
+    return "glibc.malloc." not in os.environ.get("GLIBC_TUNABLES", "")
+
+
+@contextlib.contextmanager
+def keep_freed_memory(enabled: bool = True) -> Iterator[bool]:
+    """While inside, glibc keeps freed memory for reuse instead of handing it back to the
+    operating system; yields whether it does. :func:`~pyro_lvm.inference.fit` trains inside
+    it on the CPU.
+
+    A training step allocates and frees the same multi-MB tensors every time (at ``K = 50``
+    particles of a 784-pixel batch of 100, each full-size tensor is 15.7 MB). With glibc's
+    default policy the memory freed at the end of a step is often returned to the system (the
+    heap top beyond the trim threshold, and blocks over the mmap threshold), and the next step
+    pays one page fault per 4 KiB page to get it back (``benchmarks/README.md``, section 1,
+    measures what that costs). Inside, the mmap threshold is glibc's largest (32 MiB) and the
+    trim threshold 1 GiB, so those blocks stay in the process and are reused. On leaving the
+    outermost block the freed memory is returned (``malloc_trim``) and the trim threshold is
+    set to 64 MiB: both thresholds are then where glibc's own dynamic policy takes them once a
+    32 MiB block has been freed (setting them ends that policy, which cannot be restored).
+
+    A no-op (yields False) when ``enabled`` is false, without glibc (macOS, Windows, musl),
+    when the environment variable ``PYRO_LVM_KEEP_FREED_MEMORY`` is ``0``, and when the user
+    sets glibc's allocator (``MALLOC_TRIM_THRESHOLD_``, ``MALLOC_MMAP_THRESHOLD_``,
+    ``MALLOC_MMAP_MAX_``, ``MALLOC_TOP_PAD_``, ``MALLOC_ARENA_MAX`` or ``glibc.malloc.*`` in
+    ``GLIBC_TUNABLES``): their settings win. Nested and concurrent blocks (threads) apply the
+    settings once, for the outermost.
+    """
+    global _keep_depth
+    libc = _glibc() if enabled and _keeping_wanted() else None
+    if libc is None:
+        yield False
+        return
+    with _keep_lock:
+        if _keep_depth == 0:
+            libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX)
+            libc.mallopt(_M_TRIM_THRESHOLD, _FIT_TRIM_THRESHOLD)
+        _keep_depth += 1
+    try:
+        yield True
+    finally:
+        with _keep_lock:
+            _keep_depth -= 1
+            if _keep_depth == 0:
+                libc.mallopt(_M_TRIM_THRESHOLD, 2 * _MMAP_THRESHOLD_MAX)
+                libc.malloc_trim(0)
 
 
 def resolve_device(device: Union[str, torch.device, None] = "auto") -> torch.device:

@@ -306,3 +306,136 @@ def test_log_likelihood_on_cuda_leaves_the_model_on_the_cpu():
     model = small_dlvm()
     log_likelihood(model, binary_data(), num_samples=4, device="cuda", progress=False)
     assert all(p.device.type == "cpu" for p in model.parameters())
+
+
+# --------------------------------------------------------------------- keep_freed_memory
+class _FakeGlibc:
+    """Records the allocator calls ``keep_freed_memory`` makes."""
+
+    def __init__(self):
+        self.calls = []
+
+    def mallopt(self, param, value):
+        self.calls.append(("mallopt", param, value))
+        return 1
+
+    def malloc_trim(self, pad):
+        self.calls.append(("malloc_trim", pad))
+        return 1
+
+
+@pytest.fixture
+def fake_glibc(monkeypatch):
+    fake = _FakeGlibc()
+    monkeypatch.setattr(engine, "_GLIBC", fake)
+    for name in (*engine._USER_ALLOCATOR_ENV, "GLIBC_TUNABLES", engine.KEEP_FREED_MEMORY_ENV):
+        monkeypatch.delenv(name, raising=False)
+    return fake
+
+
+KEEP = [("mallopt", -3, 32 * 2**20), ("mallopt", -1, 2**30)]
+RELEASE = [("mallopt", -1, 64 * 2**20), ("malloc_trim", 0)]
+
+
+def test_keep_freed_memory_sets_glibc_thresholds_once_for_the_outermost_block(fake_glibc):
+    with engine.keep_freed_memory() as kept:
+        assert kept is True
+        assert fake_glibc.calls == KEEP
+        with engine.keep_freed_memory() as inner:
+            assert inner is True
+        assert fake_glibc.calls == KEEP  # the inner block changes nothing
+    assert fake_glibc.calls == KEEP + RELEASE
+    with pytest.raises(RuntimeError):  # the memory is given back after an error too
+        with engine.keep_freed_memory():
+            raise RuntimeError("step failed")
+    assert fake_glibc.calls == 2 * (KEEP + RELEASE)
+
+
+@pytest.mark.parametrize("env", [{"PYRO_LVM_KEEP_FREED_MEMORY": "0"},
+                                 {"MALLOC_TRIM_THRESHOLD_": "131072"},
+                                 {"MALLOC_ARENA_MAX": "2"},
+                                 {"GLIBC_TUNABLES": "glibc.malloc.mmap_threshold=65536"}])
+def test_keep_freed_memory_leaves_the_allocator_to_the_users_settings(fake_glibc, monkeypatch,
+                                                                      env):
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with engine.keep_freed_memory() as kept:
+        assert kept is False
+    with engine.keep_freed_memory(enabled=False) as kept:
+        assert kept is False
+    assert fake_glibc.calls == []
+
+
+def test_keep_freed_memory_is_a_no_op_without_glibc(monkeypatch):
+    monkeypatch.setattr(engine, "_GLIBC", False)  # looked up before: not glibc
+    with engine.keep_freed_memory() as kept:
+        assert kept is False
+
+
+def test_fit_on_the_cpu_keeps_freed_memory_and_gives_it_back(fake_glibc):
+    model = DLVM(6, 2, hidden=[4])
+    x = (torch.rand(20, 6) < 0.5).float()
+    seen = []
+
+    class Spy:
+        def on_step_end(self, state):
+            seen.append(list(fake_glibc.calls))
+
+    fit(model, x, epochs=1, batch_size=10, progress=False, device="cpu", callbacks=[Spy()])
+    assert seen and all(calls == KEEP for calls in seen)  # kept during every step
+    assert fake_glibc.calls == KEEP + RELEASE
+
+
+_FAULTS_SCRIPT = """
+import resource, statistics, torch, pyro, pyro.distributions as dist
+from pyro_lvm import fit, IWAE
+torch.set_num_threads(1)
+class Pair(torch.nn.Module):  # a user's pair: torch's Bernoulli, 15.7 MB tensors at K=50
+    def __init__(self):
+        super().__init__()
+        self.dec, self.enc = torch.nn.Linear(4, 784), torch.nn.Linear(784, 8)
+    def model(self, x, mask=None):
+        pyro.module("dec", self.dec)
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", dist.Normal(x.new_zeros(4), 1.0).to_event(1))
+            pyro.sample("x", dist.Bernoulli(logits=self.dec(z)).to_event(1), obs=x)
+    def guide(self, x, mask=None):
+        pyro.module("enc", self.enc)
+        out = self.enc(x)
+        with pyro.plate("data", x.shape[0]):
+            scale = torch.nn.functional.softplus(out[:, 4:]) + 1e-3
+            pyro.sample("z", dist.Normal(out[:, :4], scale).to_event(1))
+faults = []
+class Count:
+    def on_step_end(self, state):
+        faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt)
+torch.manual_seed(0)
+x = (torch.rand(1600, 784) < 0.3).float()
+fit(Pair(), x, objective=IWAE(50), epochs=1, batch_size=100, progress=False,
+    callbacks=[Count()], check_pair=False)
+print(statistics.median(b - a for a, b in zip(faults[4:-1], faults[5:])))
+"""
+
+
+def test_fit_steps_do_not_fault_freed_memory_back_in(tmp_path):
+    """Page faults per step of a real fit in a fresh process (the allocator's state is the
+    process's): none with the policy, thousands without it (the positive control)."""
+    import os
+    import platform
+    import subprocess
+    import sys
+
+    if platform.system() != "Linux" or engine._glibc() is None:
+        pytest.skip("the policy is glibc's")
+    env = {k: v for k, v in os.environ.items()
+           if k not in (*engine._USER_ALLOCATOR_ENV, "GLIBC_TUNABLES")}
+
+    def faults_per_step(keep: str) -> float:
+        out = subprocess.run([sys.executable, "-c", _FAULTS_SCRIPT], capture_output=True,
+                             text=True, cwd=tmp_path, timeout=300,
+                             env={**env, "PYRO_LVM_KEEP_FREED_MEMORY": keep})
+        assert out.returncode == 0, out.stderr[-2000:]
+        return float(out.stdout.split()[-1])
+
+    assert faults_per_step("1") < 100
+    assert faults_per_step("0") > 1000  # one 15.7 MB tensor faulted in is 3,828 pages
