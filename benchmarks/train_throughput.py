@@ -1,5 +1,5 @@
 """Training throughput of ``fit`` against a hand-written PyTorch loop, Pyro's own SVI and
-pythae, on one network, in one process.
+pythae, on one network, in one process or each side in fresh processes.
 
 Same 784-300-300-40 ReLU Bernoulli VAE (``--architecture``), same weights, minibatches (100
 rows), optimizer (Adam, lr 1e-3) and device on every side:
@@ -25,7 +25,11 @@ loss back to the host every step. The repetitions alternate (sides in order, the
 ...), so that all sides see the same machine state. Throughput is rows per second at the
 *median step time* over all steps of all repetitions (the first step of each repetition, with
 its lazy initialisations, excluded); ``[min-max]`` is the range of the per-repetition rates.
-Ratios are to the hand-written loop. Each step's *CPU time* (``time.thread_time``: with one
+Ratios are to the hand-written loop. With ``--processes separate`` every repetition of every
+side runs in a fresh Python process (same weights, data, seed and warm-up), as a user's script
+runs one fit: how often freed memory is handed back to the system and faulted in again
+depends on the allocator's state, which in one shared process the sides set for each other.
+Each step's *CPU time* (``time.thread_time``: with one
 torch thread every kernel runs on the calling thread) is recorded too: on a machine shared with
 other jobs it does not count the time spent waiting for a core, so its ratio ("CPU-time /
 hand") is the steadier measure of the work each side does per step.
@@ -40,6 +44,7 @@ Usage::
 
     python benchmarks/train_throughput.py --smoke
     python benchmarks/train_throughput.py --threads 1                 # ELBO, IWAE 5, IWAE 50
+    python benchmarks/train_throughput.py --threads 1 --processes separate
     python benchmarks/train_throughput.py --threads 1 --objectives iwae_50_dreg --profile
 """
 from __future__ import annotations
@@ -115,6 +120,12 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--profile", action="store_true",
                     help="cProfile one fit call per objective and pair")
     ap.add_argument("--profile-steps", type=int, default=20)
+    ap.add_argument("--processes", default="shared", choices=["shared", "separate"],
+                    help="shared: every side in this one process; separate: every repetition "
+                         "of every side in a fresh Python process, as a user runs one fit "
+                         "(the allocator's state is the process's: section 1 of "
+                         "benchmarks/README.md)")
+    ap.add_argument("--worker", default=None, choices=list(SIDES), help=argparse.SUPPRESS)
     ap.add_argument("--json", default=None, help="also write the results to this JSON file")
     return ap
 
@@ -447,15 +458,14 @@ def _summary(outs, batch_size) -> dict:
                 max=hi, end_to_end=common.median_and_spread([o["end_to_end"] for o in outs])[0],
                 median_cpu_ms=cpu_ms, cpu_rows_per_s=1e3 * batch_size / cpu_ms,
                 faults_per_step=statistics.fmean([f for o in outs for f in o["faults"]] or
-                                                 [math.nan]))
+                                                 [math.nan]),
+                last_losses=[o["last_loss"] for o in outs])
 
 
-def _time_objective(name, pairs, train, args, device, notes) -> dict:
-    """Every side on one objective, alternating inside the same repetitions."""
+def _runners(name, pairs, args, device, notes) -> dict:
+    """side -> ``run(rows)`` for one objective (the sides this device and install can run)."""
     spec = OBJECTIVES[name]
     dlvm, user, mirror = pairs
-    steps = args.steps_large if spec[1] >= LARGE_K else args.steps
-    rows = train[:steps * args.batch_size]
     objective = _make_objective(name)
     runners = {
         "fit_dlvm": lambda data: run_fit(dlvm, data, objective, args, device),
@@ -474,22 +484,73 @@ def _time_objective(name, pairs, train, args, device, notes) -> dict:
                   f"(this run is on {device.type})")
     if spec[2] == "standard":  # Pyro and pythae have no DReG
         runners["pyro_svi"] = lambda data: run_pyro_svi(user, data, spec, args, device)
-        pythae = pythae_model(args.arch, spec, device)
+        pythae = pythae_model(args.arch, spec, device) if args.worker in (None, "pythae") \
+            else None
         if pythae is not None:
             runners["pythae"] = lambda data: run_pythae(pythae, data, args, device)
-        else:
+        elif args.worker is None:
             notes.add("pythae is not installed (pip install --no-deps pythae): its rows are "
                       "skipped")
+    return runners
+
+
+def _timed_rows(name, train, args):
+    steps = args.steps_large if OBJECTIVES[name][1] >= LARGE_K else args.steps
+    return steps, train[:steps * args.batch_size]
+
+
+_WORKER_MARK = "train_throughput worker result: "
+
+
+def _worker_argv(args, name: str, side: str) -> list:
+    argv = [sys.executable, str(pathlib.Path(__file__).resolve()), "--worker", side,
+            "--objectives", name, "--device", args.device, "--seed", str(args.seed),
+            "--architecture", args.architecture, "--batch-size", str(args.batch_size),
+            "--steps", str(args.steps), "--steps-large", str(args.steps_large),
+            "--lr", repr(args.lr), "--validation", args.validation]
+    if args.threads is not None:
+        argv += ["--threads", str(args.threads)]
+    if args.data is not None:
+        argv += ["--data", str(args.data)]
+    if args.smoke:
+        argv.append("--smoke")
+    return argv
+
+
+def _in_fresh_process(side: str, name: str, args) -> dict:
+    """One repetition of ``side`` in a new Python process (``--worker``), as a user's script
+    runs one fit: the process's allocator starts from glibc's defaults."""
+    import subprocess
+
+    done = subprocess.run(_worker_argv(args, name, side), capture_output=True, text=True)
+    marked = [line for line in done.stdout.splitlines() if line.startswith(_WORKER_MARK)]
+    if done.returncode != 0 or not marked:
+        raise RuntimeError(f"the {side} / {name} worker failed (exit {done.returncode}):\n"
+                           f"{done.stderr[-3000:]}")
+    return json.loads(marked[-1][len(_WORKER_MARK):])
+
+
+def _time_objective(name, pairs, train, args, device, notes) -> dict:
+    """Every side on one objective, alternating inside the same repetitions (in this process,
+    or each in a fresh one with ``--processes separate``)."""
+    spec = OBJECTIVES[name]
+    steps, rows = _timed_rows(name, train, args)
+    runners = _runners(name, pairs, args, device, notes)
     sides = [s for s in SIDES if s in runners and (s in args.sides or s == "hand")]
     validate = args.validation == "on"
-    with pyro.validation_enabled(validate):
-        if not args.smoke:  # untimed warm-up of every path (allocator, lazy initialisations)
-            for side in sides:
-                runners[side](rows[:2 * args.batch_size])
-        timed = {side: [] for side in sides}
+    timed = {side: [] for side in sides}
+    if args.processes == "separate":
         for rep in range(args.repeats):
             for side in (sides if rep % 2 == 0 else sides[::-1]):
-                timed[side].append(runners[side](rows))
+                timed[side].append(_in_fresh_process(side, name, args))
+    else:
+        with pyro.validation_enabled(validate):
+            if not args.smoke:  # untimed warm-up of every path (allocator, lazy initialisations)
+                for side in sides:
+                    runners[side](rows[:2 * args.batch_size])
+            for rep in range(args.repeats):
+                for side in (sides if rep % 2 == 0 else sides[::-1]):
+                    timed[side].append(runners[side](rows))
     stats = {side: _summary(outs, args.batch_size) for side, outs in timed.items()}
     hand = stats["hand"]["rows_per_s"]
     hand_cpu = stats["hand"]["cpu_rows_per_s"]
@@ -497,7 +558,23 @@ def _time_objective(name, pairs, train, args, device, notes) -> dict:
         side["ratio"] = side["rows_per_s"] / hand
         side["cpu_ratio"] = side["cpu_rows_per_s"] / hand_cpu
     return dict(objective=name, k=spec[1], gradient=spec[2], steps=steps,
-                validation=validate, batch_size=args.batch_size, sides=stats)
+                validation=validate, batch_size=args.batch_size, processes=args.processes,
+                sides=stats)
+
+
+def _run_worker(pairs, train, args, device) -> dict:
+    """``--worker SIDE``: one warmed-up repetition of one side, printed as JSON."""
+    name = args.objectives[0]
+    runners = _runners(name, pairs, args, device, set())
+    if args.worker not in runners:
+        raise SystemExit(f"side {args.worker} cannot run here (device {device.type})")
+    rows = _timed_rows(name, train, args)[1]
+    with pyro.validation_enabled(args.validation == "on"):
+        if not args.smoke:  # untimed warm-up, as in a shared process
+            runners[args.worker](rows[:2 * args.batch_size])
+        out = runners[args.worker](rows)
+    print(_WORKER_MARK + json.dumps(out))
+    return out
 
 
 def _print_results(results, checks, profiles, args, device, arch_text, notes) -> None:
@@ -506,8 +583,10 @@ def _print_results(results, checks, profiles, args, device, arch_text, notes) ->
     print(f"  machine: {common.machine_description(device)}")
     print(f"  allocator: {common.allocator_description()} (a freed multi-MB tensor that "
           f"glibc returns to the system costs one page fault per 4 KiB when it comes back)")
+    where = ("each in a fresh process" if args.processes == "separate"
+             else "all in this process")
     print(f"  rows/s at the median step time over {args.repeats} alternating repetitions "
-          f"[min-max of the per-repetition rates]; ratio = side / hand-written\n")
+          f"({where}) [min-max of the per-repetition rates]; ratio = side / hand-written\n")
     table = []
     for r in results:
         for side in SIDES:
@@ -571,6 +650,10 @@ def main(args=None) -> dict:
     user = UserVAE(784, arch["latent_dim"], arch["hidden"], arch["activation"],
                    dlvm.min_encoder_scale)
     common.copy_dlvm_weights(dlvm, user)
+    if args.worker is not None:
+        for model in (dlvm, user, mirror):
+            model.to(device)
+        return dict(worker=_run_worker((dlvm, user, mirror), train, args, device))
     checks, profiles, notes, results = {}, {}, set(), []
     # The checks run on the CPU before any training (identical weights on every side): the
     # CPU generator gives both sides the same noise, which CUDA kernels need not do.
@@ -599,7 +682,7 @@ def main(args=None) -> dict:
           f"{'yes' if all_same else 'NO'}")
     out = dict(results=results, checks=checks, profiles=profiles, same_objective=all_same,
                notes=sorted(notes), machine=common.machine_description(device),
-               device=str(device), architecture=arch_text,
+               device=str(device), architecture=arch_text, processes=args.processes,
                pass_target={side: all(r["sides"][side]["ratio"] >= target for r in results
                                       if side in r["sides"]) for side, target in TARGETS.items()})
     if args.json:
@@ -609,4 +692,4 @@ def main(args=None) -> dict:
 
 if __name__ == "__main__":
     result = main()
-    sys.exit(0 if result["same_objective"] else 1)
+    sys.exit(0 if result.get("same_objective", True) else 1)

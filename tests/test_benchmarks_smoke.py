@@ -123,6 +123,22 @@ def test_script_smoke(name, tmp_path, restore_threads, capsys):
     check(out, tmp_path)
 
 
+def test_train_throughput_in_fresh_processes_times_the_same_training(restore_threads):
+    """``--processes separate`` runs each side in a new process (``--worker``) from the same
+    weights, data and seed: its losses are those of the same side in this process."""
+    module = _load("train_throughput.py")
+    torch.set_num_threads(1)
+    flags = ["--smoke", "--objectives", "iwae_5", "--sides", "fit_user"]
+    shared = module.main(flags)
+    separate = module.main([*flags, "--processes", "separate"])
+    assert separate["processes"] == "separate"
+    (one,), (other,) = shared["results"], separate["results"]
+    assert set(other["sides"]) == {"fit_user", "hand"}
+    for side in ("fit_user", "hand"):
+        assert other["sides"][side]["rows_per_s"] > 0
+        assert other["sides"][side]["last_losses"] == one["sides"][side]["last_losses"]
+
+
 @pytest.mark.parametrize("architecture", ["burda", "tomczak"])
 def test_hand_written_mirror_computes_the_library_objectives(architecture):
     """The hand-written network of the benchmarks (tanh or gated layers) copies a DLVM's
