@@ -26,9 +26,11 @@ loss back to the host every step. The repetitions alternate (sides in order, the
 *median step time* over all steps of all repetitions (the first step of each repetition, with
 its lazy initialisations, excluded); ``[min-max]`` is the range of the per-repetition rates.
 Ratios are to the hand-written loop. With ``--processes separate`` every repetition of every
-side runs in a fresh Python process (same weights, data, seed and warm-up), as a user's script
-runs one fit: how often freed memory is handed back to the system and faulted in again
-depends on the allocator's state, which in one shared process the sides set for each other.
+side runs in a fresh Python process, as a user's script runs one fit: built from the same
+seed (so from the initial weights, where in one shared process each repetition goes on
+training the models the earlier ones trained), on the same rows, with the same warm-up. How
+often freed memory is handed back to the system and faulted in again depends on the
+allocator's state, which in one shared process the sides set for each other.
 Each step's *CPU time* (``time.thread_time``: with one
 torch thread every kernel runs on the calling thread) is recorded too: on a machine shared with
 other jobs it does not count the time spent waiting for a core, so its ratio ("CPU-time /
@@ -500,6 +502,9 @@ def _timed_rows(name, train, args):
 
 
 _WORKER_MARK = "train_throughput worker result: "
+#: one repetition of one side in its own process takes seconds; a worker still running after
+#: this is stuck
+WORKER_TIMEOUT_S = 1800
 
 
 def _worker_argv(args, name: str, side: str) -> list:
@@ -519,10 +524,15 @@ def _worker_argv(args, name: str, side: str) -> list:
 
 def _in_fresh_process(side: str, name: str, args) -> dict:
     """One repetition of ``side`` in a new Python process (``--worker``), as a user's script
-    runs one fit: the process's allocator starts from glibc's defaults."""
+    runs one fit: from the initial weights, with the process's allocator at glibc's
+    defaults."""
     import subprocess
 
-    done = subprocess.run(_worker_argv(args, name, side), capture_output=True, text=True)
+    try:
+        done = subprocess.run(_worker_argv(args, name, side), capture_output=True, text=True,
+                              timeout=WORKER_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        raise RuntimeError(f"the {side} / {name} worker did not finish in {WORKER_TIMEOUT_S} s")
     marked = [line for line in done.stdout.splitlines() if line.startswith(_WORKER_MARK)]
     if done.returncode != 0 or not marked:
         raise RuntimeError(f"the {side} / {name} worker failed (exit {done.returncode}):\n"

@@ -61,19 +61,27 @@ _GLIBC = None
 
 #: glibc's ``mallopt`` parameters (``malloc.h``)
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
-#: the largest mmap threshold glibc accepts on a 64-bit system; its own dynamic policy raises
-#: the threshold up to this value (and the trim threshold to twice it) as large blocks are freed
-_MMAP_THRESHOLD_MAX = 32 * 2 ** 20
-#: free memory at the top of the heap that ``fit`` keeps instead of returning it
-_FIT_TRIM_THRESHOLD = 2 ** 30
-#: environment variables by which a user sets glibc's allocator; any of them turns
+#: glibc's dynamic policy raises the mmap threshold up to this value (its
+#: ``DEFAULT_MMAP_THRESHOLD_MAX`` on a 64-bit system; the trim threshold to twice it) as
+#: large blocks are freed; before glibc 2.35 it was also the largest value ``mallopt`` accepted
+_DYNAMIC_MMAP_THRESHOLD_MAX = 32 * 2 ** 20
+#: what ``fit`` asks for: blocks below 1 GiB come from the heap and the top of the heap is
+#: kept up to 1 GiB free
+_FIT_THRESHOLD = 2 ** 30
+#: environment variables by which a user sets glibc's thresholds; any of them turns
 #: :func:`keep_freed_memory` off, so that the user's own settings stay in force
 _USER_ALLOCATOR_ENV = ("MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_MMAP_MAX_",
-                       "MALLOC_TOP_PAD_", "MALLOC_ARENA_MAX")
+                       "MALLOC_TOP_PAD_")
 #: set to 0 to leave glibc's allocator as it is during ``fit``
 KEEP_FREED_MEMORY_ENV = "PYRO_LVM_KEEP_FREED_MEMORY"
 _keep_lock = threading.Lock()
-_keep_depth = 0
+_keep_depth = 0  # blocks of keep_freed_memory open in this process
+_keep_applied = False  # whether the outermost one set the thresholds
+
+
+def _libc_names():
+    yield "libc.so.6"
+    yield ctypes.util.find_library("c")
 
 
 def _glibc():
@@ -81,14 +89,17 @@ def _glibc():
     global _GLIBC
     if _GLIBC is None:
         _GLIBC = False
-        try:
-            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-            libc.gnu_get_libc_version  # only glibc has it (not musl, macOS or Windows)
-            libc.malloc_trim.argtypes = [ctypes.c_size_t]
-            libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-            _GLIBC = libc
-        except (OSError, AttributeError):
-            pass
+        # the usual name first: find_library runs ldconfig
+        for name in _libc_names():
+            try:
+                libc = ctypes.CDLL(name)
+                libc.gnu_get_libc_version  # only glibc has it (not musl, macOS or Windows)
+                libc.malloc_trim.argtypes = [ctypes.c_size_t]
+                libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+                _GLIBC = libc
+                break
+            except (OSError, AttributeError, TypeError):  # TypeError: no library found
+                continue
     return _GLIBC or None
 
 
@@ -115,6 +126,33 @@ def _keeping_wanted() -> bool:
     return "glibc.malloc." not in os.environ.get("GLIBC_TUNABLES", "")
 
 
+def _keep(libc) -> bool:
+    """Set the thresholds for keeping freed memory; whether glibc took them."""
+    mmap_ok = (libc.mallopt(_M_MMAP_THRESHOLD, _FIT_THRESHOLD)
+               # glibc before 2.35 refuses more than its dynamic maximum
+               or libc.mallopt(_M_MMAP_THRESHOLD, _DYNAMIC_MMAP_THRESHOLD_MAX))
+    return bool(libc.mallopt(_M_TRIM_THRESHOLD, _FIT_THRESHOLD)) and bool(mmap_ok)
+
+
+def _release(libc) -> None:
+    """Give the kept memory back; leave the thresholds where glibc's dynamic policy ends."""
+    libc.mallopt(_M_MMAP_THRESHOLD, _DYNAMIC_MMAP_THRESHOLD_MAX)
+    libc.mallopt(_M_TRIM_THRESHOLD, 2 * _DYNAMIC_MMAP_THRESHOLD_MAX)
+    libc.malloc_trim(0)
+
+
+def _reset_in_forked_child() -> None:
+    # a process forked inside a fit does not run that fit's exit: give the memory policy back
+    global _keep_depth, _keep_applied
+    if _keep_applied and _GLIBC:
+        _release(_GLIBC)
+    _keep_depth, _keep_applied = 0, False
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reset_in_forked_child)
+
+
 @contextlib.contextmanager
 def keep_freed_memory(enabled: bool = True) -> Iterator[bool]:
     """While inside, glibc keeps freed memory for reuse instead of handing it back to the
@@ -126,37 +164,46 @@ def keep_freed_memory(enabled: bool = True) -> Iterator[bool]:
     default policy the memory freed at the end of a step is often returned to the system (the
     heap top beyond the trim threshold, and blocks over the mmap threshold), and the next step
     pays one page fault per 4 KiB page to get it back (``benchmarks/README.md``, section 1,
-    measures what that costs). Inside, the mmap threshold is glibc's largest (32 MiB) and the
-    trim threshold 1 GiB, so those blocks stay in the process and are reused. On leaving the
-    outermost block the freed memory is returned (``malloc_trim``) and the trim threshold is
-    set to 64 MiB: both thresholds are then where glibc's own dynamic policy takes them once a
-    32 MiB block has been freed (setting them ends that policy, which cannot be restored).
+    measures what that costs). Inside, blocks under 1 GiB come from the heap (glibc 2.35 and
+    later; before it, under 32 MiB, the largest mmap threshold it accepted) and up to 1 GiB
+    of free memory at the top of the heap is kept, so those blocks stay in the process and are
+    reused.
+
+    On leaving the outermost block the freed memory is returned (``malloc_trim``) and the
+    thresholds are set to where glibc's own dynamic policy takes them once a 32 MiB block
+    has been freed: 32 MiB for mmap, 64 MiB for trimming. **They stay so after the block**:
+    setting a threshold ends glibc's dynamic policy, which cannot be restored, and thresholds
+    the program set earlier with ``mallopt`` are overwritten.
 
     A no-op (yields False) when ``enabled`` is false, without glibc (macOS, Windows, musl),
     when the environment variable ``PYRO_LVM_KEEP_FREED_MEMORY`` is ``0``, and when the user
-    sets glibc's allocator (``MALLOC_TRIM_THRESHOLD_``, ``MALLOC_MMAP_THRESHOLD_``,
-    ``MALLOC_MMAP_MAX_``, ``MALLOC_TOP_PAD_``, ``MALLOC_ARENA_MAX`` or ``glibc.malloc.*`` in
-    ``GLIBC_TUNABLES``): their settings win. Nested and concurrent blocks (threads) apply the
-    settings once, for the outermost.
+    sets glibc's thresholds (``MALLOC_TRIM_THRESHOLD_``, ``MALLOC_MMAP_THRESHOLD_``,
+    ``MALLOC_MMAP_MAX_``, ``MALLOC_TOP_PAD_`` or ``glibc.malloc.*`` in ``GLIBC_TUNABLES``):
+    their settings win. With another allocator preloaded (jemalloc, tcmalloc) glibc's settings
+    have no effect. Nested and concurrent blocks (threads) set the thresholds once, for the
+    outermost; a process forked inside a block starts with glibc's settings as the block
+    leaves them.
     """
-    global _keep_depth
+    global _keep_depth, _keep_applied
     libc = _glibc() if enabled and _keeping_wanted() else None
     if libc is None:
         yield False
         return
-    with _keep_lock:
-        if _keep_depth == 0:
-            libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX)
-            libc.mallopt(_M_TRIM_THRESHOLD, _FIT_TRIM_THRESHOLD)
-        _keep_depth += 1
+    entered = False
     try:
-        yield True
-    finally:
         with _keep_lock:
-            _keep_depth -= 1
             if _keep_depth == 0:
-                libc.mallopt(_M_TRIM_THRESHOLD, 2 * _MMAP_THRESHOLD_MAX)
-                libc.malloc_trim(0)
+                _keep_applied = _keep(libc)
+            _keep_depth += 1
+            entered, applied = True, _keep_applied
+        yield applied
+    finally:
+        if entered:
+            with _keep_lock:
+                _keep_depth -= 1
+                if _keep_depth == 0:
+                    _release(libc)
+                    _keep_applied = False
 
 
 def resolve_device(device: Union[str, torch.device, None] = "auto") -> torch.device:

@@ -124,8 +124,9 @@ def test_script_smoke(name, tmp_path, restore_threads, capsys):
 
 
 def test_train_throughput_in_fresh_processes_times_the_same_training(restore_threads):
-    """``--processes separate`` runs each side in a new process (``--worker``) from the same
-    weights, data and seed: its losses are those of the same side in this process."""
+    """``--processes separate`` runs each side in a new process (``--worker``) built from the
+    same seed, on the same rows: with ``--smoke`` (no warm-up, one repetition) and sides that
+    share no model, the losses are those of the same sides in this process."""
     module = _load("train_throughput.py")
     torch.set_num_threads(1)
     flags = ["--smoke", "--objectives", "iwae_5", "--sides", "fit_user"]

@@ -310,14 +310,17 @@ def test_log_likelihood_on_cuda_leaves_the_model_on_the_cpu():
 
 # --------------------------------------------------------------------- keep_freed_memory
 class _FakeGlibc:
-    """Records the allocator calls ``keep_freed_memory`` makes."""
+    """Records the allocator calls ``keep_freed_memory`` makes; ``max_mmap_threshold``: the
+    largest value its ``mallopt`` accepts (32 MiB before glibc 2.35)."""
 
-    def __init__(self):
-        self.calls = []
+    def __init__(self, max_mmap_threshold=None):
+        self.calls, self.max_mmap_threshold = [], max_mmap_threshold
 
     def mallopt(self, param, value):
         self.calls.append(("mallopt", param, value))
-        return 1
+        refused = param == -3 and self.max_mmap_threshold is not None \
+            and value > self.max_mmap_threshold
+        return 0 if refused else 1
 
     def malloc_trim(self, pad):
         self.calls.append(("malloc_trim", pad))
@@ -333,8 +336,8 @@ def fake_glibc(monkeypatch):
     return fake
 
 
-KEEP = [("mallopt", -3, 32 * 2**20), ("mallopt", -1, 2**30)]
-RELEASE = [("mallopt", -1, 64 * 2**20), ("malloc_trim", 0)]
+KEEP = [("mallopt", -3, 2**30), ("mallopt", -1, 2**30)]
+RELEASE = [("mallopt", -3, 32 * 2**20), ("mallopt", -1, 64 * 2**20), ("malloc_trim", 0)]
 
 
 def test_keep_freed_memory_sets_glibc_thresholds_once_for_the_outermost_block(fake_glibc):
@@ -351,9 +354,59 @@ def test_keep_freed_memory_sets_glibc_thresholds_once_for_the_outermost_block(fa
     assert fake_glibc.calls == 2 * (KEEP + RELEASE)
 
 
+def test_keep_freed_memory_falls_back_to_the_largest_threshold_an_older_glibc_takes(
+        fake_glibc):
+    fake_glibc.max_mmap_threshold = 32 * 2**20  # glibc before 2.35
+    with engine.keep_freed_memory() as kept:
+        assert kept is True
+    assert fake_glibc.calls == [("mallopt", -3, 2**30), ("mallopt", -3, 32 * 2**20),
+                                ("mallopt", -1, 2**30)] + RELEASE
+
+
+def test_keep_freed_memory_says_when_glibc_refuses_the_thresholds(fake_glibc, monkeypatch):
+    monkeypatch.setattr(fake_glibc, "mallopt", lambda param, value: 0)
+    with engine.keep_freed_memory() as kept:
+        with engine.keep_freed_memory() as inner:
+            assert kept is False and inner is False
+    assert fake_glibc.calls == [("malloc_trim", 0)]
+
+
+def test_keep_freed_memory_sets_the_thresholds_once_across_threads(fake_glibc):
+    import threading
+
+    inside = threading.Barrier(3)
+    results = []
+
+    def work():
+        with engine.keep_freed_memory() as kept:
+            results.append(kept)
+            inside.wait(timeout=30)  # all three blocks open at once
+            inside.wait(timeout=30)
+
+    threads = [threading.Thread(target=work) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert results == [True] * 3
+    assert fake_glibc.calls == KEEP + RELEASE
+
+
+def test_a_process_forked_inside_a_block_gives_the_memory_policy_back(fake_glibc, monkeypatch):
+    with engine.keep_freed_memory():
+        # what os.register_at_fork runs in the child (the parent's block goes on)
+        depth, applied = engine._keep_depth, engine._keep_applied
+        engine._reset_in_forked_child()
+        assert (engine._keep_depth, engine._keep_applied) == (0, False)
+        assert fake_glibc.calls == KEEP + RELEASE
+        monkeypatch.setattr(engine, "_keep_depth", depth)  # back to the parent's view
+        monkeypatch.setattr(engine, "_keep_applied", applied)
+    assert fake_glibc.calls == KEEP + RELEASE + RELEASE
+
+
 @pytest.mark.parametrize("env", [{"PYRO_LVM_KEEP_FREED_MEMORY": "0"},
                                  {"MALLOC_TRIM_THRESHOLD_": "131072"},
-                                 {"MALLOC_ARENA_MAX": "2"},
+                                 {"MALLOC_MMAP_MAX_": "0"},
                                  {"GLIBC_TUNABLES": "glibc.malloc.mmap_threshold=65536"}])
 def test_keep_freed_memory_leaves_the_allocator_to_the_users_settings(fake_glibc, monkeypatch,
                                                                       env):
@@ -387,8 +440,11 @@ def test_fit_on_the_cpu_keeps_freed_memory_and_gives_it_back(fake_glibc):
 
 
 _FAULTS_SCRIPT = """
-import resource, statistics, torch, pyro, pyro.distributions as dist
+import ctypes, resource, statistics, torch, pyro, pyro.distributions as dist
 from pyro_lvm import fit, IWAE
+# 4 KiB pages, whatever the host's transparent huge pages: with 2 MiB pages a block faulted
+# back in costs a few faults, not thousands
+ctypes.CDLL(None).prctl(41, 1, 0, 0, 0)  # PR_SET_THP_DISABLE
 torch.set_num_threads(1)
 class Pair(torch.nn.Module):  # a user's pair: torch's Bernoulli, 15.7 MB tensors at K=50
     def __init__(self):
@@ -427,6 +483,8 @@ def test_fit_steps_do_not_fault_freed_memory_back_in(tmp_path):
 
     if platform.system() != "Linux" or engine._glibc() is None:
         pytest.skip("the policy is glibc's")
+    if os.environ.get("LD_PRELOAD"):
+        pytest.skip("another allocator may be preloaded (LD_PRELOAD)")
     env = {k: v for k, v in os.environ.items()
            if k not in (*engine._USER_ALLOCATOR_ENV, "GLIBC_TUNABLES")}
 
