@@ -540,8 +540,10 @@ def fit(pair, data, objective=None, epochs: int = 10, batch_size: int = 128, lr:
     :func:`pyro_lvm.inference.engine.keep_freed_memory`: the C allocator keeps the memory a
     step frees for the next step instead of handing it back to the system and faulting it in
     again (at large ``K`` that costs several ms per step), and returns it when the fit ends.
-    This sets two of glibc's process-wide allocator thresholds; ``PYRO_LVM_KEEP_FREED_MEMORY=0``
-    or the user's own ``MALLOC_*`` settings leave the allocator alone.
+    This sets glibc's process-wide mmap and trim thresholds, which stay at 32 and 64 MiB after
+    the fit (where glibc's own dynamic policy takes them; thresholds set earlier with
+    ``mallopt`` are overwritten); ``PYRO_LVM_KEEP_FREED_MEMORY=0`` or the user's own
+    ``MALLOC_*`` threshold settings leave the allocator alone.
     """
     # -- arguments ------------------------------------------------------------------------
     epochs = _check_int(epochs, "epochs", 1)
