@@ -143,10 +143,11 @@ def _release(libc) -> None:
 
 def _reset_in_forked_child() -> None:
     # a process forked inside a fit does not run that fit's exit: give the memory policy back
-    global _keep_depth, _keep_applied
+    # (and a new lock: another thread of the parent may have held it at the fork)
+    global _keep_depth, _keep_applied, _keep_lock
     if _keep_applied and _GLIBC:
         _release(_GLIBC)
-    _keep_depth, _keep_applied = 0, False
+    _keep_depth, _keep_applied, _keep_lock = 0, False, threading.Lock()
 
 
 if hasattr(os, "register_at_fork"):
