@@ -277,8 +277,9 @@ def page_faults() -> float:
 def allocator_description() -> str:
     """glibc malloc settings from the environment (they decide whether freed multi-MB
     tensors return to the operating system between steps)."""
-    keys = ("MALLOC_MMAP_MAX_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_",
-            "GLIBC_TUNABLES")
+    from pyro_lvm.inference.engine import KEEP_FREED_MEMORY_ENV, USER_ALLOCATOR_ENV
+
+    keys = (*USER_ALLOCATOR_ENV, "GLIBC_TUNABLES", KEEP_FREED_MEMORY_ENV)
     found = [f"{k}={os.environ[k]}" for k in keys if k in os.environ]
     return ", ".join(found) if found else "malloc defaults (no MALLOC_* / GLIBC_TUNABLES set)"
 

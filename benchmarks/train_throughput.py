@@ -496,6 +496,14 @@ def _runners(name, pairs, args, device, notes) -> dict:
     return runners
 
 
+def _warm_up(runner, rows, args) -> None:
+    """An untimed run on two minibatches (allocator, lazy initialisations); none with
+    ``--smoke``."""
+    if not args.smoke:
+        with pyro.validation_enabled(args.validation == "on"):
+            runner(rows[:2 * args.batch_size])
+
+
 def _timed_rows(name, train, args):
     steps = args.steps_large if OBJECTIVES[name][1] >= LARGE_K else args.steps
     return steps, train[:steps * args.batch_size]
@@ -548,19 +556,17 @@ def _time_objective(name, pairs, train, args, device, notes) -> dict:
     runners = _runners(name, pairs, args, device, notes)
     sides = [s for s in SIDES if s in runners and (s in args.sides or s == "hand")]
     validate = args.validation == "on"
+    if args.processes == "separate":  # each worker warms up its own process
+        run_side = lambda side: _in_fresh_process(side, name, args)  # noqa: E731
+    else:
+        run_side = lambda side: runners[side](rows)  # noqa: E731
+        for side in sides:
+            _warm_up(runners[side], rows, args)
     timed = {side: [] for side in sides}
-    if args.processes == "separate":
+    with pyro.validation_enabled(validate):
         for rep in range(args.repeats):
             for side in (sides if rep % 2 == 0 else sides[::-1]):
-                timed[side].append(_in_fresh_process(side, name, args))
-    else:
-        with pyro.validation_enabled(validate):
-            if not args.smoke:  # untimed warm-up of every path (allocator, lazy initialisations)
-                for side in sides:
-                    runners[side](rows[:2 * args.batch_size])
-            for rep in range(args.repeats):
-                for side in (sides if rep % 2 == 0 else sides[::-1]):
-                    timed[side].append(runners[side](rows))
+                timed[side].append(run_side(side))
     stats = {side: _summary(outs, args.batch_size) for side, outs in timed.items()}
     hand = stats["hand"]["rows_per_s"]
     hand_cpu = stats["hand"]["cpu_rows_per_s"]
@@ -579,9 +585,8 @@ def _run_worker(pairs, train, args, device) -> dict:
     if args.worker not in runners:
         raise SystemExit(f"side {args.worker} cannot run here (device {device.type})")
     rows = _timed_rows(name, train, args)[1]
+    _warm_up(runners[args.worker], rows, args)
     with pyro.validation_enabled(args.validation == "on"):
-        if not args.smoke:  # untimed warm-up, as in a shared process
-            runners[args.worker](rows[:2 * args.batch_size])
         out = runners[args.worker](rows)
     print(_WORKER_MARK + json.dumps(out))
     return out

@@ -40,7 +40,7 @@ from pyro_lvm.models import check_data, check_mask
 
 __all__ = [
     "resolve_device", "resolve_pair", "isolated_param_store", "release_host_memory",
-    "keep_freed_memory",
+    "keep_freed_memory", "USER_ALLOCATOR_ENV", "KEEP_FREED_MEMORY_ENV",
     "check_int", "module_dtype", "module_device", "prepare_data", "Session", "session",
     "DEFAULT_MAX_ELEMENTS", "default_max_elements", "plan_chunks", "distribution_eval_width",
     "pair_eval_width", "draw_width", "stream_log_weights", "log_weight_matrix",
@@ -70,7 +70,7 @@ _DYNAMIC_MMAP_THRESHOLD_MAX = 32 * 2 ** 20
 _FIT_THRESHOLD = 2 ** 30
 #: environment variables by which a user sets glibc's thresholds; any of them turns
 #: :func:`keep_freed_memory` off, so that the user's own settings stay in force
-_USER_ALLOCATOR_ENV = ("MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_MMAP_MAX_",
+USER_ALLOCATOR_ENV = ("MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_MMAP_MAX_",
                        "MALLOC_TOP_PAD_")
 #: set to 0 to leave glibc's allocator as it is during ``fit``
 KEEP_FREED_MEMORY_ENV = "PYRO_LVM_KEEP_FREED_MEMORY"
@@ -121,7 +121,7 @@ def release_host_memory() -> None:
 def _keeping_wanted() -> bool:
     if os.environ.get(KEEP_FREED_MEMORY_ENV, "1").strip().lower() in ("0", "false", "no", "off"):
         return False
-    if any(name in os.environ for name in _USER_ALLOCATOR_ENV):
+    if any(name in os.environ for name in USER_ALLOCATOR_ENV):
         return False
     return "glibc.malloc." not in os.environ.get("GLIBC_TUNABLES", "")
 

@@ -331,7 +331,7 @@ class _FakeGlibc:
 def fake_glibc(monkeypatch):
     fake = _FakeGlibc()
     monkeypatch.setattr(engine, "_GLIBC", fake)
-    for name in (*engine._USER_ALLOCATOR_ENV, "GLIBC_TUNABLES", engine.KEEP_FREED_MEMORY_ENV):
+    for name in (*engine.USER_ALLOCATOR_ENV, "GLIBC_TUNABLES", engine.KEEP_FREED_MEMORY_ENV):
         monkeypatch.delenv(name, raising=False)
     return fake
 
@@ -486,7 +486,7 @@ def test_fit_steps_do_not_fault_freed_memory_back_in(tmp_path):
     if os.environ.get("LD_PRELOAD"):
         pytest.skip("another allocator may be preloaded (LD_PRELOAD)")
     env = {k: v for k, v in os.environ.items()
-           if k not in (*engine._USER_ALLOCATOR_ENV, "GLIBC_TUNABLES")}
+           if k not in (*engine.USER_ALLOCATOR_ENV, "GLIBC_TUNABLES")}
 
     def faults_per_step(keep: str) -> float:
         out = subprocess.run([sys.executable, "-c", _FAULTS_SCRIPT], capture_output=True,
