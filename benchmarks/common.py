@@ -258,6 +258,35 @@ class PeakMemory:
         self.peak_bytes = self._peak - self._base
 
 
+def paired_speed_ratio(reference_seconds: Sequence[float], side_seconds: Sequence[float],
+                       level: float = 0.95) -> Dict[str, float]:
+    """Speed of a side relative to a reference, from repetitions that ran both in turn.
+
+    Repetition ``r`` gives the paired ratio :math:`\\rho_r = t^{ref}_r / t^{side}_r` (step
+    times of the two in the same repetition, so a load that drifts between repetitions
+    cancels). Returns the geometric mean :math:`\\exp(\\bar\\ell)` of the ratios and Student's
+    t interval of level ``level`` for it, :math:`\\exp(\\bar\\ell \\pm t_{n-1}\\, s_\\ell /
+    \\sqrt n)` with :math:`\\ell_r = \\log \\rho_r` (``scipy.stats.ttest_1samp``), and ``n``;
+    the bounds are nan with fewer than two repetitions. The interval treats the repetitions as
+    independent draws of the machine's noise; it says how far one run's ratio may be from the
+    ratio a longer run would give on that machine, not what another machine gives.
+    """
+    from scipy import stats
+
+    if len(reference_seconds) != len(side_seconds) or not reference_seconds:
+        raise ValueError(f"need the same number (>= 1) of repetitions of both, got "
+                         f"{len(reference_seconds)} and {len(side_seconds)}")
+    logs = np.log(np.asarray(reference_seconds, float) / np.asarray(side_seconds, float))
+    center = float(np.exp(logs.mean()))
+    if logs.size < 2 or not np.isfinite(logs).all():
+        return dict(ratio=center, lower=math.nan, upper=math.nan, n=int(logs.size))
+    if np.ptp(logs) == 0.0:  # no spread: the interval is the point (scipy would give nan)
+        return dict(ratio=center, lower=center, upper=center, n=int(logs.size))
+    interval = stats.ttest_1samp(logs, 0.0).confidence_interval(level)
+    return dict(ratio=center, lower=float(np.exp(interval.low)),
+                upper=float(np.exp(interval.high)), n=int(logs.size))
+
+
 def median_and_spread(values: Sequence[float]) -> Tuple[float, float, float]:
     """(median, min, max) of the repetitions."""
     values = [float(v) for v in values]

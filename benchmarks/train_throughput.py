@@ -461,7 +461,9 @@ def _summary(outs, batch_size) -> dict:
                 median_cpu_ms=cpu_ms, cpu_rows_per_s=1e3 * batch_size / cpu_ms,
                 faults_per_step=statistics.fmean([f for o in outs for f in o["faults"]] or
                                                  [math.nan]),
-                last_losses=[o["last_loss"] for o in outs])
+                last_losses=[o["last_loss"] for o in outs],
+                repetition_step_s=[statistics.median(o["durations"]) if o["durations"]
+                                   else math.nan for o in outs])
 
 
 def _runners(name, pairs, args, device, notes) -> dict:
@@ -573,6 +575,8 @@ def _time_objective(name, pairs, train, args, device, notes) -> dict:
     for side in stats.values():
         side["ratio"] = side["rows_per_s"] / hand
         side["cpu_ratio"] = side["cpu_rows_per_s"] / hand_cpu
+        side["paired"] = common.paired_speed_ratio(stats["hand"]["repetition_step_s"],
+                                                   side["repetition_step_s"])
     return dict(objective=name, k=spec[1], gradient=spec[2], steps=steps,
                 validation=validate, batch_size=args.batch_size, processes=args.processes,
                 sides=stats)
@@ -592,6 +596,23 @@ def _run_worker(pairs, train, args, device) -> dict:
     return out
 
 
+def _interval_text(paired) -> str:
+    if math.isnan(paired["lower"]):
+        return f"{paired['ratio']:.3f} [-]"
+    return f"{paired['ratio']:.3f} [{paired['lower']:.3f}-{paired['upper']:.3f}]"
+
+
+def _against(paired, target) -> str:
+    """Where the interval lies against the target."""
+    if math.isnan(paired["lower"]):
+        return "(one repetition: no interval)"
+    if paired["lower"] >= target:
+        return "(above)"
+    if paired["upper"] < target:
+        return "(below)"
+    return "(contains it)"
+
+
 def _print_results(results, checks, profiles, args, device, arch_text, notes) -> None:
     print(f"\ntrain_throughput: Bernoulli VAE {arch_text}, batch {args.batch_size}, Adam lr "
           f"{args.lr}, device {device}, validation {args.validation}")
@@ -601,7 +622,9 @@ def _print_results(results, checks, profiles, args, device, arch_text, notes) ->
     where = ("each in a fresh process" if args.processes == "separate"
              else "all in this process")
     print(f"  rows/s at the median step time over {args.repeats} alternating repetitions "
-          f"({where}) [min-max of the per-repetition rates]; ratio = side / hand-written\n")
+          f"({where}) [min-max of the per-repetition rates]; ratio = side / hand-written; "
+          f"paired reps: geometric mean of the repetitions' own ratios and its t interval")
+    print("  (how far this run's ratio may be from a longer run's on this machine)\n")
     table = []
     for r in results:
         for side in SIDES:
@@ -611,11 +634,13 @@ def _print_results(results, checks, profiles, args, device, arch_text, notes) ->
             table.append(dict(objective=r["objective"], side=LABELS[side],
                               rate=f"{s['rows_per_s']:,.0f} [{s['min']:,.0f}-{s['max']:,.0f}]",
                               ms=s["median_step_ms"], ratio=s["ratio"],
+                              paired=_interval_text(s["paired"]),
                               cpu_ms=s["median_cpu_ms"], cpu_ratio=s["cpu_ratio"],
                               faults=s["faults_per_step"]))
     print(common.format_table(table, [
         ("objective", "objective", ""), ("side", "side", ""), ("rate", "rows/s", ""),
         ("ms", "median ms/step", ".2f"), ("ratio", "/ hand", ".3f"),
+        ("paired", "paired reps: mean [95% CI]", ""),
         ("cpu_ms", "CPU ms/step", ".2f"), ("cpu_ratio", "CPU-time / hand", ".3f"),
         ("faults", "page faults/step", ",.0f")]))
     for note in sorted(notes):
@@ -641,6 +666,10 @@ def _print_results(results, checks, profiles, args, device, arch_text, notes) ->
                 print(f"  {LABELS[side]} / hand-written >= {target} for every objective "
                       f"({what}): {'PASS' if min(ratios) >= target else 'FAIL'} (lowest "
                       f"{min(ratios):.3f})")
+        print(f"  {LABELS[side]} vs {target}, paired 95% intervals: " + "; ".join(
+            f"{r['objective']} {_interval_text(r['sides'][side]['paired'])} "
+            f"{_against(r['sides'][side]['paired'], target)}"
+            for r in results if side in r["sides"]))
 
 
 def main(args=None) -> dict:

@@ -30,6 +30,7 @@ def _check_train_throughput(out, tmp_path):
         for side in r["sides"].values():
             assert math.isfinite(side["rows_per_s"]) and side["rows_per_s"] > 0
             assert side["ratio"] > 0
+            assert side["paired"]["n"] == 1 and side["paired"]["ratio"] > 0
     assert set(out["pass_target"]) == {"fit_dlvm", "fit_user"}
 
 
@@ -166,3 +167,30 @@ def test_hand_written_mirror_computes_the_library_objectives(architecture):
         pyro.set_rng_seed(3)
         theirs = mirror.loss(x, kind, k, gradient, num_data=90).item()
         assert math.isclose(ours, theirs, rel_tol=1e-5), (architecture, objective)
+
+
+def test_paired_speed_ratio_is_students_t_interval_of_the_log_ratios():
+    """The training table's interval: the geometric mean of the per-repetition ratios
+    reference / side, with mean +- t(0.975, n - 1) s / sqrt(n) on the log scale (the t
+    quantile from a table, not from scipy, which the helper uses)."""
+    common = _load("common.py")
+    reference = [10.0, 11.0, 12.0]
+    side = [10.0, 10.0, 10.0]  # speed ratios 1.0, 1.1, 1.2
+    logs = [math.log(r) for r in (1.0, 1.1, 1.2)]
+    mean = sum(logs) / 3
+    sd = math.sqrt(sum((v - mean) ** 2 for v in logs) / 2)
+    half = 4.302652729911275 * sd / math.sqrt(3)  # t(0.975, 2)
+    out = common.paired_speed_ratio(reference, side)
+    assert out["n"] == 3
+    assert math.isclose(out["ratio"], math.exp(mean), rel_tol=1e-12)
+    assert math.isclose(out["lower"], math.exp(mean - half), rel_tol=1e-9)
+    assert math.isclose(out["upper"], math.exp(mean + half), rel_tol=1e-9)
+    # positive control: a side twice as slow in every repetition is not within the interval
+    slow = common.paired_speed_ratio(reference, [2 * s for s in side])
+    assert slow["upper"] < out["lower"]
+    # no spread: the point; one repetition: no interval; unequal lengths: an error
+    same = common.paired_speed_ratio([2.0, 4.0], [1.0, 2.0])
+    assert same["lower"] == same["ratio"] == same["upper"] == 2.0
+    assert math.isnan(common.paired_speed_ratio([2.0], [1.0])["lower"])
+    with pytest.raises(ValueError, match="same number"):
+        common.paired_speed_ratio([1.0, 2.0], [1.0])
