@@ -604,8 +604,10 @@ def _interval_text(paired) -> str:
 
 def _against(paired, target) -> str:
     """Where the interval lies against the target."""
-    if math.isnan(paired["lower"]):
+    if paired["n"] < 2:
         return "(one repetition: no interval)"
+    if math.isnan(paired["lower"]):
+        return "(no interval: a repetition without a step time)"
     if paired["lower"] >= target:
         return "(above)"
     if paired["upper"] < target:
@@ -666,10 +668,11 @@ def _print_results(results, checks, profiles, args, device, arch_text, notes) ->
                 print(f"  {LABELS[side]} / hand-written >= {target} for every objective "
                       f"({what}): {'PASS' if min(ratios) >= target else 'FAIL'} (lowest "
                       f"{min(ratios):.3f})")
-        print(f"  {LABELS[side]} vs {target}, paired 95% intervals: " + "; ".join(
-            f"{r['objective']} {_interval_text(r['sides'][side]['paired'])} "
-            f"{_against(r['sides'][side]['paired'], target)}"
-            for r in results if side in r["sides"]))
+        timed = [r for r in results if side in r["sides"]]
+        if timed:
+            print(f"  {LABELS[side]} vs {target}, paired 95% intervals: " + "; ".join(
+                f"{r['objective']} {_interval_text(r['sides'][side]['paired'])} "
+                f"{_against(r['sides'][side]['paired'], target)}" for r in timed))
 
 
 def main(args=None) -> dict:
