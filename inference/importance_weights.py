@@ -222,18 +222,25 @@ class _StoredParams(Messenger):
 
 def _record(fn: Callable, x: torch.Tensor, num_particles: int, mask: Optional[torch.Tensor],
             replay: Optional[poutine.Trace] = None,
-            enumerate_sites: bool = False) -> poutine.Trace:
+            enumerate_sites: bool = False, particle_dim: bool = True) -> poutine.Trace:
     """Run ``fn(x, mask=mask)`` once with ``num_particles`` vectorized particles (a plate on
     the left of the data plate) and return its sample sites. With ``enumerate_sites`` (the
     model), sites marked ``infer={"enumerate": "parallel"}`` that ``replay`` does not hold take all
     their values on dims left of the particle plate (:mod:`pyro_lvm.inference.enumeration`);
-    the enumeration handler sits below the recorder, so replayed values come first."""
+    the enumeration handler sits below the recorder, so replayed values come first.
+
+    ``particle_dim=False`` with one particle runs ``fn`` without the particle plate, as Pyro's
+    ``Trace_ELBO`` runs a pair: the same draws in the same order and the same densities, the
+    values without the leading dim of size 1 (which the contract lets a pair broadcast
+    against, not require), and none of the plate's per-site work."""
     recorder = _SiteRecorder(replay)
     # whether any handler was active before ours (checked before the stack grows below)
     outer = bool(_PYRO_STACK)
     enum = (poutine.enum(first_available_dim=enumeration.FIRST_ENUM_DIM) if enumerate_sites
             else contextlib.nullcontext())
-    particles = _particle_plate(num_particles)  # built (the first time) outside our frames
+    # built (the first time) outside our frames
+    particles = (_particle_plate(num_particles) if particle_dim or num_particles > 1
+                 else contextlib.nullcontext())
     with enum, recorder, particles, (contextlib.nullcontext() if outer
                                      else _StoredParams(replay)):
         fn(x, mask=mask)
@@ -296,8 +303,8 @@ def _check_x(x) -> torch.Tensor:
 
 
 def _run_guide(guide: Callable, x: torch.Tensor, num_particles: int,
-               mask: Optional[torch.Tensor]) -> poutine.Trace:
-    return _record(guide, x, num_particles, mask)
+               mask: Optional[torch.Tensor], particle_dim: bool = True) -> poutine.Trace:
+    return _record(guide, x, num_particles, mask, particle_dim=particle_dim)
 
 
 def _checked_log_prob(site_name: str, site: dict) -> torch.Tensor:
@@ -326,14 +333,17 @@ def _model_terms(model_trace: poutine.Trace, shape: torch.Size):
 
 def _score(model: Callable, guide: Optional[Callable], x: torch.Tensor, num_particles: int,
            mask: Optional[torch.Tensor], guide_trace: poutine.Trace,
-           replay_trace: Optional[poutine.Trace] = None) -> LogTerms:
+           replay_trace: Optional[poutine.Trace] = None,
+           particle_dim: bool = True) -> LogTerms:
     """Score the model (and, when ``guide`` is given, re-run the guide) on the latent values of
-    ``replay_trace`` (default: ``guide_trace``) and split the log densities per site role."""
+    ``replay_trace`` (default: ``guide_trace``) and split the log densities per site role
+    (``particle_dim``: as in :func:`_record`, for the runs of this call)."""
     replay_trace = guide_trace if replay_trace is None else replay_trace
     if guide is not None:
-        guide_trace = _record(guide, x, num_particles, mask, replay=replay_trace)
+        guide_trace = _record(guide, x, num_particles, mask, replay=replay_trace,
+                              particle_dim=particle_dim)
     model_trace = _record(model, x, num_particles, mask, replay=replay_trace,
-                          enumerate_sites=True)
+                          enumerate_sites=True, particle_dim=particle_dim)
     shape = torch.Size((num_particles, x.shape[0]))
     log_lik, log_prior = _model_terms(model_trace, shape)
     log_q = None

@@ -401,6 +401,16 @@ class _Objective:
                                           estimator=self.gradient, beta=beta,
                                           objective_name=self.name, guide_trace=guide_trace)
 
+    def _standard_terms(self, model, guide, x, mask) -> LogTerms:
+        """The log-weight terms whose gradient is the standard estimator (reparameterized
+        draws). With one particle the runs leave the particle plate out (:func:`_record`): the
+        same numbers without the plate's per-site work in every training step."""
+        particle_dim = self.num_particles > 1
+        guide_trace = _run_guide(guide, x, self.num_particles, mask, particle_dim=particle_dim)
+        _require_reparameterized(guide_trace, self.name)
+        return _score(model, None, x, self.num_particles, mask, guide_trace,
+                      particle_dim=particle_dim)
+
     # -- to implement ------------------------------------------------------------------
     def _bound(self, model, guide, x, mask) -> torch.Tensor:  # pragma: no cover
         raise NotImplementedError
@@ -598,10 +608,8 @@ class ELBO(_Objective):
     def _bound_and_surrogate(self, model, guide, x, mask):
         if self.gradient == "stl":
             return self._surrogate(model, guide, x, mask, bound="elbo")
-        guide_trace = _run_guide(guide, x, self.num_particles, mask)
-        _require_reparameterized(guide_trace, self.name)
-        terms = _score(model, None, x, self.num_particles, mask, guide_trace)
-        return elbo_from_log_weights(self._integrand(terms)), None
+        return elbo_from_log_weights(self._integrand(self._standard_terms(model, guide, x,
+                                                                          mask))), None
 
 
 class IWAE(_Objective):
@@ -659,7 +667,4 @@ class IWAE(_Objective):
     def _bound_and_surrogate(self, model, guide, x, mask):
         if self.gradient in ("dreg", "stl"):
             return self._surrogate(model, guide, x, mask, bound="iwae")
-        guide_trace = _run_guide(guide, x, self.num_particles, mask)
-        _require_reparameterized(guide_trace, self.name)
-        terms = _score(model, None, x, self.num_particles, mask, guide_trace)
-        return iwae_from_log_weights(terms.log_weights), None
+        return iwae_from_log_weights(self._standard_terms(model, guide, x, mask).log_weights), None

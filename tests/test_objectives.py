@@ -968,3 +968,109 @@ def test_the_dlvm_model_with_another_guide_passes_pyros_model_guide_check():
         tr = poutine.trace(model.model).get_trace(x[:rows])
         assert tr.nodes["data"]["type"] == "sample"
         assert [(f.name, f.size) for f in tr.nodes["x"]["cond_indep_stack"]] == [("data", rows)]
+
+
+# ----------------------------------------------------------------------------------------
+# one particle: the standard estimator runs the pair without the particle plate
+# ----------------------------------------------------------------------------------------
+def _gmm_model(x, mask=None):
+    weights = pyro.param("weights", lambda: x.new_tensor([0.2, 0.3, 0.5]),
+                         constraint=constraints.simplex)
+    locs = pyro.param("locs", lambda: x.new_tensor([[-1.0, 1.0], [1.0, 1.0], [1.0, -1.0]]))
+    with pyro.plate("data", x.shape[0], dim=-1):
+        c = pyro.sample("component", dist.Categorical(weights), infer={"enumerate": "parallel"})
+        z = pyro.sample("z", dist.Normal(locs[c], 1.0).to_event(1))
+        pyro.sample("x", dist.Normal(z, 0.5).to_event(1), obs=x)
+
+
+def _gmm_guide(x, mask=None):
+    shift = pyro.param("shift", lambda: x.new_zeros(2))
+    with pyro.plate("data", x.shape[0], dim=-1):
+        pyro.sample("z", dist.Normal(0.8 * x + shift, 0.6).to_event(1))
+
+
+def _one_particle_pairs():
+    from pyro_lvm.models.dlvm import DLVM
+
+    torch.manual_seed(0)
+    binary = (torch.rand(12, 10) < 0.4).float()
+    real = torch.randn(12, 3, dtype=F64)
+    mask = torch.rand(12, 10) < 0.8
+    return [
+        ("DLVM normal", DLVM(10, 2, hidden=(8,)), binary, None),
+        ("DLVM normal, mask", DLVM(10, 2, hidden=(8,)), binary, mask),
+        ("DLVM mixture", DLVM(10, 2, hidden=(8,), prior="mixture", num_components=3), binary,
+         None),
+        ("DLVM vamp", DLVM(10, 2, hidden=(8,), prior="vamp", num_pseudo_inputs=4), binary, None),
+        ("two dependent latents", HierarchicalPair(), real, None),
+        ("enumerated component", SimpleNamespace(model=_gmm_model, guide=_gmm_guide),
+         torch.randn(12, 2, dtype=F64), None),
+    ]
+
+
+def _loss_and_grads(objective, pair, x, mask, seed, scored):
+    """``objective``'s training loss on ``x`` at ``seed`` and the gradients of every parameter
+    (module parameters and the param store's), computed by ``scored``."""
+    pyro.set_rng_seed(seed)
+    loss = scored(pair, x, mask)
+    params = [p for _, p in sorted(pyro.get_param_store().named_parameters())]
+    if isinstance(pair, torch.nn.Module):
+        params += list(pair.parameters())
+    grads = torch.autograd.grad(loss, params, allow_unused=True)
+    return loss.detach(), [g for g in grads if g is not None]
+
+
+@pytest.mark.filterwarnings("ignore:.*no closed-form KL:UserWarning")  # mixture, VampPrior
+@pytest.mark.parametrize("objective", [ELBO(), ELBO(analytic_kl=True), ELBO(beta=0.3), IWAE(1)],
+                         ids=["elbo", "elbo_analytic_kl", "elbo_beta", "iwae_1"])
+def test_one_particle_leaves_out_the_particle_plate_with_the_same_loss_and_gradients(objective):
+    """With one particle the standard estimator runs the pair without the particle plate (as
+    Pyro's Trace_ELBO does); its loss and every gradient equal those computed, on the same
+    draws, from the generic path that keeps the plate (``trace_log_terms``), for built-in and
+    user pairs, a mask, an enumerated discrete site, analytic KL and a KL weight."""
+    from pyro_lvm.inference import importance_weights as iw
+
+    def with_plate(pair, x, mask):
+        terms = trace_log_terms(pair.model, pair.guide, x, 1, mask)
+        bound = (elbo_from_log_weights(objective._integrand(terms))
+                 if isinstance(objective, ELBO) else iwae_from_log_weights(terms.log_weights))
+        return -(40 / x.shape[0]) * bound.sum()
+
+    def fitted(pair, x, mask):
+        return objective.differentiable_loss(pair.model, pair.guide, x, mask=mask, num_data=40)
+
+    for name, pair, x, mask in _one_particle_pairs():
+        if name == "enumerated component" and objective.name == "elbo_analytic_kl":
+            continue  # refused with enumerated sites (tested elsewhere)
+        with pyro.get_param_store().scope(), pyro.validation_enabled(True):
+            ours, ours_grads = _loss_and_grads(objective, pair, x, mask, 3, fitted)
+            reference, reference_grads = _loss_and_grads(objective, pair, x, mask, 3, with_plate)
+            other_seed, _ = _loss_and_grads(objective, pair, x, mask, 4, fitted)
+            # the runs really differ: the sites' values have no particle dim without the plate
+            with _ValueShapes() as plain:
+                fitted(pair, x, mask)
+            with _ValueShapes() as plated:
+                with_plate(pair, x, mask)
+        assert torch.equal(ours, reference), name
+        assert len(ours_grads) == len(reference_grads) > 0, name
+        for got, want in zip(ours_grads, reference_grads):
+            assert torch.equal(got, want), name
+        assert not torch.equal(ours, other_seed), name  # positive control: the draws matter
+        latent = [(site, shape) for site, shape in plain.shapes if site in ("z", "z1", "z2")]
+        assert latent and len(plain.shapes) == len(plated.shapes), name
+        for (site, shape), (plated_site, plated_shape) in zip(plain.shapes, plated.shapes):
+            assert site == plated_site and plated_shape == (1,) + shape, (name, site)
+
+
+class _ValueShapes(pyro.poutine.messenger.Messenger):
+    """Records the value shape of every drawn latent site (outside the objective's handlers;
+    not the observed sites, the plates' indices or the enumerated values)."""
+
+    def __enter__(self):
+        self.shapes = []
+        return super().__enter__()
+
+    def _pyro_post_sample(self, msg):
+        if not (msg["is_observed"] or msg["name"] == "data"
+                or "_enumerate_dim" in msg["infer"]):
+            self.shapes.append((msg["name"], tuple(msg["value"].shape)))
