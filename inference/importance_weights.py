@@ -76,6 +76,7 @@ __all__ = [
     "DATA_PLATE",
     "LogTerms",
     "trace_log_terms",
+    "one_particle_log_terms",
     "log_weights",
     "elbo_from_log_weights",
     "iwae_from_log_weights",
@@ -232,7 +233,10 @@ def _record(fn: Callable, x: torch.Tensor, num_particles: int, mask: Optional[to
     ``particle_dim=False`` with one particle runs ``fn`` without the particle plate, as Pyro's
     ``Trace_ELBO`` runs a pair: the same draws in the same order and the same densities, the
     values without the leading dim of size 1 (which the contract lets a pair broadcast
-    against, not require), and none of the plate's per-site work."""
+    against, not require), and none of the plate's per-site work. The numbers equal the
+    plate's up to floating-point rounding (one broadcast less can change a summation order or
+    a matmul kernel); :func:`pyro_lvm.check_contract` refuses a pair for which they differ
+    by more."""
     recorder = _SiteRecorder(replay)
     # whether any handler was active before ours (checked before the stack grows below)
     outer = bool(_PYRO_STACK)
@@ -366,6 +370,22 @@ def trace_log_terms(model: Callable, guide: Callable, x: torch.Tensor, num_parti
     num_particles = _check_particles(num_particles)
     guide_trace = _run_guide(guide, x, num_particles, mask)
     return _score(model, None, x, num_particles, mask, guide_trace)
+
+
+def one_particle_log_terms(model: Callable, guide: Callable, x: torch.Tensor,
+                           terms: LogTerms, particle: int,
+                           mask: Optional[torch.Tensor] = None) -> LogTerms:
+    """The draws of one particle of ``terms`` (from :func:`trace_log_terms` with ``K``
+    particles) scored on their own: guide and model replayed on the latent values
+    ``value[particle]`` and run without the particle plate, as a one-particle ELBO step runs
+    them. A pair keeping the contract gives ``terms.log_weights[particle]`` back, up to
+    floating-point rounding (``[1, batch]`` terms)."""
+    replay = poutine.Trace()
+    for name in _latent_site_names(terms.guide_trace):
+        site = terms.guide_trace.nodes[name]
+        replay.add_node(name, type="sample", is_observed=False, infer=dict(site["infer"]),
+                        value=site["value"][particle])
+    return _score(model, guide, x, 1, mask, replay, particle_dim=False)
 
 
 def log_weights(model: Callable, guide: Callable, x: torch.Tensor, num_particles: int = 1,

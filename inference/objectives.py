@@ -404,7 +404,8 @@ class _Objective:
     def _standard_terms(self, model, guide, x, mask) -> LogTerms:
         """The log-weight terms whose gradient is the standard estimator (reparameterized
         draws). With one particle the runs leave the particle plate out (:func:`_record`): the
-        same numbers without the plate's per-site work in every training step."""
+        same draws and densities (equal up to rounding) without the plate's per-site work in
+        every training step."""
         particle_dim = self.num_particles > 1
         guide_trace = _run_guide(guide, x, self.num_particles, mask, particle_dim=particle_dim)
         _require_reparameterized(guide_trace, self.name)

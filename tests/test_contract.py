@@ -147,6 +147,16 @@ def positive_model(x, mask=None):
         pyro.sample("x", dist.Normal(z @ torch.ones(D, P), 1.0).to_event(1), obs=x)
 
 
+def dim0_model(x, mask=None):
+    # centres the decoder's mean over dim 0: the rows without a particle dim, the particles with
+    # one; every shape check passes
+    loading = pyro.param("loading", torch.full((D, P), 0.1))
+    with pyro.plate("data", x.shape[0], dim=-1):
+        z = pyro.sample("z", dist.Normal(x.new_zeros(D), 1.0).to_event(1))
+        loc = z @ loading
+        pyro.sample("x", dist.Normal(loc - loc.mean(0), 1.0).to_event(1), obs=x)
+
+
 def model_without_mask(x):
     good_model(x)
 
@@ -171,6 +181,9 @@ BROKEN = {
                          r"site 'x' in the model has a batch shape that clashes with pyro.plate\('data'\).*\.to_event"),
     "no particle broadcasting": ((non_broadcasting_model, good_guide),
                                  r"does not broadcast with a particle dimension on the left"),
+    "reads the particle dim": ((dim0_model, good_guide),
+                               r"particle 0 of row 0 has log weight \S+, but the same draws scored "
+                               r"on their own .* give \S+: the pair reads the particle dim"),
     "not reparameterized": ((discrete_model, discrete_guide),
                             r"latent site\(s\) \['z'\] in the guide use distribution\(s\) \['Bernoulli'\] without rsample"),
     "guide support wider than the prior's": ((positive_model, good_guide),
@@ -268,3 +281,25 @@ def test_mixture_prior_on_the_real_line_accepts_a_normal_guide(x):
 def test_non_tensor_input_is_rejected():
     with pytest.raises(ContractError, match="x must be a torch.Tensor"):
         check_contract((good_model, good_guide), [[1.0, 2.0, 3.0]])
+
+
+def test_randomness_outside_the_sample_sites_skips_the_particle_comparison(x):
+    # dropout in the decoder: two runs on the same draws differ, so comparing particles would
+    # flag a pair that keeps the contract
+    dropout = torch.nn.Dropout(0.5)
+
+    def dropout_model(x, mask=None):
+        loading = pyro.param("loading", torch.full((D, P), 0.1))
+        with pyro.plate("data", x.shape[0], dim=-1):
+            z = pyro.sample("z", dist.Normal(x.new_zeros(D), 1.0).to_event(1))
+            pyro.sample("x", dist.Normal(dropout(z) @ loading, 1.0).to_event(1), obs=x)
+
+    assert check_contract((dropout_model, good_guide), x).latent_sites == {"z": (D,)}
+
+
+def test_fit_rejects_a_pair_that_reads_the_particle_dim(x):
+    from pyro_lvm import ELBO, fit
+
+    with pytest.raises(ContractError, match="the pair reads the particle dim"):
+        fit((dim0_model, good_guide), torch.randn(40, P), objective=ELBO(), epochs=1,
+            batch_size=20, progress=False, device="cpu")
