@@ -344,6 +344,11 @@ def _rounding_scale(terms) -> torch.Tensor:
     return 1 + terms.log_lik.abs() + terms.log_prior.abs() + terms.log_q.abs()
 
 
+def _agree(a: torch.Tensor, b: torch.Tensor, tol: torch.Tensor) -> torch.Tensor:
+    """Elementwise: equal up to ``tol``, or the same infinity, or both NaN."""
+    return (a == b) | ((a - b).abs() <= tol) | (a.isnan() & b.isnan())
+
+
 def _check_particles_separate(model_fn, guide_fn, x, mask, terms) -> None:
     """Each particle's log weight is what its draws give on their own, without the particle
     plate: a pair that reads the particle dim (``z.shape[0]`` as the batch size, a mean over
@@ -356,11 +361,10 @@ def _check_particles_separate(model_fn, guide_fn, x, mask, terms) -> None:
         alone = [one_particle_log_terms(model_fn, guide_fn, x, terms, k, mask)
                  for k in range(lw.shape[0])]
         again = one_particle_log_terms(model_fn, guide_fn, x, terms, 0, mask)
-    if not bool(((again.log_weights - alone[0].log_weights).abs() <= tol[:1]).all()):
+    if not bool(_agree(again.log_weights, alone[0].log_weights, tol[:1]).all()):
         return  # randomness outside the sample sites: the comparison would mean nothing
     for k, one in enumerate(alone):
-        gap = (one.log_weights[0] - lw[k]).abs()
-        bad = (~(gap <= tol[k])).nonzero()
+        bad = (~_agree(one.log_weights[0], lw[k], tol[k])).nonzero()
         if bad.numel():
             row = int(bad[0, 0])
             raise ContractError(

@@ -303,3 +303,26 @@ def test_fit_rejects_a_pair_that_reads_the_particle_dim(x):
     with pytest.raises(ContractError, match="the pair reads the particle dim"):
         fit((dim0_model, good_guide), torch.randn(40, P), objective=ELBO(), epochs=1,
             batch_size=20, progress=False, device="cpu")
+
+
+def test_the_particle_comparison_accepts_equal_infinite_log_weights(x):
+    # rows outside the model's support have log weight -inf with and without the particle dim:
+    # the same number, not a difference (nor a sign of hidden randomness, which would skip the
+    # comparison and let the centred variant through)
+    def truncated(centred):
+        def model(x, mask=None):
+            loading = pyro.param("loading", torch.full((D, P), 0.1))
+            with pyro.plate("data", x.shape[0], dim=-1):
+                z = pyro.sample("z", dist.Normal(x.new_zeros(D), 1.0).to_event(1))
+                loc = z @ loading
+                loc = loc - loc.mean(0) if centred else loc
+                scale = torch.where(x[..., :1] > 0, 1.0, 1e-30).expand(x.shape)
+                pyro.sample("x", dist.Normal(loc, scale).to_event(1), obs=x.abs() + 1)
+        return model
+
+    x = x.clone()
+    x[:3, 0], x[3:, 0] = -1.0, 1.0  # three rows outside the support
+    with pyro.validation_enabled(False):
+        assert check_contract((truncated(False), good_guide), x).data_size == N
+        with pytest.raises(ContractError, match="the pair reads the particle dim"):
+            check_contract((truncated(True), good_guide), x)
