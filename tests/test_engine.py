@@ -496,4 +496,8 @@ def test_fit_steps_do_not_fault_freed_memory_back_in(tmp_path):
         return float(out.stdout.split()[-1])
 
     assert faults_per_step("1") < 100
-    assert faults_per_step("0") > 1000  # one 15.7 MB tensor faulted in is 3,828 pages
+    # Without the policy glibc's own heuristics decide how much freed memory goes back to the
+    # system, which varies between processes: 3,828-19,077 faults per step in twelve runs here,
+    # once 117 in CI. One of three fresh processes must fault thousands (one 15.7 MB tensor
+    # faulted in is 3,828 pages).
+    assert any(faults_per_step("0") > 1000 for _ in range(3))
