@@ -15,8 +15,8 @@ Every estimator in :mod:`pyro_lvm.inference` relies on the per-data-point decomp
 which only exists when the data plate is the *only* batch dimension of every site (event
 dimensions declared with ``.to_event``) and when the code broadcasts over a particle plate
 added on the left (``z`` of shape ``[K, N, d]``). :func:`check_contract` runs the pair once as
-written and once with two vectorized particles (then scores each particle's draws on their
-own, without the particle plate, and compares), and raises :class:`ContractError` naming the
+written and once with two vectorized particles (and compares a one-particle run with and
+without the particle plate on the same random numbers), and raises :class:`ContractError` naming the
 first violation it finds, so a user learns about a wrong plate or a forgotten ``.to_event``
 before a long fit, not from a broadcasting error deep inside an objective.
 """
@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Dict, Optional, Tuple
 
 import pyro.poutine as poutine
+import pyro.util
 import torch
 from pyro.poutine.util import site_is_subsample
 from torch.distributions import constraints
@@ -39,8 +40,7 @@ except ImportError:  # pragma: no cover - older torch
 
 from pyro_lvm.inference import pairs
 from pyro_lvm.inference.engine import isolated_param_store, resolve_pair
-from pyro_lvm.inference.importance_weights import (DATA_PLATE, PARTICLE_PLATE,
-                                                   one_particle_log_terms, trace_log_terms)
+from pyro_lvm.inference.importance_weights import DATA_PLATE, PARTICLE_PLATE, trace_log_terms
 
 __all__ = ["ContractError", "ContractReport", "check_contract"]
 
@@ -302,7 +302,7 @@ def _check_batch_shapes(traces, num_rows: int, enumerated=()) -> None:
                     f"n = x.shape[0]{hint}")
 
 
-def _check_particle_plate(model_fn, guide_fn, x, mask, num_rows: int, enumerated=()):
+def _check_particle_plate(model_fn, guide_fn, x, mask, num_rows: int, enumerated=()) -> None:
     """Every site broadcasts with a particle plate on the left of the data plate (with
     enumerated sites, the values they enumerate on the dims further left)."""
     try:
@@ -332,16 +332,11 @@ def _check_particle_plate(model_fn, guide_fn, x, mask, num_rows: int, enumerated
                     f"[particles, n]; the site ignores the particle dimension (e.g. a "
                     f"distribution built with .expand([n, ...]) or reshaped with x.shape[0]); "
                     f"let the plates broadcast instead")
-    return terms
 
 
-#: Relative tolerance of :func:`_check_particles_separate` (the two runs differ by rounding only,
-#: about 1e-7 of the terms' size in float32)
-_SEPARATE_RTOL = 1e-4
-
-
-def _rounding_scale(terms) -> torch.Tensor:
-    return 1 + terms.log_lik.abs() + terms.log_prior.abs() + terms.log_q.abs()
+#: Relative tolerance of :func:`_check_without_particle_plate` (the two runs differ by rounding
+#: only, about 1e-7 of the terms' size in float32)
+_PLATE_FREE_RTOL = 1e-4
 
 
 def _agree(a: torch.Tensor, b: torch.Tensor, tol: torch.Tensor) -> torch.Tensor:
@@ -349,32 +344,51 @@ def _agree(a: torch.Tensor, b: torch.Tensor, tol: torch.Tensor) -> torch.Tensor:
     return (a == b) | ((a - b).abs() <= tol) | (a.isnan() & b.isnan())
 
 
-def _check_particles_separate(model_fn, guide_fn, x, mask, terms) -> None:
-    """Each particle's log weight is what its draws give on their own, without the particle
-    plate: a pair that reads the particle dim (``z.shape[0]`` as the batch size, a mean over
-    dim 0, a branch on ``z.dim()``) passes the shape checks but gives other numbers with ``K``
-    particles than with one. Skipped when the pair draws randomness outside ``pyro.sample``
-    (dropout): two runs on the same draws then differ by design."""
-    with torch.no_grad():
-        lw = terms.log_weights.detach()
-        tol = _SEPARATE_RTOL * _rounding_scale(terms).detach()
-        alone = [one_particle_log_terms(model_fn, guide_fn, x, terms, k, mask)
-                 for k in range(lw.shape[0])]
-        again = one_particle_log_terms(model_fn, guide_fn, x, terms, 0, mask)
-    if not bool(_agree(again.log_weights, alone[0].log_weights, tol[:1]).all()):
-        return  # randomness outside the sample sites: the comparison would mean nothing
-    for k, one in enumerate(alone):
-        bad = (~_agree(one.log_weights[0], lw[k], tol[k])).nonzero()
-        if bad.numel():
-            row = int(bad[0, 0])
-            raise ContractError(
-                f"with {lw.shape[0]} particles vectorized on the left, particle {k} of row {row} "
-                f"has log weight {float(lw[k, row]):.6g}, but the same draws scored on their own "
-                f"(no particle dim, as a one-particle ELBO runs the pair) give "
-                f"{float(one.log_weights[0, row]):.6g}: the pair reads the particle dim (e.g. "
-                f"z.shape[0] or x.shape[0] of a latent as the batch size, a sum or mean over dim "
-                f"0, a branch on z.dim()); index from the right (dim=-2, shape[-2]) so that "
-                f"leading particle dims only broadcast")
+def _rewinder(device: torch.device):
+    """A function that puts the random generators (torch's, on ``device`` too, Python's and
+    NumPy's, as :func:`pyro.util.get_rng_state` covers them) back where they are now."""
+    state = pyro.util.get_rng_state()
+    cuda = [(d, torch.cuda.get_rng_state(d)) for d in ([device] if device.type == "cuda" else [])]
+
+    def rewind():
+        pyro.util.set_rng_state(state)
+        for d, cuda_state in cuda:
+            torch.cuda.set_rng_state(cuda_state, d)
+    return rewind
+
+
+def _check_without_particle_plate(model_fn, guide_fn, x, mask) -> None:
+    """A one-particle run without the particle plate (how a one-particle ELBO step runs the
+    pair, as Pyro's ``Trace_ELBO`` does) gives the log weights of a run with a particle plate
+    of size 1, on the same random numbers (the draws are then the same, dropout included).
+    A pair that reads the particle dim (``z.shape[0]`` as the batch size, a sum or mean over
+    dim 0, a branch on ``z.dim()``) passes the shape checks but fails this one: it would
+    train another objective than the one evaluation reports."""
+    rewind = _rewinder(x.device)
+    try:
+        with torch.no_grad():
+            plated = trace_log_terms(model_fn, guide_fn, x, 1, mask)
+            rewind()
+            try:
+                plain = trace_log_terms(model_fn, guide_fn, x, 1, mask, particle_plate=False)
+            except Exception as exc:
+                raise ContractError(
+                    f"the pair runs with a particle plate of size 1 but not without it, as a "
+                    f"one-particle ELBO step runs it: {type(exc).__name__}: {exc}") from exc
+    finally:
+        rewind()  # the check draws nothing from the caller's generators
+    with_plate, without = plated.log_weights[0], plain.log_weights[0]
+    scale = 1 + plated.log_lik.abs() + plated.log_prior.abs() + plated.log_q.abs()
+    bad = (~_agree(without, with_plate, _PLATE_FREE_RTOL * scale[0])).nonzero()
+    if bad.numel():
+        row = int(bad[0, 0])
+        raise ContractError(
+            f"row {row} has log weight {float(with_plate[row]):.6g} with a particle plate of "
+            f"size 1 on the left and {float(without[row]):.6g} without it (as a one-particle "
+            f"ELBO step runs the pair), on the same random numbers: the pair reads the "
+            f"particle dim (e.g. z.shape[0] or x.shape[0] of a latent as the batch size, a sum "
+            f"or mean over dim 0, a branch on z.dim()); index from the right (dim=-2, "
+            f"shape[-2]) so that leading particle dims only broadcast")
 
 
 def check_contract(pair, x, mask=None, *, guide=None, require_reparameterized: bool = True,
@@ -383,7 +397,8 @@ def check_contract(pair, x, mask=None, *, guide=None, require_reparameterized: b
 
     The pair is run once as written (guide, then model replayed on the guide's draws) and once
     through :func:`inference.importance_weights.trace_log_terms` with two particles vectorized in
-    ``pyro.plate("num_particles_vectorized", 2, dim=-2)``. Parameters created by the run live
+    ``pyro.plate("num_particles_vectorized", 2, dim=-2)``, then twice with one particle, with
+    and without that plate, on the same random numbers. Parameters created by the runs live
     in a throw-away parameter store (:func:`inference.engine.isolated_param_store`), so the
     check leaves no trace in the global store.
 
@@ -422,8 +437,8 @@ def check_contract(pair, x, mask=None, *, guide=None, require_reparameterized: b
         a latent without ``rsample`` (when ``require_reparameterized``); guide support wider
         than the prior's; log-densities that cannot be computed, or a site whose batch shape
         is not ``[n]`` (missing ``.to_event``); code that does not broadcast over a particle
-        dimension on the left; log weights that change when a particle's draws are scored
-        on their own (code that reads the particle dim).
+        dimension on the left; log weights that change when the particle plate is left out
+        of a one-particle run (code that reads the particle dim).
     """
     model_fn, guide_fn, _module = resolve_pair(pair, guide)
     mask = _check_inputs(x, mask)
@@ -442,8 +457,8 @@ def check_contract(pair, x, mask=None, *, guide=None, require_reparameterized: b
             model_trace, guide_trace, guide_latent,
             require_reparameterized=require_reparameterized, check_support=check_support)
         _check_batch_shapes(traces, num_rows, enumerated)
-        terms = _check_particle_plate(model_fn, guide_fn, x, mask, num_rows, enumerated)
-        _check_particles_separate(model_fn, guide_fn, x, mask, terms)
+        _check_particle_plate(model_fn, guide_fn, x, mask, num_rows, enumerated)
+        _check_without_particle_plate(model_fn, guide_fn, x, mask)
     return ContractReport(
         latent_sites=latent_sites,
         observed_sites={n: tuple(getattr(s["fn"], "event_shape", ())) for n, s in observed.items()},

@@ -76,7 +76,6 @@ __all__ = [
     "DATA_PLATE",
     "LogTerms",
     "trace_log_terms",
-    "one_particle_log_terms",
     "log_weights",
     "elbo_from_log_weights",
     "iwae_from_log_weights",
@@ -360,32 +359,22 @@ def _score(model: Callable, guide: Optional[Callable], x: torch.Tensor, num_part
 
 
 def trace_log_terms(model: Callable, guide: Callable, x: torch.Tensor, num_particles: int = 1,
-                    mask: Optional[torch.Tensor] = None) -> LogTerms:
+                    mask: Optional[torch.Tensor] = None, *,
+                    particle_plate: bool = True) -> LogTerms:
     """Run ``guide`` then ``model`` (replayed on the guide's draws) once with ``num_particles``
     vectorized particles and split the log densities per site role. See :class:`LogTerms`.
 
     The sites are recorded by a light handler (:class:`_SiteRecorder`) rather than
     ``poutine.trace`` + ``poutine.replay``: the same sites, draws and densities (the
-    distributions the pair builds), with less per-call bookkeeping."""
+    distributions the pair builds), with less per-call bookkeeping.
+
+    ``particle_plate=False`` (one particle only) runs the pair without the particle plate, as
+    a one-particle ELBO step does (:func:`_record`); the terms are still ``[1, batch]``."""
     num_particles = _check_particles(num_particles)
-    guide_trace = _run_guide(guide, x, num_particles, mask)
-    return _score(model, None, x, num_particles, mask, guide_trace)
-
-
-def one_particle_log_terms(model: Callable, guide: Callable, x: torch.Tensor,
-                           terms: LogTerms, particle: int,
-                           mask: Optional[torch.Tensor] = None) -> LogTerms:
-    """The draws of one particle of ``terms`` (from :func:`trace_log_terms` with ``K``
-    particles) scored on their own: guide and model replayed on the latent values
-    ``value[particle]`` and run without the particle plate, as a one-particle ELBO step runs
-    them. A pair keeping the contract gives ``terms.log_weights[particle]`` back, up to
-    floating-point rounding (``[1, batch]`` terms)."""
-    replay = poutine.Trace()
-    for name in _latent_site_names(terms.guide_trace):
-        site = terms.guide_trace.nodes[name]
-        replay.add_node(name, type="sample", is_observed=False, infer=dict(site["infer"]),
-                        value=site["value"][particle])
-    return _score(model, guide, x, 1, mask, replay, particle_dim=False)
+    if not particle_plate and num_particles != 1:
+        raise ValueError(f"particle_plate=False needs num_particles=1, got {num_particles}")
+    guide_trace = _run_guide(guide, x, num_particles, mask, particle_dim=particle_plate)
+    return _score(model, None, x, num_particles, mask, guide_trace, particle_dim=particle_plate)
 
 
 def log_weights(model: Callable, guide: Callable, x: torch.Tensor, num_particles: int = 1,

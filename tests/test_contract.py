@@ -182,8 +182,8 @@ BROKEN = {
     "no particle broadcasting": ((non_broadcasting_model, good_guide),
                                  r"does not broadcast with a particle dimension on the left"),
     "reads the particle dim": ((dim0_model, good_guide),
-                               r"particle 0 of row 0 has log weight \S+, but the same draws scored "
-                               r"on their own .* give \S+: the pair reads the particle dim"),
+                               r"row 0 has log weight \S+ with a particle plate of size 1 on the left "
+                               r"and \S+ without it .*the pair reads the particle dim"),
     "not reparameterized": ((discrete_model, discrete_guide),
                             r"latent site\(s\) \['z'\] in the guide use distribution\(s\) \['Bernoulli'\] without rsample"),
     "guide support wider than the prior's": ((positive_model, good_guide),
@@ -283,18 +283,61 @@ def test_non_tensor_input_is_rejected():
         check_contract((good_model, good_guide), [[1.0, 2.0, 3.0]])
 
 
-def test_randomness_outside_the_sample_sites_skips_the_particle_comparison(x):
-    # dropout in the decoder: two runs on the same draws differ, so comparing particles would
-    # flag a pair that keeps the contract
+def _dropout_model(centred):
+    # dropout draws its mask from torch's generator, outside pyro.sample
     dropout = torch.nn.Dropout(0.5)
 
-    def dropout_model(x, mask=None):
+    def model(x, mask=None):
         loading = pyro.param("loading", torch.full((D, P), 0.1))
         with pyro.plate("data", x.shape[0], dim=-1):
             z = pyro.sample("z", dist.Normal(x.new_zeros(D), 1.0).to_event(1))
-            pyro.sample("x", dist.Normal(dropout(z) @ loading, 1.0).to_event(1), obs=x)
+            loc = dropout(z) @ loading
+            loc = loc - loc.mean(0) if centred else loc
+            pyro.sample("x", dist.Normal(loc, 1.0).to_event(1), obs=x)
+    return model
 
-    assert check_contract((dropout_model, good_guide), x).latent_sites == {"z": (D,)}
+
+def test_randomness_outside_the_sample_sites_is_the_same_in_both_runs(x):
+    # the runs with and without the particle plate draw the same random numbers, dropout's
+    # included: a pair with dropout passes, and one with dropout that reads dim 0 is refused
+    assert check_contract((_dropout_model(False), good_guide), x).latent_sites == {"z": (D,)}
+    with pytest.raises(ContractError, match="the pair reads the particle dim"):
+        check_contract((_dropout_model(True), good_guide), x)
+
+
+def test_guides_scored_on_their_own_draws_pass(x):
+    # a flow without an inverse (planar) scores its draws from its cache, and a Delta site that
+    # is a function of another latent is recomputed in each run: both keep the contract
+    import torch.nn as nn
+    from pyro.distributions import transforms
+
+    class PlanarGuided(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.enc, self.flow = nn.Linear(P, 2 * D), transforms.planar(D)
+            self.f = nn.Sequential(nn.Linear(D, 32), nn.Tanh(), nn.Linear(32, D))
+
+        def model(self, x, mask=None):
+            pyro.module("pair", self)
+            with pyro.plate("data", x.shape[0], dim=-1):
+                z = pyro.sample("z", dist.Normal(x.new_zeros(D), 1.0).to_event(1))
+                h = pyro.sample("h", dist.Normal(self.f(z), 1.0).to_event(1))
+                pyro.sample("x", dist.Normal(h @ torch.full((D, P), 0.1), 1.0).to_event(1),
+                            obs=x)
+
+        def guide(self, x, mask=None):
+            pyro.module("pair", self)
+            loc, log_scale = self.enc(x).chunk(2, -1)
+            with pyro.plate("data", x.shape[0], dim=-1):
+                z = pyro.sample("z", dist.TransformedDistribution(
+                    dist.Normal(loc, log_scale.exp()).to_event(1), [self.flow]))
+                pyro.sample("h", dist.Delta(self.f(z), event_dim=1))
+
+    torch.manual_seed(0)
+    pair = PlanarGuided()
+    for rows in (1, 2, 3, N):
+        report = check_contract(pair, x[:rows])
+        assert report.data_size == rows
 
 
 def test_fit_rejects_a_pair_that_reads_the_particle_dim(x):
