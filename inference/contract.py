@@ -16,7 +16,8 @@ which only exists when the data plate is the *only* batch dimension of every sit
 dimensions declared with ``.to_event``) and when the code broadcasts over a particle plate
 added on the left (``z`` of shape ``[K, N, d]``). :func:`check_contract` runs the pair once as
 written and once with two vectorized particles (and compares a one-particle run with and
-without the particle plate on the same random numbers), and raises :class:`ContractError` naming the
+without the particle plate on the same random numbers, and the model's densities of the first
+half of the rows scored alone and in the whole batch), and raises :class:`ContractError` naming the
 first violation it finds, so a user learns about a wrong plate or a forgotten ``.to_event``
 before a long fit, not from a broadcasting error deep inside an objective.
 """
@@ -40,7 +41,8 @@ except ImportError:  # pragma: no cover - older torch
 
 from pyro_lvm.inference import pairs
 from pyro_lvm.inference.engine import isolated_param_store, resolve_pair
-from pyro_lvm.inference.importance_weights import DATA_PLATE, PARTICLE_PLATE, trace_log_terms
+from pyro_lvm.inference.importance_weights import (DATA_PLATE, PARTICLE_PLATE,
+                                                   model_terms_on_rows, trace_log_terms)
 
 __all__ = ["ContractError", "ContractReport", "check_contract"]
 
@@ -391,6 +393,52 @@ def _check_without_particle_plate(model_fn, guide_fn, x, mask) -> None:
             f"shape[-2]) so that leading particle dims only broadcast")
 
 
+def _model_density(model_fn, x, guide_trace, rows: slice, mask):
+    """``(log p(x_i, z_i), 1 + |log_lik| + |log_prior|)`` of the rows ``rows``, ``[rows]``."""
+    terms = [t[0] for t in model_terms_on_rows(model_fn, x, guide_trace, rows, mask)
+             if t is not None]
+    return sum(terms), 1 + sum(t.abs() for t in terms)
+
+
+def _check_rows_separate(model_fn, guide_fn, x, mask) -> None:
+    """Row ``i``'s model density depends on row ``i`` only: the model scored on the first half
+    of the rows (their latent values replayed) gives those rows the densities they have in the
+    whole batch. A model that mixes rows (a mean or normalization over the batch, BatchNorm
+    or attention across rows) is not a per-row density: minibatch bounds and chunked
+    evaluations would then depend on which rows share a batch. Not checked with one row, nor
+    when the model draws randomness outside ``pyro.sample`` (dropout: two runs differ by
+    design) or cannot run on fewer rows (e.g. one parameter per training row)."""
+    num_rows = int(x.shape[0])
+    if num_rows < 2:
+        return
+    first = slice(0, num_rows // 2)
+    rewind = _rewinder(x.device)
+    try:
+        with torch.no_grad():
+            guide_trace = trace_log_terms(model_fn, guide_fn, x, 1, mask,
+                                          particle_plate=False).guide_trace
+            whole, scale = _model_density(model_fn, x, guide_trace, slice(0, num_rows), mask)
+            again, _ = _model_density(model_fn, x, guide_trace, slice(0, num_rows), mask)
+            part, _ = _model_density(model_fn, x, guide_trace, first, mask)
+    except Exception:  # noqa: BLE001 - a model that cannot run on fewer rows is not compared
+        return
+    finally:
+        rewind()
+    tol = _PLATE_FREE_RTOL * scale
+    if not bool(_agree(again, whole, tol).all()):
+        return  # randomness outside the sample sites
+    bad = (~_agree(part, whole[first], tol[first])).nonzero()
+    if bad.numel():
+        row = int(bad[0, 0])
+        raise ContractError(
+            f"the model mixes rows: row {row}'s log p(x, z) is {float(whole[row]):.6g} in a "
+            f"batch of {num_rows} rows and {float(part[row]):.6g} in a batch of the first "
+            f"{first.stop} (the same latent values): per-row importance weights need each "
+            f"row's density to depend on that row only (no mean, normalization, BatchNorm or "
+            f"attention across the data rows in the model, and no scaling by the batch size: "
+            f"the objectives scale minibatches themselves)")
+
+
 def check_contract(pair, x, mask=None, *, guide=None, require_reparameterized: bool = True,
                    check_support: bool = True) -> ContractReport:
     """Run a model/guide pair on ``x`` and verify that it keeps the pyro-lvm contract.
@@ -398,7 +446,8 @@ def check_contract(pair, x, mask=None, *, guide=None, require_reparameterized: b
     The pair is run once as written (guide, then model replayed on the guide's draws) and once
     through :func:`inference.importance_weights.trace_log_terms` with two particles vectorized in
     ``pyro.plate("num_particles_vectorized", 2, dim=-2)``, then twice with one particle, with
-    and without that plate, on the same random numbers. Parameters created by the runs live
+    and without that plate, on the same random numbers, and its model once more on the first
+    half of the rows (their latent values replayed). Parameters created by the runs live
     in a throw-away parameter store (:func:`inference.engine.isolated_param_store`), so the
     check leaves no trace in the global store.
 
@@ -438,7 +487,9 @@ def check_contract(pair, x, mask=None, *, guide=None, require_reparameterized: b
         than the prior's; log-densities that cannot be computed, or a site whose batch shape
         is not ``[n]`` (missing ``.to_event``); code that does not broadcast over a particle
         dimension on the left; log weights that change when the particle plate is left out
-        of a one-particle run (code that reads the particle dim).
+        of a one-particle run (code that reads the particle dim); a model whose rows'
+        densities change when it runs on fewer rows (it mixes rows; not checked with one row,
+        with randomness outside ``pyro.sample`` or for a model that cannot run on fewer rows).
     """
     model_fn, guide_fn, _module = resolve_pair(pair, guide)
     mask = _check_inputs(x, mask)
@@ -459,6 +510,7 @@ def check_contract(pair, x, mask=None, *, guide=None, require_reparameterized: b
         _check_batch_shapes(traces, num_rows, enumerated)
         _check_particle_plate(model_fn, guide_fn, x, mask, num_rows, enumerated)
         _check_without_particle_plate(model_fn, guide_fn, x, mask)
+        _check_rows_separate(model_fn, guide_fn, x, mask)
     return ContractReport(
         latent_sites=latent_sites,
         observed_sites={n: tuple(getattr(s["fn"], "event_shape", ())) for n, s in observed.items()},

@@ -76,6 +76,7 @@ __all__ = [
     "DATA_PLATE",
     "LogTerms",
     "trace_log_terms",
+    "model_terms_on_rows",
     "log_weights",
     "elbo_from_log_weights",
     "iwae_from_log_weights",
@@ -375,6 +376,23 @@ def trace_log_terms(model: Callable, guide: Callable, x: torch.Tensor, num_parti
         raise ValueError(f"particle_plate=False needs num_particles=1, got {num_particles}")
     guide_trace = _run_guide(guide, x, num_particles, mask, particle_dim=particle_plate)
     return _score(model, None, x, num_particles, mask, guide_trace, particle_dim=particle_plate)
+
+
+def model_terms_on_rows(model: Callable, x: torch.Tensor, guide_trace: poutine.Trace,
+                        rows: slice, mask: Optional[torch.Tensor] = None):
+    """``(log_lik, log_prior)``, each ``[1, len(rows)]``: the model run without the particle
+    plate on the rows ``rows`` of ``x`` (and ``mask``), replayed on those rows of the latent
+    values of ``guide_trace`` (a one-particle run without the plate, values ``[batch, ...]``).
+    For a model whose row ``i`` depends on row ``i`` only, the terms of the same rows agree
+    whatever other rows the batch holds."""
+    replay = poutine.Trace()
+    for name in _latent_site_names(guide_trace):
+        site = guide_trace.nodes[name]
+        replay.add_node(name, type="sample", is_observed=False, infer=dict(site["infer"]),
+                        value=site["value"][rows])
+    xs, ms = x[rows], None if mask is None else mask[rows]
+    trace = _record(model, xs, 1, ms, replay=replay, enumerate_sites=True, particle_dim=False)
+    return _model_terms(trace, torch.Size((1, xs.shape[0])))
 
 
 def log_weights(model: Callable, guide: Callable, x: torch.Tensor, num_particles: int = 1,

@@ -157,6 +157,15 @@ def dim0_model(x, mask=None):
         pyro.sample("x", dist.Normal(loc - loc.mean(0), 1.0).to_event(1), obs=x)
 
 
+def row_mixing_model(x, mask=None):
+    # centres the decoder's mean over the data rows: row i's density depends on the others
+    loading = pyro.param("loading", torch.full((D, P), 0.1))
+    with pyro.plate("data", x.shape[0], dim=-1):
+        z = pyro.sample("z", dist.Normal(x.new_zeros(D), 1.0).to_event(1))
+        loc = z @ loading
+        pyro.sample("x", dist.Normal(loc - loc.mean(-2, keepdim=True), 1.0).to_event(1), obs=x)
+
+
 def model_without_mask(x):
     good_model(x)
 
@@ -184,6 +193,9 @@ BROKEN = {
     "reads the particle dim": ((dim0_model, good_guide),
                                r"row 0 has log weight \S+ with a particle plate of size 1 on the left "
                                r"and \S+ without it .*the pair reads the particle dim"),
+    "mixes rows": ((row_mixing_model, good_guide),
+                   r"the model mixes rows: row 0's log p\(x, z\) is \S+ in a batch of 7 rows "
+                   r"and \S+ in a batch of the first 3 \(the same latent values\)"),
     "not reparameterized": ((discrete_model, discrete_guide),
                             r"latent site\(s\) \['z'\] in the guide use distribution\(s\) \['Bernoulli'\] without rsample"),
     "guide support wider than the prior's": ((positive_model, good_guide),
@@ -369,3 +381,26 @@ def test_the_particle_comparison_accepts_equal_infinite_log_weights(x):
         assert check_contract((truncated(False), good_guide), x).data_size == N
         with pytest.raises(ContractError, match="the pair reads the particle dim"):
             check_contract((truncated(True), good_guide), x)
+
+
+def test_the_row_check_leaves_out_what_it_cannot_compare(x):
+    # one row; a model with one parameter per training row (it cannot run on fewer rows); a
+    # model with dropout (two runs differ): none is refused by the row check
+    def per_row_model(x, mask=None):
+        shift = pyro.param("shift", torch.zeros(N, P))
+        with pyro.plate("data", x.shape[0], dim=-1):
+            z = pyro.sample("z", dist.Normal(x.new_zeros(D), 1.0).to_event(1))
+            pyro.sample("x", dist.Normal(z @ torch.full((D, P), 0.1) + shift, 1.0).to_event(1),
+                        obs=x)
+
+    assert check_contract((row_mixing_model, good_guide), x[:1]).data_size == 1
+    assert check_contract((per_row_model, good_guide), x).data_size == N
+    assert check_contract((_dropout_model(False), good_guide), x).data_size == N
+
+
+def test_a_row_mixing_model_is_refused_by_fit_before_any_step():
+    from pyro_lvm import ELBO, fit
+
+    with pytest.raises(ContractError, match="the model mixes rows"):
+        fit((row_mixing_model, good_guide), torch.randn(40, P), objective=ELBO(), epochs=1,
+            batch_size=20, progress=False, device="cpu")
