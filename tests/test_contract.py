@@ -147,23 +147,29 @@ def positive_model(x, mask=None):
         pyro.sample("x", dist.Normal(z @ torch.ones(D, P), 1.0).to_event(1), obs=x)
 
 
-def dim0_model(x, mask=None):
-    # centres the decoder's mean over dim 0: the rows without a particle dim, the particles with
-    # one; every shape check passes
-    loading = pyro.param("loading", torch.full((D, P), 0.1))
-    with pyro.plate("data", x.shape[0], dim=-1):
-        z = pyro.sample("z", dist.Normal(x.new_zeros(D), 1.0).to_event(1))
-        loc = z @ loading
-        pyro.sample("x", dist.Normal(loc - loc.mean(0), 1.0).to_event(1), obs=x)
+def shifted_model(shift, truncate=False):
+    """``good_model`` with the decoder's mean ``loc`` replaced by ``loc - shift(loc)``; with
+    ``truncate``, rows whose first column is not positive get a scale of 1e-30 (log weight
+    -inf in float32)."""
+    def model(x, mask=None):
+        loading = pyro.param("loading", torch.full((D, P), 0.1))
+        with pyro.plate("data", x.shape[0], dim=-1):
+            z = pyro.sample("z", dist.Normal(x.new_zeros(D), 1.0).to_event(1))
+            loc = z @ loading
+            loc = loc if shift is None else loc - shift(loc)
+            if truncate:
+                scale = torch.where(x[..., :1] > 0, 1.0, 1e-30).expand(x.shape)
+                pyro.sample("x", dist.Normal(loc, scale).to_event(1), obs=x.abs() + 1)
+            else:
+                pyro.sample("x", dist.Normal(loc, 1.0).to_event(1), obs=x)
+    return model
 
 
-def row_mixing_model(x, mask=None):
-    # centres the decoder's mean over the data rows: row i's density depends on the others
-    loading = pyro.param("loading", torch.full((D, P), 0.1))
-    with pyro.plate("data", x.shape[0], dim=-1):
-        z = pyro.sample("z", dist.Normal(x.new_zeros(D), 1.0).to_event(1))
-        loc = z @ loading
-        pyro.sample("x", dist.Normal(loc - loc.mean(-2, keepdim=True), 1.0).to_event(1), obs=x)
+# centres the decoder's mean over dim 0: the rows without a particle dim, the particles with
+# one; every shape check passes
+dim0_model = shifted_model(lambda loc: loc.mean(0))
+# centres it over the data rows: row i's density depends on the others
+row_mixing_model = shifted_model(lambda loc: loc.mean(-2, keepdim=True))
 
 
 def model_without_mask(x):
@@ -365,15 +371,7 @@ def test_the_particle_comparison_accepts_equal_infinite_log_weights(x):
     # the same number, not a difference (nor a sign of hidden randomness, which would skip the
     # comparison and let the centred variant through)
     def truncated(centred):
-        def model(x, mask=None):
-            loading = pyro.param("loading", torch.full((D, P), 0.1))
-            with pyro.plate("data", x.shape[0], dim=-1):
-                z = pyro.sample("z", dist.Normal(x.new_zeros(D), 1.0).to_event(1))
-                loc = z @ loading
-                loc = loc - loc.mean(0) if centred else loc
-                scale = torch.where(x[..., :1] > 0, 1.0, 1e-30).expand(x.shape)
-                pyro.sample("x", dist.Normal(loc, scale).to_event(1), obs=x.abs() + 1)
-        return model
+        return shifted_model((lambda loc: loc.mean(0)) if centred else None, truncate=True)
 
     x = x.clone()
     x[:3, 0], x[3:, 0] = -1.0, 1.0  # three rows outside the support
@@ -400,12 +398,7 @@ def test_the_row_check_leaves_out_what_it_cannot_compare(x):
 
 def test_a_model_that_reads_an_earlier_row_is_refused(x):
     # row i depends on row 0: the first half alone agrees with the batch, the second does not
-    def first_row_model(x, mask=None):
-        loading = pyro.param("loading", torch.full((D, P), 0.1))
-        with pyro.plate("data", x.shape[0], dim=-1):
-            z = pyro.sample("z", dist.Normal(x.new_zeros(D), 1.0).to_event(1))
-            loc = z @ loading
-            pyro.sample("x", dist.Normal(loc - loc[..., :1, :], 1.0).to_event(1), obs=x)
+    first_row_model = shifted_model(lambda loc: loc[..., :1, :])
 
     with pytest.raises(ContractError, match=r"the model mixes rows: row 3's .* rows 3-6 only"):
         check_contract((first_row_model, good_guide), x)
