@@ -23,6 +23,7 @@ before a long fit, not from a broadcasting error deep inside an objective.
 """
 from __future__ import annotations
 
+import contextlib
 import re
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Optional, Tuple
@@ -346,9 +347,12 @@ def _agree(a: torch.Tensor, b: torch.Tensor, tol: torch.Tensor) -> torch.Tensor:
     return (a == b) | ((a - b).abs() <= tol) | (a.isnan() & b.isnan())
 
 
-def _rewinder(device: torch.device):
-    """A function that puts the random generators (torch's, on ``device`` too, Python's and
-    NumPy's, as :func:`pyro.util.get_rng_state` covers them) back where they are now."""
+@contextlib.contextmanager
+def _random_state_kept(device: torch.device):
+    """Yields a function that puts the random generators (torch's, on ``device`` too, Python's
+    and NumPy's, as :func:`pyro.util.get_rng_state` covers them) back where they were on
+    entry; on leaving they are put back too, so the checks draw nothing from the caller's
+    generators."""
     state = pyro.util.get_rng_state()
     cuda = [(d, torch.cuda.get_rng_state(d)) for d in ([device] if device.type == "cuda" else [])]
 
@@ -356,32 +360,36 @@ def _rewinder(device: torch.device):
         pyro.util.set_rng_state(state)
         for d, cuda_state in cuda:
             torch.cuda.set_rng_state(cuda_state, d)
-    return rewind
+    try:
+        yield rewind
+    finally:
+        rewind()
 
 
-def _check_without_particle_plate(model_fn, guide_fn, x, mask) -> None:
+def _rounding_scale(*terms) -> torch.Tensor:
+    """``1 + sum |term|``: the size the rounding of a sum of log-density terms scales with."""
+    return 1 + sum(t.abs() for t in terms if t is not None)
+
+
+def _check_without_particle_plate(model_fn, guide_fn, x, mask, rewind):
     """A one-particle run without the particle plate (how a one-particle ELBO step runs the
     pair, as Pyro's ``Trace_ELBO`` does) gives the log weights of a run with a particle plate
-    of size 1, on the same random numbers (the draws are then the same, dropout included).
-    A pair that reads the particle dim (``z.shape[0]`` as the batch size, a sum or mean over
-    dim 0, a branch on ``z.dim()``) passes the shape checks but fails this one: it would
-    train another objective than the one evaluation reports."""
-    rewind = _rewinder(x.device)
+    of size 1, on the same random numbers (``rewind`` between the runs: the draws are then the
+    same, dropout included). A pair that reads the particle dim (``z.shape[0]`` as the batch
+    size, a sum or mean over dim 0, a branch on ``z.dim()``) passes the shape checks but fails
+    this one: it would train another objective than the one evaluation reports. Returns the
+    terms of the run without the plate."""
+    plated = trace_log_terms(model_fn, guide_fn, x, 1, mask)
+    rewind()
     try:
-        with torch.no_grad():
-            plated = trace_log_terms(model_fn, guide_fn, x, 1, mask)
-            rewind()
-            try:
-                plain = trace_log_terms(model_fn, guide_fn, x, 1, mask, particle_plate=False)
-            except Exception as exc:
-                raise ContractError(
-                    f"the pair runs with a particle plate of size 1 but not without it, as a "
-                    f"one-particle ELBO step runs it: {type(exc).__name__}: {exc}") from exc
-    finally:
-        rewind()  # the check draws nothing from the caller's generators
+        plain = trace_log_terms(model_fn, guide_fn, x, 1, mask, particle_plate=False)
+    except Exception as exc:
+        raise ContractError(
+            f"the pair runs with a particle plate of size 1 but not without it, as a "
+            f"one-particle ELBO step runs it: {type(exc).__name__}: {exc}") from exc
     with_plate, without = plated.log_weights[0], plain.log_weights[0]
-    scale = 1 + plated.log_lik.abs() + plated.log_prior.abs() + plated.log_q.abs()
-    bad = (~_agree(without, with_plate, _PLATE_FREE_RTOL * scale[0])).nonzero()
+    scale = _rounding_scale(plated.log_lik, plated.log_prior, plated.log_q)[0]
+    bad = (~_agree(without, with_plate, _PLATE_FREE_RTOL * scale)).nonzero()
     if bad.numel():
         row = int(bad[0, 0])
         raise ContractError(
@@ -391,13 +399,13 @@ def _check_without_particle_plate(model_fn, guide_fn, x, mask) -> None:
             f"particle dim (e.g. z.shape[0] or x.shape[0] of a latent as the batch size, a sum "
             f"or mean over dim 0, a branch on z.dim()); index from the right (dim=-2, "
             f"shape[-2]) so that leading particle dims only broadcast")
+    return plain
 
 
-def _model_density(model_fn, x, guide_trace, rows: slice, mask):
-    """``(log p(x_i, z_i), 1 + |log_lik| + |log_prior|)`` of the rows ``rows``, ``[rows]``."""
-    terms = [t[0] for t in model_terms_on_rows(model_fn, x, guide_trace, rows, mask)
-             if t is not None]
-    return sum(terms), 1 + sum(t.abs() for t in terms)
+def _model_density(model_fn, x, guide_trace, rows: slice, mask) -> torch.Tensor:
+    """``log p(x_i, z_i)`` of the rows ``rows`` scored on their own, ``[rows]``."""
+    log_lik, log_prior = model_terms_on_rows(model_fn, x, guide_trace, rows, mask)
+    return sum(t[0] for t in (log_lik, log_prior) if t is not None)
 
 
 #: Relative tolerance of :func:`_check_rows_separate`. A float32 matrix product rounds a row
@@ -408,32 +416,27 @@ def _model_density(model_fn, x, guide_trace, rows: slice, mask):
 _ROWS_RTOL = 1e-3
 
 
-def _check_rows_separate(model_fn, guide_fn, x, mask) -> None:
+def _check_rows_separate(model_fn, x, mask, plain) -> None:
     """Row ``i``'s model density depends on row ``i`` only: the model scored on the first half
-    of the rows, then on the second (their latent values replayed), gives those rows the
-    densities they have in the whole batch. A model that mixes rows (a mean or normalization
-    over the batch, BatchNorm or attention across rows, a row read by index, scaling by the
-    batch size) is not a per-row density: minibatch bounds and chunked evaluations would then
-    depend on which rows share a batch. Not checked with one row, nor when the model draws
-    randomness outside ``pyro.sample`` (dropout: two runs differ by design) or cannot run on
-    half the rows (e.g. one parameter per training row, or BatchNorm on a single row)."""
+    of the rows, then on the second (their latent values from ``plain``, the one-particle run
+    without the particle plate, replayed), gives those rows the densities they have in the
+    whole batch. A model that mixes rows (a mean or normalization over the batch, BatchNorm
+    or attention across rows, a row read by index, scaling by the batch size) is not a per-row
+    density: minibatch bounds and chunked evaluations would then depend on which rows share a
+    batch. Not checked with one row, nor when the model draws randomness outside
+    ``pyro.sample`` (dropout: two runs differ by design) or cannot run on half the rows (e.g.
+    one parameter per training row, or BatchNorm on a single row)."""
     num_rows = int(x.shape[0])
     if num_rows < 2:
         return
     halves = (slice(0, num_rows // 2), slice(num_rows // 2, num_rows))
-    rewind = _rewinder(x.device)
+    whole = (plain.log_lik + plain.log_prior)[0]
     try:
-        with torch.no_grad():
-            guide_trace = trace_log_terms(model_fn, guide_fn, x, 1, mask,
-                                          particle_plate=False).guide_trace
-            whole, scale = _model_density(model_fn, x, guide_trace, slice(0, num_rows), mask)
-            again, _ = _model_density(model_fn, x, guide_trace, slice(0, num_rows), mask)
-            parts = [_model_density(model_fn, x, guide_trace, rows, mask)[0] for rows in halves]
+        again = _model_density(model_fn, x, plain.guide_trace, slice(0, num_rows), mask)
+        parts = [_model_density(model_fn, x, plain.guide_trace, rows, mask) for rows in halves]
     except Exception:  # noqa: BLE001 - a model that cannot run on fewer rows is not compared
         return
-    finally:
-        rewind()
-    tol = _ROWS_RTOL * scale
+    tol = _ROWS_RTOL * _rounding_scale(plain.log_lik, plain.log_prior)[0]
     if not bool(_agree(again, whole, tol).all()):
         return  # randomness outside the sample sites
     for rows, part in zip(halves, parts):
@@ -521,8 +524,9 @@ def check_contract(pair, x, mask=None, *, guide=None, require_reparameterized: b
             require_reparameterized=require_reparameterized, check_support=check_support)
         _check_batch_shapes(traces, num_rows, enumerated)
         _check_particle_plate(model_fn, guide_fn, x, mask, num_rows, enumerated)
-        _check_without_particle_plate(model_fn, guide_fn, x, mask)
-        _check_rows_separate(model_fn, guide_fn, x, mask)
+        with _random_state_kept(x.device) as rewind, torch.no_grad():
+            plain = _check_without_particle_plate(model_fn, guide_fn, x, mask, rewind)
+            _check_rows_separate(model_fn, x, mask, plain)
     return ContractReport(
         latent_sites=latent_sites,
         observed_sites={n: tuple(getattr(s["fn"], "event_shape", ())) for n, s in observed.items()},

@@ -335,6 +335,15 @@ def _model_terms(model_trace: poutine.Trace, shape: torch.Size):
     return log_lik, log_prior
 
 
+def _replayed_model(model: Callable, x: torch.Tensor, num_particles: int,
+                    mask: Optional[torch.Tensor], replay: poutine.Trace, particle_dim: bool):
+    """The model's trace replayed on ``replay``'s latent values, and its ``(log_lik,
+    log_prior)`` ``[K, batch]``."""
+    model_trace = _record(model, x, num_particles, mask, replay=replay, enumerate_sites=True,
+                          particle_dim=particle_dim)
+    return model_trace, _model_terms(model_trace, torch.Size((num_particles, x.shape[0])))
+
+
 def _score(model: Callable, guide: Optional[Callable], x: torch.Tensor, num_particles: int,
            mask: Optional[torch.Tensor], guide_trace: poutine.Trace,
            replay_trace: Optional[poutine.Trace] = None,
@@ -346,10 +355,9 @@ def _score(model: Callable, guide: Optional[Callable], x: torch.Tensor, num_part
     if guide is not None:
         guide_trace = _record(guide, x, num_particles, mask, replay=replay_trace,
                               particle_dim=particle_dim)
-    model_trace = _record(model, x, num_particles, mask, replay=replay_trace,
-                          enumerate_sites=True, particle_dim=particle_dim)
+    model_trace, (log_lik, log_prior) = _replayed_model(model, x, num_particles, mask,
+                                                        replay_trace, particle_dim)
     shape = torch.Size((num_particles, x.shape[0]))
-    log_lik, log_prior = _model_terms(model_trace, shape)
     log_q = None
     for name in _latent_site_names(guide_trace):
         term = _per_point(name, guide_trace.nodes[name], shape, "guide")
@@ -390,9 +398,8 @@ def model_terms_on_rows(model: Callable, x: torch.Tensor, guide_trace: poutine.T
         site = guide_trace.nodes[name]
         replay.add_node(name, type="sample", is_observed=False, infer=dict(site["infer"]),
                         value=site["value"][rows])
-    xs, ms = x[rows], None if mask is None else mask[rows]
-    trace = _record(model, xs, 1, ms, replay=replay, enumerate_sites=True, particle_dim=False)
-    return _model_terms(trace, torch.Size((1, xs.shape[0])))
+    return _replayed_model(model, x[rows], 1, None if mask is None else mask[rows], replay,
+                           particle_dim=False)[1]
 
 
 def log_weights(model: Callable, guide: Callable, x: torch.Tensor, num_particles: int = 1,
