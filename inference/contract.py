@@ -24,6 +24,7 @@ before a long fit, not from a broadcasting error deep inside an objective.
 from __future__ import annotations
 
 import contextlib
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Optional, Tuple
@@ -43,6 +44,7 @@ except ImportError:  # pragma: no cover - older torch
 from pyro_lvm.inference import pairs
 from pyro_lvm.inference.engine import isolated_param_store, resolve_pair
 from pyro_lvm.inference.importance_weights import (DATA_PLATE, PARTICLE_PLATE,
+                                                   _replayed_model, model_terms_of_particle,
                                                    model_terms_on_rows, trace_log_terms)
 
 __all__ = ["ContractError", "ContractReport", "check_contract"]
@@ -305,6 +307,33 @@ def _check_batch_shapes(traces, num_rows: int, enumerated=()) -> None:
                     f"n = x.shape[0]{hint}")
 
 
+def _check_site_scales(traces) -> None:
+    """Every site has scale 1: a ``poutine.scale`` in the pair (a tempered likelihood, a weight
+    per row, a minibatch factor ``N / B`` written by hand) or a subsampling plate (scale
+    ``full size / subsample size``) changes the densities the estimates are made of, so the
+    importance-sampled "log p(x)" would be the log of another quantity."""
+    for role, trace in traces:
+        for name, site in _sample_sites(trace):
+            scale = site["scale"]
+            if torch.is_tensor(scale) and scale.numel() != 1:
+                shown = f"a tensor of shape {tuple(scale.shape)}"
+            elif math.isclose(float(scale), 1.0, rel_tol=1e-6):
+                continue
+            else:
+                shown = f"{float(scale):g}"
+            subsampling = [f"{frame.name!r} ({frame.size} of {frame.full_size})"
+                           for frame in site["cond_indep_stack"]
+                           if getattr(frame, "full_size", None) not in (None, frame.size)]
+            source = (f", set by its subsampling plate(s) {', '.join(subsampling)}"
+                      if subsampling else " (a poutine.scale or a scale set by the pair)")
+            raise ContractError(
+                f"site {name!r} in the {role} has scale {shown}{source}: its log density is "
+                f"then a weighted one, so the bounds and the importance-sampled log p(x) would "
+                f"be of another quantity; every site needs scale 1 (the data plate takes all "
+                f"rows of x, pyro.plate('data', x.shape[0]); the objectives scale minibatches "
+                f"by num_data themselves, and ELBO(beta=...) weights the KL term)")
+
+
 def _check_particle_plate(model_fn, guide_fn, x, mask, num_rows: int, enumerated=()) -> None:
     """Every site broadcasts with a particle plate on the left of the data plate (with
     enumerated sites, the values they enumerate on the dims further left)."""
@@ -335,6 +364,7 @@ def _check_particle_plate(model_fn, guide_fn, x, mask, num_rows: int, enumerated
                     f"[particles, n]; the site ignores the particle dimension (e.g. a "
                     f"distribution built with .expand([n, ...]) or reshaped with x.shape[0]); "
                     f"let the plates broadcast instead")
+    return terms
 
 
 #: Relative tolerance of :func:`_check_without_particle_plate` (the two runs differ by rounding
@@ -453,15 +483,54 @@ def _check_rows_separate(model_fn, x, mask, plain) -> None:
                 f"themselves)")
 
 
+def _check_particles_separate(model_fn, x, mask, terms) -> None:
+    """Each particle's model density depends on that particle's latent values only: the model
+    scored on particle ``k``'s draws alone, without the particle plate, gives the densities it
+    has in the vectorized run ``terms`` (two particles). A model that folds the particle dim
+    into the rows (``z.reshape(-1, d)``, ``z.view(-1, d)[:n]``), or reads one particle for all
+    (``z[0]``), passes the shape checks and agrees with itself at one particle, but gives every
+    ``K > 1`` bound and the importance-sampled log-likelihood wrong weights. Not checked when
+    the model draws randomness outside ``pyro.sample`` (two runs differ by design) or cannot
+    run on one particle's values (the other checks cover its shapes)."""
+    num_particles = int(terms.log_lik.shape[0])
+    whole = terms.log_lik + terms.log_prior
+    tol = _ROWS_RTOL * _rounding_scale(terms.log_lik, terms.log_prior)
+    try:
+        again = sum(t for t in _replayed_model(model_fn, x, num_particles, mask,
+                                               terms.guide_trace, True)[1] if t is not None)
+        alone = [model_terms_of_particle(model_fn, x, terms.guide_trace, k, mask)
+                 for k in range(num_particles)]
+    except Exception:  # noqa: BLE001 - a model that cannot run on one particle is not compared
+        return
+    if any(a is None for a in alone) or not bool(_agree(again, whole, tol).all()):
+        return  # values without a particle dim, or randomness outside the sample sites
+    for k, (log_lik, log_prior) in enumerate(alone):
+        density = sum(t[0] for t in (log_lik, log_prior) if t is not None)
+        bad = (~_agree(density, whole[k], tol[k])).nonzero()
+        if bad.numel():
+            row = int(bad[0, 0])
+            raise ContractError(
+                f"the model mixes particles: row {row}'s log p(x, z) for particle {k} is "
+                f"{float(whole[k, row]):.6g} when {num_particles} particles run vectorized "
+                f"(pyro.plate({PARTICLE_PLATE!r}, {num_particles}, dim=-2)) and "
+                f"{float(density[row]):.6g} when particle {k}'s latent values are scored alone: "
+                f"the model reads across the particle dim (e.g. z.reshape(-1, d) or "
+                f"z.view(-1, d) folding particles into rows, z[0], a sum or mean over dim 0), "
+                f"so every bound with K > 1 particles and the importance-sampled "
+                f"log-likelihood would use wrong weights; keep leading dims (z @ W.T, "
+                f"z.reshape(*z.shape[:-1], ...))")
+
+
 def check_contract(pair, x, mask=None, *, guide=None, require_reparameterized: bool = True,
-                   check_support: bool = True) -> ContractReport:
+                   check_support: bool = True, param_state=None) -> ContractReport:
     """Run a model/guide pair on ``x`` and verify that it keeps the pyro-lvm contract.
 
     The pair is run once as written (guide, then model replayed on the guide's draws) and once
     through :func:`inference.importance_weights.trace_log_terms` with two particles vectorized in
     ``pyro.plate("num_particles_vectorized", 2, dim=-2)``, then twice with one particle, with
     and without that plate, on the same random numbers, and its model once more on each half
-    of the rows (their latent values replayed). Parameters created by the runs live
+    of the rows and on each of the two particles' draws alone (their latent values
+    replayed). Parameters created by the runs live
     in a throw-away parameter store (:func:`inference.engine.isolated_param_store`), so the
     check leaves no trace in the global store.
 
@@ -481,6 +550,11 @@ def check_contract(pair, x, mask=None, *, guide=None, require_reparameterized: b
     check_support : bool
         Reject a guide whose distribution for a latent site can put mass outside the prior's
         support (e.g. a Normal guide for a log-normal prior): the bound would be :math:`-\\infty`.
+    param_state : dict, optional
+        A parameter-store state (``pyro.get_param_store().get_state()``, a fit result's
+        ``param_store_state``) the runs start from; default: an empty store, so plain
+        ``pyro.param`` statements take their initial values. Either way the global store is
+        left as it was.
 
     Returns
     -------
@@ -499,12 +573,15 @@ def check_contract(pair, x, mask=None, *, guide=None, require_reparameterized: b
         ``infer={"enumerate": "parallel"}``, summed out exactly) or vice versa;
         a latent without ``rsample`` (when ``require_reparameterized``); guide support wider
         than the prior's; log-densities that cannot be computed, or a site whose batch shape
-        is not ``[n]`` (missing ``.to_event``); code that does not broadcast over a particle
-        dimension on the left; log weights that change when the particle plate is left out
-        of a one-particle run (code that reads the particle dim); a model whose rows'
-        densities change when it runs on half the rows (it mixes rows; not checked with one
-        row, with randomness outside ``pyro.sample`` or for a model that cannot run on half
-        the rows).
+        is not ``[n]`` (missing ``.to_event``); a site whose scale is not 1 (a
+        ``poutine.scale`` in the pair, a subsampling plate); code that does not broadcast
+        over a particle dimension on the left; log weights that change when the particle
+        plate is left out of a one-particle run (code that reads the particle dim); a model
+        whose rows' densities change when it runs on half the rows (it mixes rows); a model
+        whose particles' densities change when each particle's latent values are scored
+        alone (it mixes particles, e.g. ``z.reshape(-1, d)``). The last two are not checked
+        with randomness outside ``pyro.sample`` or for a model that cannot run on half the
+        rows or on one particle; the row check not with one row.
     """
     model_fn, guide_fn, _module = resolve_pair(pair, guide)
     mask = _check_inputs(x, mask)
@@ -513,7 +590,7 @@ def check_contract(pair, x, mask=None, *, guide=None, require_reparameterized: b
         for fn, role in ((model_fn, "model"), (guide_fn, "guide")):
             if pairs.takes_no_mask(fn):
                 raise ContractError(pairs.mask_required_message(fn, role, mask))
-    with isolated_param_store():
+    with isolated_param_store(param_state):
         guide_trace = _run(guide_fn, "guide", x, mask)
         model_trace = _run(model_fn, "model", x, mask, replay_trace=guide_trace)
         traces = (("guide", guide_trace), ("model", model_trace))
@@ -523,10 +600,12 @@ def check_contract(pair, x, mask=None, *, guide=None, require_reparameterized: b
             model_trace, guide_trace, guide_latent,
             require_reparameterized=require_reparameterized, check_support=check_support)
         _check_batch_shapes(traces, num_rows, enumerated)
-        _check_particle_plate(model_fn, guide_fn, x, mask, num_rows, enumerated)
+        _check_site_scales(traces)
+        terms = _check_particle_plate(model_fn, guide_fn, x, mask, num_rows, enumerated)
         with _random_state_kept(x.device) as rewind, torch.no_grad():
             plain = _check_without_particle_plate(model_fn, guide_fn, x, mask, rewind)
             _check_rows_separate(model_fn, x, mask, plain)
+            _check_particles_separate(model_fn, x, mask, terms)
     return ContractReport(
         latent_sites=latent_sites,
         observed_sites={n: tuple(getattr(s["fn"], "event_shape", ())) for n, s in observed.items()},

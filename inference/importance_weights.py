@@ -77,6 +77,7 @@ __all__ = [
     "LogTerms",
     "trace_log_terms",
     "model_terms_on_rows",
+    "model_terms_of_particle",
     "log_weights",
     "elbo_from_log_weights",
     "iwae_from_log_weights",
@@ -386,6 +387,16 @@ def trace_log_terms(model: Callable, guide: Callable, x: torch.Tensor, num_parti
     return _score(model, None, x, num_particles, mask, guide_trace, particle_dim=particle_plate)
 
 
+def _latent_values_replay(guide_trace: poutine.Trace, select: Callable) -> poutine.Trace:
+    """A trace holding ``select(site)`` as the value of every latent site of ``guide_trace``."""
+    replay = poutine.Trace()
+    for name in _latent_site_names(guide_trace):
+        site = guide_trace.nodes[name]
+        replay.add_node(name, type="sample", is_observed=False, infer=dict(site["infer"]),
+                        value=select(site))
+    return replay
+
+
 def model_terms_on_rows(model: Callable, x: torch.Tensor, guide_trace: poutine.Trace,
                         rows: slice, mask: Optional[torch.Tensor] = None):
     """``(log_lik, log_prior)``, each ``[1, len(rows)]``: the model run without the particle
@@ -393,14 +404,29 @@ def model_terms_on_rows(model: Callable, x: torch.Tensor, guide_trace: poutine.T
     values of ``guide_trace`` (a one-particle run without the plate, values ``[batch, ...]``).
     For a model whose row ``i`` depends on row ``i`` only, the terms of the same rows agree
     whatever other rows the batch holds."""
-    replay = poutine.Trace()
-    for name in _latent_site_names(guide_trace):
-        site = guide_trace.nodes[name]
-        replay.add_node(name, type="sample", is_observed=False, infer=dict(site["infer"]),
-                        value=site["value"][rows])
+    replay = _latent_values_replay(guide_trace, lambda site: site["value"][rows])
     return _replayed_model(model, x[rows], 1, None if mask is None else mask[rows], replay,
                            particle_dim=False)[1]
 
+
+def model_terms_of_particle(model: Callable, x: torch.Tensor, guide_trace: poutine.Trace,
+                            particle: int, mask: Optional[torch.Tensor] = None):
+    """``(log_lik, log_prior)``, each ``[1, batch]``: the model run without the particle plate
+    on all rows of ``x``, replayed on particle ``particle`` of the latent values of
+    ``guide_trace`` (a run with a particle plate, values ``[K, batch, ...]``). For a model that
+    only broadcasts over the particle dim, the terms equal that particle's terms in the
+    vectorized run. None when a latent value lacks the particle dim where the plate puts it
+    (left of the data dim and the site's event dims)."""
+    values = {}
+    for name in _latent_site_names(guide_trace):
+        site = guide_trace.nodes[name]
+        value = site["value"]
+        dim = value.dim() - len(getattr(site["fn"], "event_shape", ())) - 2
+        if dim < 0 or value.shape[dim] <= particle:
+            return None
+        values[name] = value.select(dim, particle)
+    replay = _latent_values_replay(guide_trace, lambda site: values[site["name"]])
+    return _replayed_model(model, x, 1, mask, replay, particle_dim=False)[1]
 
 def log_weights(model: Callable, guide: Callable, x: torch.Tensor, num_particles: int = 1,
                 mask: Optional[torch.Tensor] = None) -> torch.Tensor:

@@ -219,24 +219,42 @@ def _missing_parameters(param_trace: poutine.Trace, present: set) -> List[str]:
     return names
 
 
+#: Rows of the data :func:`check_pair_for_evaluation` runs :func:`pyro_lvm.check_contract` on
+#: (as many as ``fit`` checks)
+EVALUATION_CHECK_ROWS = 16
+
+
 def check_pair_for_evaluation(model_fn: Callable, guide_fn: Callable, x: torch.Tensor,
                               mask: Optional[torch.Tensor], module) -> Dict[str, List[str]]:
-    """Run the pair once on the first row and refuse what would give a wrong number.
+    """Run the pair on the first rows and refuse what would give a wrong number.
 
     To be called inside the activated parameter store of an evaluation (and inside
-    ``torch.random.fork_rng``: it draws once). Raises :class:`PairError` for a plain-function
+    ``torch.random.fork_rng``: it draws). Raises :class:`PairError` for a plain-function
     pair whose ``pyro.param`` values are not in the active store (naming them and saying how
-    to pass the fit result), and for mismatched sites (:func:`check_sites`); any parameter the
-    run creates is discarded. Returns :func:`check_sites`' summary.
+    to pass the fit result), and for mismatched sites (:func:`check_sites`); then runs
+    :func:`pyro_lvm.check_contract` on the first :data:`EVALUATION_CHECK_ROWS` rows with the
+    active parameters, so evaluation refuses what ``fit`` refuses (a missing ``.to_event``, a
+    scaled site, a model that mixes rows or particles, ...) with the same
+    :class:`~pyro_lvm.inference.contract.ContractError`, except that a guide need not be
+    reparameterized nor match the prior's support (neither biases an importance-sampling
+    estimate); not for a pair whose guide draws nothing (its weights are the model's density,
+    the same for every particle). Any parameter the runs create is discarded. Returns
+    :func:`check_sites`' summary.
     """
+    from pyro_lvm.inference.contract import check_contract  # contract imports this module
+
     store = pyro.get_param_store()
     present = set(store.keys())
     xb = x[:1]
     mb = None if mask is None else mask[:1]
+    failure, sites = None, None
     with store.scope(store.get_state()), poutine.trace(param_only=True) as params:
-        guide_trace = poutine.trace(guide_fn).get_trace(xb, mask=mb)
-        model_trace = poutine.trace(poutine.replay(model_fn, trace=guide_trace)).get_trace(
-            xb, mask=mb)
+        try:
+            guide_trace = poutine.trace(guide_fn).get_trace(xb, mask=mb)
+            model_trace = poutine.trace(poutine.replay(model_fn, trace=guide_trace)).get_trace(
+                xb, mask=mb)
+        except Exception as exc:  # noqa: BLE001 - check_contract below names the problem
+            failure = exc
     if module is None:
         missing = _missing_parameters(params.trace, present)
         if missing:
@@ -246,7 +264,18 @@ def check_pair_for_evaluation(model_fn: Callable, guide_fn: Callable, x: torch.T
                 f"fit instead of the pair (log_likelihood(result, x), diagnose(result, x), ...), "
                 f"or evaluate inside `with result.activate():`, or pass "
                 f"param_state=result.param_store_state")
-    return check_sites(model_trace, guide_trace)
+    if failure is None:
+        sites = check_sites(model_trace, guide_trace)
+        if not sites["latent"]:
+            # no draw to check: the weights are the model's (exact) density for every particle
+            return sites
+    rows = slice(0, EVALUATION_CHECK_ROWS)
+    check_contract((model_fn, guide_fn), x[rows], None if mask is None else mask[rows],
+                   require_reparameterized=False, check_support=False,
+                   param_state=store.get_state())
+    if failure is not None:
+        raise failure
+    return sites
 
 
 def evaluation_param_state(pair, module, param_state) -> Optional[dict]:

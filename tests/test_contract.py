@@ -172,6 +172,44 @@ dim0_model = shifted_model(lambda loc: loc.mean(0))
 row_mixing_model = shifted_model(lambda loc: loc.mean(-2, keepdim=True))
 
 
+def particle_folding_model(x, mask=None):
+    """``good_model`` whose decoder reads ``z.reshape(-1, D)[:n]``: with K particles every
+    particle is scored on particle 0's latents; with one particle (with or without the
+    particle plate) it is ``good_model``, so every shape check passes."""
+    loading = pyro.param("loading", torch.full((D, P), 0.1))
+    with pyro.plate("data", x.shape[0], dim=-1):
+        z = pyro.sample("z", dist.Normal(x.new_zeros(D), 1.0).to_event(1))
+        folded = z.reshape(-1, D)[: x.shape[0]]
+        pyro.sample("x", dist.Normal(folded @ loading, 1.0).to_event(1), obs=x)
+
+
+def scaled_model(scale):
+    """``good_model`` with its observed site inside ``poutine.scale(scale=scale)``."""
+    def model(x, mask=None):
+        loading = pyro.param("loading", torch.full((D, P), 0.1))
+        with pyro.plate("data", x.shape[0], dim=-1):
+            z = pyro.sample("z", dist.Normal(x.new_zeros(D), 1.0).to_event(1))
+            with pyro.poutine.scale(scale=scale):
+                pyro.sample("x", dist.Normal(z @ loading, 1.0).to_event(1), obs=x)
+    return model
+
+
+def subsampled_pair(x_rows):
+    """``good_model`` / ``good_guide`` whose data plate has twice as many rows as x and takes
+    x's rows as its subsample (each site then has scale 2)."""
+    def model(x, mask=None):
+        loading = pyro.param("loading", torch.full((D, P), 0.1))
+        with pyro.plate("data", 2 * x_rows, subsample=torch.arange(x_rows)):
+            z = pyro.sample("z", dist.Normal(x.new_zeros(D), 1.0).to_event(1))
+            pyro.sample("x", dist.Normal(z @ loading, 1.0).to_event(1), obs=x)
+
+    def guide(x, mask=None):
+        weight = pyro.param("weight", torch.zeros(P, D))
+        with pyro.plate("data", 2 * x_rows, subsample=torch.arange(x_rows)):
+            pyro.sample("z", dist.Normal(x @ weight, 1.0).to_event(1))
+    return model, guide
+
+
 def model_without_mask(x):
     good_model(x)
 
@@ -202,6 +240,15 @@ BROKEN = {
     "mixes rows": ((row_mixing_model, good_guide),
                    r"the model mixes rows: row 0's log p\(x, z\) is \S+ in a batch of all 7 "
                    r"rows and \S+ in a batch of rows 0-2 only \(the same latent values\)"),
+    "mixes particles": ((particle_folding_model, good_guide),
+                        r"the model mixes particles: row 0's log p\(x, z\) for particle 1 is \S+ "
+                        r"when 2 particles run vectorized .* and \S+ when particle 1's latent "
+                        r"values are scored alone"),
+    "scaled site": ((scaled_model(0.5), good_guide),
+                    r"site 'x' in the model has scale 0.5 \(a poutine.scale"),
+    "subsampling data plate": (subsampled_pair(N),
+                               r"site 'z' in the guide has scale 2, set by its subsampling "
+                               r"plate\(s\) 'data' \(7 of 14\)"),
     "not reparameterized": ((discrete_model, discrete_guide),
                             r"latent site\(s\) \['z'\] in the guide use distribution\(s\) \['Bernoulli'\] without rsample"),
     "guide support wider than the prior's": ((positive_model, good_guide),
@@ -448,3 +495,63 @@ def test_a_row_mixing_model_is_refused_by_fit_before_any_step():
     with pytest.raises(ContractError, match="the model mixes rows"):
         fit((row_mixing_model, good_guide), torch.randn(40, P), objective=ELBO(), epochs=1,
             batch_size=20, progress=False, device="cpu")
+
+
+def test_a_particle_mixing_model_is_refused_by_fit_before_any_step():
+    from pyro_lvm import IWAE, fit
+
+    with pytest.raises(ContractError, match="the model mixes particles"):
+        fit((particle_folding_model, good_guide), torch.randn(40, P), objective=IWAE(5),
+            epochs=1, batch_size=20, progress=False, device="cpu")
+
+
+def test_the_particle_check_leaves_out_randomness_outside_the_sample_sites(x):
+    # dropout draws other masks when a particle is scored alone: not compared, not refused
+    assert check_contract((_dropout_model(False), good_guide), x).data_size == N
+
+
+def test_a_unit_scale_passes_and_any_other_is_refused(x):
+    assert check_contract((scaled_model(1.0), good_guide), x).data_size == N
+    for scale in (2.0, torch.tensor(0.5), torch.full((N,), 0.5)):
+        with pytest.raises(ContractError, match=r"site 'x' in the model has scale"):
+            check_contract((scaled_model(scale), good_guide), x)
+
+
+# ---- evaluation runs the same checks ------------------------------------------------------
+
+@pytest.mark.parametrize("kind", ["missing to_event", "mixes particles", "scaled site",
+                                  "subsampling data plate", "mixes rows",
+                                  "reads the particle dim"])
+def test_evaluation_refuses_what_check_contract_refuses_before_any_draw(kind, x):
+    from pyro_lvm import elbo, log_likelihood
+
+    (model, guide), message = BROKEN[kind]
+    with pyro.get_param_store().scope():
+        check = _params_created(model, guide, x)  # as after a user's own training
+        for evaluate in (log_likelihood, elbo):
+            before = torch.get_rng_state()
+            with pytest.raises(ContractError, match=message):
+                evaluate((model, guide), x, num_samples=4, progress=False)
+            assert torch.equal(torch.get_rng_state(), before)
+        assert check
+
+
+def test_evaluation_does_not_need_a_reparameterized_guide(x):
+    # a guide without rsample biases no importance-sampling estimate
+    from pyro_lvm import log_likelihood
+
+    with pyro.get_param_store().scope():
+        _params_created(discrete_model, discrete_guide, x)
+        estimate = log_likelihood((discrete_model, discrete_guide), x, num_samples=8,
+                                  progress=False)
+    assert len(estimate.per_row) == N
+
+
+def _params_created(model, guide, x):
+    """Run the pair once outside any check (its pyro.param values enter the active store)."""
+    try:
+        guide(x)
+        model(x)
+    except Exception:  # noqa: BLE001 - a broken pair may fail; its params exist by then
+        pass
+    return True
