@@ -1,5 +1,5 @@
 """The results of held-out evaluation: :class:`LogLikelihoodEstimate` (importance-sampled
-log p(x) with Monte Carlo and across-row standard errors, ESS, bits per dimension),
+log p(x) with Monte Carlo and across-row standard errors, ESS, Pareto k-hat, bits per dimension),
 :class:`ELBOEstimate` and :class:`ReconstructionError`, each with ``to_dict()`` for a metrics
 JSON and ``summary()`` for people, printing every number with as many decimals as its
 standard error warrants. How they are computed is in :mod:`pyro_lvm.inference.evaluate`."""
@@ -11,6 +11,8 @@ from typing import Any, Dict, Optional
 
 import numpy as np
 import pandas as pd
+
+from pyro_lvm.inference import reliability
 
 __all__ = ["LogLikelihoodEstimate", "ELBOEstimate", "ReconstructionError", "IS_LABEL",
            "ELBO_LABEL"]
@@ -59,8 +61,10 @@ class LogLikelihoodEstimate(_PerRowEstimate):
     per_row : pandas.DataFrame
         One row per data row: ``log_px`` (IS estimate, IWAE_K lower bound in expectation),
         ``se`` (its Monte Carlo standard error, delta method), ``ess`` (effective sample
-        size of the K weights, between 1 and K), ``exact_log_px`` (when the model has
-        ``log_marginal``).
+        size of the K weights, between 1 and K), ``khat`` (Pareto k-hat of the row's K
+        weights, :func:`pyro_lvm.inference.reliability.psis_khat`: ``-inf`` for constant
+        weights, ``+inf`` when no tail could be fitted, NaN when K < 25), ``exact_log_px``
+        (when the model has ``log_marginal``).
     mean : float
         Mean of ``log_px`` over rows (nats per row).
     mc_se : float
@@ -79,6 +83,13 @@ class LogLikelihoodEstimate(_PerRowEstimate):
         for continuous data (a density has no bits-per-dim reading).
     label : str
         What the estimate is, for tables and plots.
+
+    Reliability: a row whose k-hat is above :attr:`khat_threshold` (min(1 - 1/log10 K, 0.7),
+    as in :func:`pyro_lvm.inference.diagnose`) has an unreliable estimate *and* standard
+    error (the weights' variance may be infinite, and the delta-method se then understates
+    the error); :attr:`fraction_unreliable` is their share and ``summary()`` says so. With
+    K < 25 draws per row k-hat is not computed (NaN) and the summary says the estimate is
+    unchecked; with K = 1 there is no standard error either (``mc_se`` is NaN).
     """
 
     discrete: bool = False
@@ -97,6 +108,93 @@ class LogLikelihoodEstimate(_PerRowEstimate):
         """Mean effective sample size over rows."""
         return float(self.per_row["ess"].mean())
 
+    @property
+    def khat(self) -> np.ndarray:
+        """Per-row Pareto k-hat of the importance weights (NaN when not computed, K < 25)."""
+        if "khat" not in self.per_row.columns:
+            return np.full(len(self.per_row), math.nan)
+        return self.per_row["khat"].to_numpy(dtype=float)
+
+    @property
+    def khat_checked(self) -> bool:
+        """Whether k-hat was computed (K >= 25 draws per row)."""
+        return self.num_samples >= reliability.KHAT_MIN_SAMPLES and bool(
+            np.any(~np.isnan(self.khat)))
+
+    @property
+    def khat_threshold(self) -> Optional[float]:
+        """min(1 - 1/log10 K, 0.7) (:func:`pyro_lvm.inference.khat_threshold`); None when
+        k-hat was not computed."""
+        return reliability.khat_threshold(self.num_samples) if self.khat_checked else None
+
+    @property
+    def unreliable(self) -> np.ndarray:
+        """Per row: finite k-hat above :attr:`khat_threshold` (estimate and se unreliable)."""
+        if not self.khat_checked:
+            return np.zeros(len(self.per_row), dtype=bool)
+        return reliability.khat_unreliable(self.khat, self.num_samples)
+
+    @property
+    def fraction_unreliable(self) -> float:
+        """Share of rows whose k-hat is above :attr:`khat_threshold` (NaN when unchecked)."""
+        if not self.khat_checked or not len(self.per_row):
+            return math.nan
+        return float(np.mean(self.unreliable))
+
+    @property
+    def fraction_bad(self) -> float:
+        """Share of rows with finite k-hat above 0.7 (only a better guide helps there)."""
+        if not self.khat_checked or not len(self.per_row):
+            return math.nan
+        k = self.khat
+        return float(np.mean(np.isfinite(k) & (k > reliability.KHAT_BAD)))
+
+    @property
+    def fraction_undetermined(self) -> float:
+        """Share of rows whose k-hat could not be fitted (``+inf`` or NaN) though K >= 25."""
+        if not self.khat_checked or not len(self.per_row):
+            return math.nan
+        k = self.khat
+        return float(np.mean(np.isnan(k) | np.isposinf(k)))
+
+    def _reliability_lines(self) -> list:
+        """What the k-hat says about the estimate (one line, two with undetermined rows)."""
+        K = self.num_samples
+        if not self.khat_checked:
+            return [f"  k̂ not computed: {K} draw{'s' if K != 1 else ''} per row "
+                    f"{'are' if K != 1 else 'is'} too few for a Pareto tail fit (needs "
+                    f"num_samples >= {reliability.KHAT_MIN_SAMPLES}): the reliability of "
+                    f"{'these estimates' if K < 2 else 'these estimates and standard errors'} "
+                    f"is unchecked"]
+        threshold, bad_line = self.khat_threshold, reliability.KHAT_BAD
+        unreliable, bad = self.fraction_unreliable, self.fraction_bad
+        lines = []
+        if unreliable > 0:
+            if threshold >= bad_line:
+                head = f"k̂ > {bad_line:g} for {100 * unreliable:.1f}% of rows"
+            else:
+                head = (f"k̂ > {threshold:.2f} (the threshold for K = {K}) for "
+                        f"{100 * unreliable:.1f}% of rows"
+                        + (f", k̂ > {bad_line:g} for {100 * bad:.1f}%" if bad > 0 else ""))
+            if bad > 0 and unreliable > bad:
+                advice = f"above {bad_line:g} only a better guide helps, below it more draws do"
+            elif bad > 0:
+                advice = f"above {bad_line:g} only a better guide helps"
+            else:
+                advice = "more draws would make them reliable"
+            lines.append(f"  WARNING: {head}: their importance-sampling estimates and standard "
+                         f"errors are unreliable ({advice})")
+        else:
+            finite = self.khat[np.isfinite(self.khat)]
+            top = f"max k̂ {np.max(finite):.2f}" if finite.size else "constant weights"
+            lines.append(f"  Pareto k̂ <= {threshold:.2f} (the threshold for K = {K}) for every "
+                         f"fitted row ({top})")
+        undetermined = self.fraction_undetermined
+        if undetermined > 0:
+            lines.append(f"  k̂ undetermined for {100 * undetermined:.1f}% of rows (too few "
+                         f"distinct large weights for a tail fit): those rows are unchecked")
+        return lines
+
     def to_dict(self) -> Dict[str, Any]:
         """Flat dict of the summary numbers (no per-row values), JSON-serializable."""
         out: Dict[str, Any] = {
@@ -111,6 +209,9 @@ class LogLikelihoodEstimate(_PerRowEstimate):
             "discrete": bool(self.discrete),
             "bits_per_dim": self.bits_per_dim,
             "bits_per_dim_se": self.bits_per_dim_se,
+            "khat_threshold": self.khat_threshold,
+            "khat_unreliable_frac": self.fraction_unreliable if self.khat_checked else None,
+            "khat_bad_frac": self.fraction_bad if self.khat_checked else None,
             "seed": int(self.seed),
             "elapsed_s": float(self.elapsed_s),
         }
@@ -118,9 +219,15 @@ class LogLikelihoodEstimate(_PerRowEstimate):
 
     def summary(self) -> str:
         K, n = self.num_samples, self.num_rows
-        lines = [
-            f"log p(x) ≈ {_fmt(self.mean, self.mc_se)} ± {_fmt(self.mc_se, self.mc_se)} (MC se), "
-            f"IWAE_{K} estimate over {n} rows",
+        if np.isfinite(self.mc_se):
+            head = (f"log p(x) ≈ {_fmt(self.mean, self.mc_se)} ± {_fmt(self.mc_se, self.mc_se)} "
+                    f"(MC se), IWAE_{K} estimate over {n} rows")
+        else:
+            head = (f"log p(x) ≈ {_fmt(self.mean, self.data_se)} (no MC se: "
+                    + ("one sample per row gives no standard error, use num_samples >= 2"
+                       if K < 2 else "not finite")
+                    + f"), IWAE_{K} estimate over {n} rows")
+        lines = [head] + self._reliability_lines() + [
             f"  [{self.label}; data se across rows {_fmt(self.data_se, self.data_se)}; "
             f"mean ESS {self.mean_ess:.1f} of {K}]",
         ]
@@ -131,9 +238,13 @@ class LogLikelihoodEstimate(_PerRowEstimate):
                          if self.mc_se > 0 else
                          f"  exact log p(x) = {_fmt(self.exact_mean, self.mc_se)} "
                          f"(estimate - exact = {gap:.3g})")
-        if self.bits_per_dim is not None:
+        if self.bits_per_dim is not None and self.bits_per_dim_se is not None \
+                and np.isfinite(self.bits_per_dim_se):
             lines.append(f"  bits/dim ≈ {_fmt(self.bits_per_dim, self.bits_per_dim_se)} ± "
                          f"{_fmt(self.bits_per_dim_se, self.bits_per_dim_se)} (MC se)")
+        elif self.bits_per_dim is not None:
+            lines.append(f"  bits/dim ≈ {_fmt(self.bits_per_dim)} (no MC se"
+                         + (": one sample per row, use num_samples >= 2)" if K < 2 else ")"))
         return "\n".join(lines)
 
 

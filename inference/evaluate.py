@@ -34,8 +34,10 @@ Monte Carlo standard error (delta method). With :math:`\\bar w = K^{-1}\\sum_k w
 
 (Kong 1992 for the effective sample size). The delta method needs a finite weight
 variance; when the guide is much narrower than the posterior the variance is infinite and
-the standard error is unreliable — check the Pareto k-hat of the weights
-(:mod:`pyro_lvm.inference.diagnostics`) before trusting it.
+the standard error is unreliable. :func:`log_likelihood` therefore computes each row's
+Pareto k-hat of the same K weights (PSIS; :func:`pyro_lvm.inference.reliability.psis_khat`)
+and flags the rows above :func:`pyro_lvm.inference.khat_threshold` (K-aware, at most 0.7),
+as :func:`pyro_lvm.inference.diagnose` does.
 
 The dataset mean :math:`n^{-1}\\sum_i \\log \\hat p(x_i)` comes with two standard errors that
 answer different questions:
@@ -82,7 +84,7 @@ from pyro.poutine.util import site_is_subsample
 import torch
 from tqdm.auto import tqdm
 
-from pyro_lvm.inference import engine, pairs
+from pyro_lvm.inference import engine, pairs, reliability
 from pyro_lvm.inference.engine import StreamingImportanceStats, check_int
 # the result types, re-exported here where users import them
 from pyro_lvm.inference.estimates import ELBOEstimate, LogLikelihoodEstimate, ReconstructionError
@@ -205,14 +207,68 @@ def _raise_if_invalid(bad_rows: torch.Tensor) -> None:
 _CHECK_EVERY_CHUNKS = 16
 
 
+class _KhatRows:
+    """Per-row PSIS k-hat of the streamed log weights (:func:`reliability.psis_khat`), one
+    chunk of rows at a time: the ``[K, rows]`` log weights of the current row chunk are kept
+    until its last particle chunk has arrived, never those of all rows. A complete row chunk
+    is handed to the host at once (on an accelerator a copy queued without waiting) and its
+    k-hat computed on the next call of :meth:`finish`, made after the next chunk's work has
+    been queued, so that on an accelerator the CPU's tail fits overlap the device's sampling."""
+
+    def __init__(self, num_samples: int):
+        self.num_samples = int(num_samples)
+        self.parts: list = []
+        self.count = 0
+        self.pending = None          # (host tensor [K, rows], event or None, eps)
+        self.khat: list = []
+
+    def add(self, lw: torch.Tensor) -> None:
+        """Add a ``[particles, rows]`` chunk of the current row chunk's log weights."""
+        self.parts.append(lw.detach())
+        self.count += int(lw.shape[0])
+        if self.count >= self.num_samples:
+            self._close_rows()
+
+    def _close_rows(self) -> None:
+        block = self.parts[0] if len(self.parts) == 1 else torch.cat(self.parts, dim=0)
+        self.parts, self.count = [], 0
+        eps = float(torch.finfo(block.dtype).eps) if block.dtype.is_floating_point else None
+        self.finish()
+        if block.device.type == "cuda":
+            host = block.to("cpu", non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            self.pending = (host, event, eps)
+        else:
+            self.pending = (block, None, eps)
+
+    def finish(self) -> None:
+        """Compute the k-hat of the row chunk handed over last (if any)."""
+        if self.pending is None:
+            return
+        host, event, eps = self.pending
+        self.pending = None
+        if event is not None:
+            event.synchronize()  # waits for the copy only, not for work queued after it
+        self.khat.append(reliability.psis_khat(host.T.to(torch.float64).numpy(), eps=eps))
+
+    def result(self) -> np.ndarray:
+        if self.parts:
+            raise RuntimeError(f"a row chunk ended after {self.count} of {self.num_samples} "
+                               f"draws")
+        self.finish()
+        return np.concatenate(self.khat) if self.khat else np.zeros(0)
+
+
 def _stream(ctx, num_samples: int, rows: int, particles: int, progress, desc: str,
-            validate_first_only: bool = False) -> Dict[str, np.ndarray]:
+            validate_first_only: bool = False, khat: bool = False) -> Dict[str, np.ndarray]:
     """Importance sampling over row chunks (outer) and particle chunks (inner).
 
     With ``validate_first_only``, Pyro's argument/support validation (if enabled) runs on the
     first chunk and is switched off for the rest: each check waits for the device, and the
     data have been validated up front; invalid parameters still surface as NaN/inf log
-    weights, which are checked here."""
+    weights, which are checked here. With ``khat`` (and ``num_samples >=
+    reliability.KHAT_MIN_SAMPLES``) the result also has the per-row PSIS k-hat (``khat``)."""
     n = ctx.x.shape[0]
     row_chunks = math.ceil(n / rows)
     particle_chunks = math.ceil(num_samples / particles)
@@ -220,6 +276,8 @@ def _stream(ctx, num_samples: int, rows: int, particles: int, progress, desc: st
     check_every = 1 if ctx.device.type == "cpu" else _CHECK_EVERY_CHUNKS
     bad_rows = torch.zeros(n, dtype=torch.bool, device=ctx.device)
     results, stats = [], None
+    tails = _KhatRows(num_samples) if khat and num_samples >= reliability.KHAT_MIN_SAMPLES \
+        else None
     report, done = (progress if callable(progress) else None), 0
     with contextlib.ExitStack() as stack, \
             tqdm(total=n * num_samples, desc=desc, unit="draw", unit_scale=True,
@@ -238,13 +296,19 @@ def _stream(ctx, num_samples: int, rows: int, particles: int, progress, desc: st
             if chunk_index % check_every == 0:
                 _raise_if_invalid(bad_rows)
             stats.update(lw)
+            if tails is not None:
+                tails.finish()  # the previous row chunk's, now that this chunk is queued
+                tails.add(lw)
             bar.update(lw.shape[0] * (stop - start))
             if report is not None:
                 done += lw.shape[0] * (stop - start)
                 report(done, n * num_samples)
         results.append(stats.result_tensors())
     _raise_if_invalid(bad_rows)
-    return {key: torch.cat([r[key] for r in results]).cpu().numpy() for key in results[0]}
+    out = {key: torch.cat([r[key] for r in results]).cpu().numpy() for key in results[0]}
+    if tails is not None:
+        out["khat"] = tails.result()
+    return out
 
 
 def _row_sizes(ctx) -> np.ndarray:
@@ -271,7 +335,8 @@ def _resolve_discrete(discrete, probe_discrete, ctx) -> bool:
 
 def _ll_from_stream(ctx, raw, num_samples, discrete, exact, rows, particles,
                     elapsed) -> LogLikelihoodEstimate:
-    per_row = pd.DataFrame({"log_px": raw["log_px"], "se": raw["se"], "ess": raw["ess"]})
+    per_row = pd.DataFrame({"log_px": raw["log_px"], "se": raw["se"], "ess": raw["ess"],
+                            "khat": raw.get("khat", np.full(len(raw["log_px"]), math.nan))})
     if exact is not None:
         per_row["exact_log_px"] = exact
     mean, mc_se, data_se = _mean_and_ses(raw["log_px"], raw["se"])
@@ -303,7 +368,7 @@ def _elbo_from_stream(ctx, raw, num_samples, exact) -> ELBOEstimate:
 
 
 def _run_is(pair, data, num_samples, *, chunk_size, batch_size, mask, device, seed, progress,
-            guide, max_elements, param_state, desc, need_exact=True):
+            guide, max_elements, param_state, desc, need_exact=True, khat=False):
     num_samples = check_int(num_samples, "num_samples")
     if max_elements is not None:
         max_elements = check_int(max_elements, "max_elements")
@@ -317,9 +382,14 @@ def _run_is(pair, data, num_samples, *, chunk_size, batch_size, mask, device, se
         rows, particles = engine.plan_chunks(ctx.x.shape[0], num_samples, width,
                                              max_elements=max_elements, batch_size=batch_size,
                                              chunk_size=chunk_size)
+        if khat and batch_size is None and num_samples >= reliability.KHAT_MIN_SAMPLES:
+            # the k-hat keeps one row chunk's K log weights; bound them by the same budget
+            # (only ever binding with a small explicit chunk_size: by default rows x K fits)
+            rows = min(rows, max(1, max_elements // num_samples))
         validate_first_only = is_validation_enabled() and _data_in_support(pair, probe, ctx)
         torch.manual_seed(ctx.seed)  # after the probe, so the probe never shifts the stream
-        raw = _stream(ctx, num_samples, rows, particles, progress, desc, validate_first_only)
+        raw = _stream(ctx, num_samples, rows, particles, progress, desc, validate_first_only,
+                      khat=khat)
         exact = _exact_log_px(pair, ctx, rows if batch_size is None else batch_size) \
             if need_exact else None
     return ctx, probe, raw, exact, rows, particles, time.perf_counter() - t0
@@ -340,6 +410,13 @@ def log_likelihood(pair, data, num_samples: int = 5000, *, chunk_size: Optional[
 
     an IS estimate of log p(x) that is the IWAE_K lower bound in expectation (bias
     :math:`O(1/K)`, downward). Standard errors by the delta method; see the module docstring.
+
+    Each row's K log weights also get a Pareto k-hat (ArviZ :func:`arviz.psislw` through
+    :func:`pyro_lvm.inference.reliability.psis_khat`, the same k-hat ``diagnose`` reports),
+    computed one chunk of rows at a time. Rows above min(1 - 1/log10 K, 0.7) have unreliable
+    estimates and standard errors; the result's ``fraction_unreliable`` and ``summary()``
+    say how many. k-hat needs K >= 25 (NaN below; the summary then says the estimate is
+    unchecked).
 
     Parameters
     ----------
@@ -411,7 +488,7 @@ def log_likelihood(pair, data, num_samples: int = 5000, *, chunk_size: Optional[
     ctx, probe, raw, exact, rows, particles, elapsed = _run_is(
         pair, data, num_samples, chunk_size=chunk_size, batch_size=batch_size, mask=mask,
         device=device, seed=seed, progress=progress, guide=guide, max_elements=max_elements,
-        param_state=param_state, desc=f"IWAE_{num_samples} log p(x)")
+        param_state=param_state, desc=f"IWAE_{num_samples} log p(x)", khat=True)
     disc = _resolve_discrete(discrete, probe.discrete, ctx)
     return _ll_from_stream(ctx, raw, int(num_samples), disc, exact, rows, particles, elapsed)
 
@@ -485,7 +562,7 @@ def _likelihood_mean_reconstruction(model_fn, guide_fn, xb, mb) -> torch.Tensor:
 
 def reconstruction_error(pair, data, *, mask=None, device="auto", batch_size: Optional[int] = None,
                          guide=None, method: str = "auto", seed: int = 0, binary: Optional[bool] = None,
-                         param_state=None) -> ReconstructionError:
+                         param_state=None, progress: Optional[bool] = None) -> ReconstructionError:
     """Reconstruction error of each row.
 
     The reconstruction :math:`\\hat x_i` is ``pair.reconstruct(x)`` when the pair has it
@@ -496,12 +573,16 @@ def reconstruction_error(pair, data, *, mask=None, device="auto", batch_size: Op
     :math:`-\\sum_j [x_{ij} \\log \\hat x_{ij} + (1 - x_{ij}) \\log(1 - \\hat x_{ij})]` (nats per row).
 
     ``binary`` (None = detect: all observed values in {0, 1}) decides whether the
-    cross-entropy is reported. Other arguments as in :func:`log_likelihood`.
+    cross-entropy is reported. ``progress``: a tqdm bar over the row chunks (None: shown
+    for long runs, >= 1e7 reconstructed entries in more than one chunk; a callable
+    ``progress(done, total)`` is called instead after each chunk with the rows done so far
+    and in all). Other arguments as in :func:`log_likelihood`.
     """
     if method not in ("auto", "reconstruct", "likelihood_mean"):
         raise ValueError(f"method must be 'auto', 'reconstruct' or 'likelihood_mean', got {method!r}")
-    with engine.session(pair, data, mask=mask, device=device, guide=guide, seed=seed,
-                        param_state=param_state) as ctx:
+    with contextlib.ExitStack() as stack:
+        ctx = stack.enter_context(engine.session(pair, data, mask=mask, device=device, guide=guide,
+                                                 seed=seed, param_state=param_state))
         own = getattr(pair, "reconstruct", None)
         if method == "reconstruct" and not callable(own):
             raise ValueError(f"method='reconstruct' but {type(pair).__name__} has no reconstruct(x)")
@@ -512,6 +593,10 @@ def reconstruction_error(pair, data, *, mask=None, device="auto", batch_size: Op
         is_binary = _is_binary(ctx.x, ctx.mask) if binary is None else bool(binary)
         mse_parts, ce_parts = [], []
         ce_ok = is_binary
+        show = _show_progress(progress, n * p, math.ceil(n / rows))
+        report = progress if callable(progress) else None
+        bar = stack.enter_context(tqdm(total=n, desc="reconstruction error", unit="row",
+                                       unit_scale=True, disable=not show, leave=False))
         for start in range(0, n, rows):
             xb = ctx.x[start:start + rows]
             mb = None if ctx.mask is None else ctx.mask[start:start + rows]
@@ -534,6 +619,9 @@ def reconstruction_error(pair, data, *, mask=None, device="auto", batch_size: Op
                     ce = -(xd * torch.log(recon.clamp_min(eps))
                            + (1 - xd) * torch.log((1 - recon).clamp_min(eps)))
                     ce_parts.append((ce * w).sum(1))
+            bar.update(xb.shape[0])
+            if report is not None:
+                report(min(start + rows, n), n)
         method_used = "reconstruct" if use_own else "likelihood_mean"
     mse = torch.cat(mse_parts).cpu().numpy()
     per_row = pd.DataFrame({"mse": mse})
@@ -567,7 +655,10 @@ def evaluate(pair, data, num_samples: int = 5000, *, chunk_size: Optional[int] =
     ----
     ``log_px_is``, ``log_px_is_mc_se``, ``log_px_is_data_se``
         IS estimate of log p(x) (IWAE_K lower bound in expectation), mean over rows, with
-        its Monte Carlo and across-row standard errors; ``mean_ess``, ``min_ess``.
+        its Monte Carlo and across-row standard errors; ``mean_ess``, ``min_ess``;
+        ``khat_unreliable_frac`` (share of rows whose Pareto k-hat is above
+        min(1 - 1/log10 K, 0.7): their estimates and se are unreliable) and ``khat_bad_frac``
+        (above 0.7); both NaN for K < 25, when k-hat is not computed.
     ``log_px_exact``
         Exact mean log p(x) (only for models with ``log_marginal``).
     ``elbo``, ``elbo_mc_se``, ``elbo_data_se``
@@ -590,7 +681,7 @@ def evaluate(pair, data, num_samples: int = 5000, *, chunk_size: Optional[int] =
     ctx, probe, raw, exact, rows, particles, elapsed = _run_is(
         pair, data, num_samples, chunk_size=chunk_size, batch_size=batch_size, mask=mask,
         device=device, seed=seed, progress=progress, guide=guide, max_elements=max_elements,
-        param_state=param_state, desc=f"IWAE_{num_samples} log p(x)")
+        param_state=param_state, desc=f"IWAE_{num_samples} log p(x)", khat=True)
     disc = _resolve_discrete(discrete, probe.discrete, ctx)
     ll = _ll_from_stream(ctx, raw, int(num_samples), disc, exact, rows, particles, elapsed)
     el = _elbo_from_stream(ctx, raw, int(num_samples), exact)
@@ -600,6 +691,8 @@ def evaluate(pair, data, num_samples: int = 5000, *, chunk_size: Optional[int] =
         "log_px_is_data_se": ll.data_se,
         "mean_ess": ll.mean_ess,
         "min_ess": float(ll.per_row["ess"].min()),
+        "khat_unreliable_frac": ll.fraction_unreliable,
+        "khat_bad_frac": ll.fraction_bad,
         "elbo": el.mean,
         "elbo_mc_se": el.mc_se,
         "elbo_data_se": el.data_se,
@@ -614,7 +707,8 @@ def evaluate(pair, data, num_samples: int = 5000, *, chunk_size: Optional[int] =
     if reconstruction is not False:
         try:
             rec = reconstruction_error(pair, data, mask=mask, device=device, guide=guide,
-                                       seed=seed, param_state=param_state)
+                                       seed=seed, param_state=param_state,
+                                       progress=None if callable(progress) else progress)
         except NoReconstructionError:
             if reconstruction is True:
                 raise

@@ -171,6 +171,13 @@ def check_sites(model_trace: poutine.Trace, guide_trace: poutine.Trace,
         for name, site in _sample_sites(trace):
             if site["is_observed"] or _in_data_plate(site):
                 continue
+            plates = [frame.name for frame in site["cond_indep_stack"]]
+            if plates:
+                raise error(
+                    f"latent site {name!r} in the {role} is inside pyro.plate(s) {plates} but "
+                    f"not pyro.plate({DATA_PLATE!r}): the plate over the data rows must be named "
+                    f"{DATA_PLATE!r}, pyro.plate({DATA_PLATE!r}, x.shape[0], dim=-1), in the "
+                    f"model and in the guide")
             raise error(
                 f"latent site {name!r} in the {role} is outside pyro.plate({DATA_PLATE!r}): a "
                 f"global latent variable is not supported, because the importance weights "

@@ -39,6 +39,10 @@ __all__ = [
     "khat_threshold",
     "khat_category",
     "khat_unreliable",
+    "KHAT_MIN_SAMPLES",
+    "psis_khat",
+    "constant_weight_rows",
+    "arviz_psislw",
     "psis_log_mean",
     "psis_log_mean_from_smoothed",
     "reliability_counts",
@@ -46,6 +50,12 @@ __all__ = [
 
 #: Above this k-hat no practical number of draws makes importance sampling reliable.
 KHAT_BAD = 0.7
+
+#: Fewest draws per row from which a k-hat is computed (the minimum
+#: :func:`pyro_lvm.inference.importance_diagnostics` accepts): ArviZ fits no tail at all
+#: below 21 draws (its tail, the largest ceil(S/5) weights, would hold fewer than 5), and
+#: :func:`khat_threshold` is below 0.3 there.
+KHAT_MIN_SAMPLES = 25
 
 
 def khat_threshold(num_samples: int) -> float:
@@ -123,6 +133,74 @@ def reliability_counts(khat, num_samples: int) -> dict:
         "undetermined": int(np.sum(category == "undetermined")),
         "unreliable_share": unreliable / k.size if k.size else math.nan,
     }
+
+
+def constant_weight_rows(log_weights: np.ndarray, eps: float) -> np.ndarray:
+    """Rows (of ``[rows, S]`` log weights) whose weights are numerically constant: no zero
+    weight, and finite log weights varying by at most ``sqrt(eps) * max(1, |max log w|)``
+    (half the working precision ``eps``). The guide is the exact posterior there, and a
+    Pareto fit to rounding noise would be meaningless: such rows get k-hat ``-inf``."""
+    with np.errstate(invalid="ignore"):
+        top = np.max(np.where(np.isfinite(log_weights), log_weights, -np.inf), axis=1)
+        bottom = np.min(np.where(np.isfinite(log_weights), log_weights, np.inf), axis=1)
+        return (~np.isneginf(log_weights).any(axis=1)) & (
+            top - bottom <= math.sqrt(eps) * np.maximum(1.0, np.abs(top)))
+
+
+def arviz_psislw(log_weights: np.ndarray, reff: float = 1.0):
+    """``arviz.psislw`` on ``[rows, S]`` log weights (a copy: ArviZ normalizes its input in
+    place), without its RuntimeWarnings: ``(smoothed log weights, k-hat per row)``."""
+    with warnings.catch_warnings(), np.errstate(all="ignore"):
+        warnings.simplefilter("ignore", RuntimeWarning)
+        import arviz as az
+
+        smoothed, khat = az.psislw(np.array(log_weights, dtype=np.float64, copy=True),
+                                   reff=reff)
+    return np.asarray(smoothed), np.asarray(khat, dtype=np.float64)
+
+
+def psis_khat(log_weights, eps: float | None = None, reff: float = 1.0) -> np.ndarray:
+    """Pareto k-hat of each row's importance weights, from :func:`arviz.psislw`.
+
+    Parameters
+    ----------
+    log_weights : array, shape (..., S)
+        Log importance weights, draws on the last axis (one row per data row).
+    eps : float, optional
+        Machine epsilon of the precision the log weights were computed in (default: that of
+        float32, the precision of model log densities); rows with numerically constant
+        weights (:func:`constant_weight_rows`) get ``-inf``, the rule
+        :func:`pyro_lvm.inference.importance_diagnostics` applies.
+    reff : float
+        Relative efficiency of the draws (1 for independent draws from the guide).
+
+    Returns
+    -------
+    ndarray, shape (...)
+        k-hat per row, as ArviZ computes it; ``-inf`` for constant weights; ``+inf`` where
+        ArviZ fits no tail (fewer than 5 distinct large weights); NaN for a row with a NaN or
+        ``+inf`` log weight or with every weight zero, and NaN for every row when
+        ``S < KHAT_MIN_SAMPLES`` (too few draws for a tail fit). No warning is raised.
+    """
+    log_weights = np.asarray(log_weights, dtype=np.float64)
+    if log_weights.ndim < 1:
+        raise ValueError(f"log_weights must have the draws on a last axis, got shape "
+                         f"{log_weights.shape}")
+    shape, num_samples = log_weights.shape[:-1], log_weights.shape[-1]
+    khat = np.full(shape, math.nan)
+    if num_samples < KHAT_MIN_SAMPLES:
+        return khat
+    lw = log_weights.reshape(-1, num_samples)
+    flat = khat.reshape(-1)
+    if eps is None:
+        eps = float(np.finfo(np.float32).eps)
+    invalid = np.isnan(lw).any(axis=1) | np.isposinf(lw).any(axis=1) | np.isneginf(lw).all(axis=1)
+    constant = ~invalid & constant_weight_rows(lw, eps)
+    flat[constant] = -np.inf
+    varying = np.nonzero(~invalid & ~constant)[0]
+    if len(varying):
+        flat[varying] = arviz_psislw(lw[varying], reff)[1]
+    return flat.reshape(shape)
 
 
 def _logsumexp(a: np.ndarray, axis: int = -1) -> np.ndarray:

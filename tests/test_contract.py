@@ -555,3 +555,16 @@ def _params_created(model, guide, x):
     except Exception:  # noqa: BLE001 - a broken pair may fail; its params exist by then
         pass
     return True
+
+
+def test_evaluation_names_a_data_plate_under_another_name(x):
+    from pyro_lvm import log_likelihood
+    from pyro_lvm.inference.pairs import PairError
+
+    model, guide = plate_named("batch")
+    with pyro.get_param_store().scope():
+        _params_created(model, guide, x)
+        with pytest.raises(PairError, match=r"latent site 'z' in the guide is inside "
+                                            r"pyro.plate\(s\) \['batch'\] but not "
+                                            r"pyro.plate\('data'\)"):
+            log_likelihood((model, guide), x, num_samples=4, progress=False)

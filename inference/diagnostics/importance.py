@@ -4,7 +4,6 @@ importance weights :math:`w_k = p(x, z_k) / q(z_k \\mid x)` (Vehtari et al. 2024
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import dataclass
 from typing import Dict, Optional
 
@@ -53,9 +52,7 @@ def _weight_summaries(log_w: np.ndarray, eps: float, first_row: int) -> Dict[str
             f"{bad[:5].tolist()}: "
             f"the guide proposes only values outside the model's support")
     finite_max = np.max(np.where(np.isfinite(log_w), log_w, -np.inf), axis=1)
-    finite_min = np.min(np.where(np.isfinite(log_w), log_w, np.inf), axis=1)
-    constant = (~np.isneginf(log_w).any(axis=1)) & (
-        finite_max - finite_min <= math.sqrt(eps) * np.maximum(1.0, np.abs(finite_max)))
+    constant = reliability.constant_weight_rows(log_w, eps)
 
     lse = _logsumexp(log_w, axis=1)
     ess = np.exp(2.0 * lse - _logsumexp(2.0 * log_w, axis=1))
@@ -63,16 +60,9 @@ def _weight_summaries(log_w: np.ndarray, eps: float, first_row: int) -> Dict[str
     ess_psis = ess.copy()
     varying = np.nonzero(~constant)[0]
     if len(varying):
-        # psislw normalizes its input in place, so it gets a copy; samples are on the last axis.
-        with warnings.catch_warnings(), np.errstate(all="ignore"):
-            warnings.simplefilter("ignore", RuntimeWarning)
-            import arviz as az
-
-            smoothed, k_varying = az.psislw(np.array(log_w[varying], dtype=np.float64, copy=True),
-                                            reff=1.0)
-        khat[varying] = np.asarray(k_varying, dtype=np.float64)
+        smoothed, khat[varying] = reliability.arviz_psislw(log_w[varying])
         # smoothed log weights are normalized: ESS = 1 / sum(w~^2)
-        ess_psis[varying] = np.exp(-_logsumexp(2.0 * np.asarray(smoothed), axis=1))
+        ess_psis[varying] = np.exp(-_logsumexp(2.0 * smoothed, axis=1))
     log_px_psis = lse - math.log(k)
     if len(varying):
         log_px_psis[varying] = reliability.psis_log_mean_from_smoothed(log_w[varying], smoothed)
