@@ -140,3 +140,57 @@ def test_readme_walks_the_workflow_and_it_runs(tmp_path):
                           capture_output=True, text=True, env=_env(), timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     _check_report(tmp_path / "out" / "compare_models-smoke", "mypairs:make_pair")
+
+
+# ---- which runs a user's pair gets in a study ---------------------------------------------
+
+def _grid(**factor):
+    from pyro_lvm.studies.runner import RunConfig, expand_grid
+
+    base = RunConfig(model="dlvm", likelihood="gaussian", latent_dim=2, hidden=(8,), epochs=1)
+    return base, expand_grid(base, seeds=[0, 1], **factor)
+
+
+def test_a_users_pair_gets_every_objective_of_the_objectives_grid():
+    from pyro_lvm.studies.compare_objectives import objective_variants
+    from pyro_lvm.studies.runner.user_models import user_configs
+
+    base, grid = _grid(objective=objective_variants([1, 5], ["standard", "dreg"]))
+    runs = user_configs(base, ["mine"], [0, 1], grid=grid,
+                        factories={"mine": lambda data_dim, latent_dim=2: None})
+    combos = {(r.objective, r.num_particles, r.gradient) for r in runs}
+    assert combos == {("elbo", 1, "standard"), ("iwae", 5, "standard"), ("iwae", 5, "dreg")}
+    assert len(runs) == 3 * 2 and {r.model for r in runs} == {"mine"}
+    assert len({r.run_id for r in runs}) == len(runs)
+
+
+def test_settings_of_the_built_in_models_do_not_multiply_a_users_runs():
+    from pyro_lvm.studies.runner.user_models import user_configs
+
+    # the priors study: one run per seed, with the base prior left as it is
+    base, grid = _grid(prior=[{"prior": p} for p in ("normal", "mixture", "vamp")])
+    assert len(user_configs(base, ["mine"], [0, 1], grid=grid)) == 2
+    # a latent-dimension grid: varied only for a factory that takes latent_dim
+    base, grid = _grid(latent_dim=[{"latent_dim": d} for d in (2, 4)])
+    takes = user_configs(base, ["mine"], [0], grid=grid,
+                         factories={"mine": lambda data_dim, latent_dim: None})
+    ignores = user_configs(base, ["mine"], [0], grid=grid,
+                           factories={"mine": lambda data_dim: None})
+    assert sorted(r.latent_dim for r in takes) == [2, 4]
+    assert len(ignores) == 1
+
+
+def test_compare_objectives_compares_objectives_on_a_users_pair(tmp_path):
+    (tmp_path / "mypairs.py").write_text(MYPAIRS)
+    cmd = [sys.executable, "-m", "pyro_lvm.studies.compare_objectives", "--model",
+           "mypairs:make_pair", "--smoke", "--no-progress", "--out-dir", "out"]
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, env=_env(),
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = pd.read_csv(tmp_path / "out" / "compare_objectives-smoke" / "results.csv")
+    assert (results["status"] == "ok").all(), results[["run_id", "status", "error"]]
+    mine = results[results["model"] == "mypairs:make_pair"]
+    dlvm = results[results["model"] == "dlvm"]
+    objectives = lambda frame: set(zip(frame["objective"], frame["num_particles"],  # noqa: E731
+                                       frame["gradient"]))
+    assert len(objectives(dlvm)) >= 2 and objectives(mine) == objectives(dlvm)

@@ -308,14 +308,16 @@ def run_from_args(name: str, args: argparse.Namespace, dataset: Dataset, configs
     :func:`finish_message` (where the results and the report are).
 
     ``primary_factor`` / ``primary_metric`` name the setting the study compares and the
-    metric its verdict uses (the study's metadata). Each ``--model MODULE:FACTORY`` adds one
-    SVI run per seed of the user's pair, with the options of the grid's first configuration
-    (objective, epochs, latent dimension...)."""
+    metric its verdict uses (the study's metadata). Each ``--model MODULE:FACTORY`` adds SVI
+    runs of the user's pair, one per seed and per combination of the grid's settings that
+    apply to any pair (:func:`~pyro_lvm.studies.runner.user_models.user_configs`: the
+    objectives study runs every objective on it, the priors study one run per seed)."""
     study = study_name_from_args(name, args, dataset, default_dataset)
     models = user_models_from_args(args)
     if models:
         base = configs[0] if configs else base_config_from_args(args, likelihood="gaussian")
-        configs = list(configs) + user_configs(base, list(models), args.seeds)
+        configs = list(configs) + user_configs(base, list(models), args.seeds, grid=configs,
+                                               factories=models)
     result = run_study(study, dataset, configs, out_dir=args.out_dir, models=models,
                      fresh=args.fresh, progress=not args.no_progress, render=not args.no_report,
                      title=title + (" (smoke test)" if args.smoke else ""), description=description,

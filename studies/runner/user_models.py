@@ -22,8 +22,8 @@ from typing import Any, Callable, Dict, List, Mapping, Sequence
 from pyro_lvm.studies.runner import families
 from pyro_lvm.studies.runner.schema import RunConfig
 
-__all__ = ["FACTORY_OPTIONS", "load_factory", "register_models", "user_configs",
-           "optional_methods"]
+__all__ = ["FACTORY_OPTIONS", "TRAINING_SETTINGS", "load_factory", "register_models",
+           "user_configs", "optional_methods"]
 
 #: The keyword arguments a factory may take (data_dim and the study's options).
 FACTORY_OPTIONS = ("data_dim", "latent_dim", "hidden", "likelihood")
@@ -112,11 +112,39 @@ def register_models(models: Mapping[str, Callable]) -> List[str]:
     return names
 
 
-def user_configs(base: RunConfig, names: Sequence[str], seeds: Sequence[int]) -> List[RunConfig]:
-    """One SVI run per user model and seed, with the base configuration's options."""
-    return [base.replace(model=name, seed=int(seed), fit_method="svi",
-                         prior_warm_start_epochs=0)
-            for name in names for seed in seeds]
+#: Run settings that apply to any pair: a user's runs take every combination of them the
+#: study's grid has (with the factory options, :data:`FACTORY_OPTIONS`, its signature takes).
+TRAINING_SETTINGS = ("objective", "num_particles", "gradient", "epochs", "batch_size", "lr",
+                     "warmup_epochs", "num_eval_samples")
+
+
+def user_configs(base: RunConfig, names: Sequence[str], seeds: Sequence[int], *,
+                 grid: Sequence[RunConfig] = (),
+                 factories: Mapping[str, Callable] = None) -> List[RunConfig]:
+    """One SVI run per user model, seed and distinct combination, among the configurations
+    of ``grid``, of the settings that apply to any pair: the training settings
+    (:data:`TRAINING_SETTINGS`: objective, K, gradient estimator, epochs, batch size,
+    learning rate, KL warm-up, evaluation draws) and those of the factory options
+    ``latent_dim``, ``hidden``, ``likelihood`` that the model's factory (``factories[name]``)
+    takes. So the objectives study compares every objective on the user's pair too, while
+    the priors study, whose grid varies only the built-in prior, gives it one run per seed.
+    Settings of the built-in models (the prior, the model family, a prior warm start) are
+    not carried over; without ``grid`` every run has ``base``'s settings."""
+    runs = []
+    for name in names:
+        factory = (factories or {}).get(name)
+        taken = (list(_factory_kwargs(factory, {k: None for k in FACTORY_OPTIONS[1:]}))
+                 if factory is not None else [])
+        fields = list(TRAINING_SETTINGS) + taken
+        combinations = []
+        for config in (list(grid) or [base]):
+            combination = {field: getattr(config, field) for field in fields}
+            if combination not in combinations:
+                combinations.append(combination)
+        runs.extend(base.replace(model=name, seed=int(seed), fit_method="svi",
+                                 prior_warm_start_epochs=0, **combination)
+                    for combination in combinations for seed in seeds)
+    return runs
 
 
 def optional_methods(pair) -> Dict[str, bool]:
