@@ -568,3 +568,55 @@ def test_evaluation_names_a_data_plate_under_another_name(x):
                                             r"pyro.plate\(s\) \['batch'\] but not "
                                             r"pyro.plate\('data'\)"):
             log_likelihood((model, guide), x, num_samples=4, progress=False)
+
+
+def _sharp_gaussian_vae(fold_particles: bool):
+    """A float32 VAE with a 2-512-512-784 decoder and a Gaussian likelihood of scale 1e-3 (the
+    review's case); ``fold_particles`` reads ``z.reshape(-1, 2)[:n]`` (mixes particles)."""
+    import torch.nn as nn
+
+    class VAE(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.dec = nn.Sequential(nn.Linear(2, 512), nn.Tanh(), nn.Linear(512, 512),
+                                     nn.Tanh(), nn.Linear(512, 784))
+            self.enc = nn.Linear(784, 2)
+            nn.init.zeros_(self.enc.weight)
+            nn.init.zeros_(self.enc.bias)
+
+        def model(self, x, mask=None):
+            pyro.module("vae", self)
+            with pyro.plate("data", x.shape[0], dim=-1):
+                z = pyro.sample("z", dist.Normal(x.new_zeros(2), 1.0).to_event(1))
+                z = z.reshape(-1, 2)[: x.shape[0]] if fold_particles else z
+                pyro.sample("x", dist.Normal(self.dec(z), 1e-3).to_event(1), obs=x)
+
+        def guide(self, x, mask=None):
+            pyro.module("vae", self)
+            with pyro.plate("data", x.shape[0], dim=-1):
+                pyro.sample("z", dist.Normal(self.enc(x), 1e-3).to_event(1))
+
+    return VAE()
+
+
+@pytest.mark.parametrize("rows,seed", [(1, 0), (2, 3), (5, 2), (6, 0), (7, 1)])
+def test_rounding_magnified_by_a_sharp_likelihood_is_not_mixing(rows, seed):
+    # each row's log p(x | z) is near 0 (the quadratic term cancels -log sigma), so a tolerance
+    # relative to the log densities is tiny, while a matrix product over 2 particles or half
+    # the rows rounds the decoder's mean differently and 1/sigma^2 magnifies it (review: 5e-3
+    # between 2 and 1 particles): refused before the tolerance took the likelihood's
+    # sensitivity to its mean into account
+    import math
+
+    torch.manual_seed(seed)
+    pair = _sharp_gaussian_vae(fold_particles=False)
+    with torch.no_grad():
+        mean = pair.dec(torch.zeros(2))
+        residual = 1e-3 * math.sqrt(2 * (-math.log(1e-3) - 0.5 * math.log(2 * math.pi)))
+        x = mean + residual * torch.sign(torch.randn(rows, 784))
+    assert check_contract(pair, x).data_size == rows
+    if rows > 1:  # the tolerance does not hide real mixing in the same sharp model
+        folded = _sharp_gaussian_vae(fold_particles=True)
+        folded.load_state_dict(pair.state_dict())
+        with pytest.raises(ContractError, match="the model mixes particles"):
+            check_contract(folded, x)
