@@ -168,6 +168,8 @@ def _needs_monte_carlo(probe, sites: List[str]) -> bool:
         psite = probe.model_trace.nodes.get(name)
         if psite is None:
             raise ValueError(f"latent site {name!r} of the guide is not sampled in the model")
+        if _depends_on_enumerated(psite["fn"], probe.guide_trace.nodes[name]):
+            return True  # the prior marginal over the enumerated sites: a Monte Carlo KL
         try:
             needs_mc |= not bool(torch.isfinite(gfn.mean).all())
         except NotImplementedError:
@@ -228,6 +230,32 @@ def _site_kl_per_dim(gfn, pfn, value: torch.Tensor) -> Tuple[torch.Tensor, str]:
     return _flatten_event(per_dim.expand(value.shape), event), method
 
 
+def _depends_on_enumerated(pfn, gsite) -> bool:
+    """Whether a model site's prior depends on an enumerated discrete site (its batch shape
+    has dims, of size > 1, left of the particle and data dims: a mixture component)."""
+    batch_dims = gsite["value"].dim() - len(gsite["fn"].event_shape)
+    extra = tuple(pfn.batch_shape)[:-batch_dims] if batch_dims else tuple(pfn.batch_shape)
+    return len(pfn.batch_shape) > batch_dims and any(size > 1 for size in extra)
+
+
+def _marginal_total_kl(terms, num_samples: int):
+    """KL(q || p) per row ``[B]`` summed over the latent sites, with the prior marginalized
+    over the enumerated sites (``terms.log_prior``; a mixture prior's
+    :math:`\\log \\sum_c \\pi_c p(z \\mid c)`), by Monte Carlo, and its variance. NaN when an
+    observed site depends on an enumerated one: the enumerated sum then joins the prior and
+    the likelihood, and a KL term of the prior alone is not defined."""
+    joint_observed = any(
+        site["is_observed"] and len(site["fn"].batch_shape) > 2
+        and any(size > 1 for size in tuple(site["fn"].batch_shape)[:-2])
+        for site in terms.model_trace.nodes.values() if site["type"] == "sample")
+    diff = terms.log_q - terms.log_prior
+    if joint_observed:
+        diff = torch.full_like(diff, float("nan"))
+    variance = (diff.var(0) / num_samples if num_samples > 1
+                else torch.full_like(diff[0], float("nan")))
+    return diff.mean(0), variance
+
+
 class _UsageAccumulator:
     """Sums over row batches of what :func:`latent_usage` reports."""
 
@@ -242,6 +270,9 @@ class _UsageAccumulator:
 
     def add(self, terms, xb: torch.Tensor) -> None:
         batch_means, kl_row, kl_row_var, batch_mc_mean = [], 0.0, 0.0, False
+        marginal = any(_depends_on_enumerated(terms.model_trace.nodes[name]["fn"],
+                                              terms.guide_trace.nodes[name])
+                       for name in self.sites)
         for name in self.sites:
             gsite, psite = terms.guide_trace.nodes[name], terms.model_trace.nodes[name]
             gfn, pfn, value = gsite["fn"], psite["fn"], gsite["value"]
@@ -249,10 +280,20 @@ class _UsageAccumulator:
             site_mean, monte_carlo = _site_mean(gfn, value)
             batch_mc_mean |= monte_carlo
             batch_means.append(_flatten_event(site_mean, gfn.event_shape))
-            kl, kl_var, method = _site_total_kl(gfn, pfn, value, self.num_samples)
-            kl_row, kl_row_var = kl_row + kl, kl_row_var + kl_var
-            self.total_methods.add(method)
+            if _depends_on_enumerated(pfn, gsite):
+                width = int(np.prod(gfn.event_shape)) if len(gfn.event_shape) else 1
+                self._add_per_dim(name, torch.full((*value.shape[:2], width), float("nan"),
+                                                   dtype=torch.float64), "unavailable")
+                continue
+            if not marginal:
+                kl, kl_var, method = _site_total_kl(gfn, pfn, value, self.num_samples)
+                kl_row, kl_row_var = kl_row + kl, kl_row_var + kl_var
+                self.total_methods.add(method)
             self._add_per_dim(name, *_site_kl_per_dim(gfn, pfn, value))
+        if marginal:
+            kl_row, kl_row_var = _marginal_total_kl(terms, self.num_samples)
+            self.total_methods.add("mc-marginal" if bool(torch.isfinite(kl_row).all())
+                                   else "unavailable")
         self.means.append(self._batch_means(torch.cat(batch_means, dim=-1), batch_mc_mean, xb))
         self.kl_rows.append(torch.as_tensor(kl_row).double().cpu().expand(xb.shape[0]))
         self.kl_rows_var.append(torch.as_tensor(kl_row_var).double().cpu().expand(xb.shape[0]))
