@@ -80,7 +80,10 @@ class LatentUsage:
         Mean of ``kl_per_row``; its Monte Carlo standard error (0 when analytic) and its
         standard error over rows (the spread of KL across data points / sqrt(n)).
     kl_total_method : str
-        ``analytic``, ``mc`` or ``mixed`` (analytic for some sites).
+        ``analytic``, ``mc`` or ``mixed`` (analytic for some sites); ``mc-enumerated`` when a
+        site's prior depends on an enumerated discrete site (the KL is then to the prior
+        marginalized over it, summed over the sites), ``unavailable`` (NaN) when an observed
+        site depends on the enumerated one too.
     mean_method : str
         How :math:`E_q[z \\mid x]` was obtained: ``guide_mean`` (the mean of the guide's
         distribution object), ``encode`` (``pair.encode(x)[0]``, when the guide distribution
@@ -292,7 +295,7 @@ class _UsageAccumulator:
             self._add_per_dim(name, *_site_kl_per_dim(gfn, pfn, value))
         if marginal:
             kl_row, kl_row_var = _marginal_total_kl(terms, self.num_samples)
-            self.total_methods.add("mc-marginal" if bool(torch.isfinite(kl_row).all())
+            self.total_methods.add("mc-enumerated" if bool(torch.isfinite(kl_row).all())
                                    else "unavailable")
         self.means.append(self._batch_means(torch.cat(batch_means, dim=-1), batch_mc_mean, xb))
         self.kl_rows.append(torch.as_tensor(kl_row).double().cpu().expand(xb.shape[0]))
