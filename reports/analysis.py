@@ -68,7 +68,7 @@ METRIC_COLUMNS: tuple[str, ...] = (
 )
 #: Identifiers and status columns (never part of a configuration).
 BOOKKEEPING_COLUMNS: tuple[str, ...] = ("run_id", "seed", "status", "error", "traceback", "device",
-                                       "notes")
+                                       "notes", "settings_not_used")
 
 #: Columns that may hold the number of importance samples K used for the test estimate.
 _EVAL_SAMPLE_COLUMNS = ("num_eval_samples", "eval_samples", "eval_num_samples")

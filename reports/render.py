@@ -625,6 +625,19 @@ def _verdict(results, layout: Layout, primary, k, k_draws, per_row):
     return sentences, blocks
 
 
+def _not_used_by(results: pd.DataFrame, setting: str) -> str:
+    """`` (not used by: mine)`` when the runs of a user's pair record ``setting`` among the
+    settings their pair does not use (``settings_not_used``, e.g. the built-in prior), else
+    ``""``: a setting shared by every run is not one every pair was built with."""
+    if "settings_not_used" not in results.columns or "model" not in results.columns:
+        return ""
+    models = []
+    for model, listed in zip(results["model"], results["settings_not_used"]):
+        if isinstance(listed, str) and setting in listed.split(",") and model not in models:
+            models.append(str(model))
+    return f" (not used by: {', '.join(models)})" if models else ""
+
+
 def build_context(study: StudyData) -> dict:
     """Everything the template shows, computed from a loaded study."""
     results = study.results
@@ -638,8 +651,8 @@ def build_context(study: StudyData) -> dict:
                 candidates |= set(record.config)
     columns = analysis.config_columns(results, candidates or None)
     layout = _layout(results, meta, columns)
-    fixed = [(c, analysis._format_value(results[c].iloc[0])) for c in columns
-             if c not in layout.label_columns and len(results)]
+    fixed = [(c, analysis._format_value(results[c].iloc[0]) + _not_used_by(results, c))
+             for c in columns if c not in layout.label_columns and len(results)]
     k = analysis.num_eval_samples(results, meta)
     k_draws = _khat_samples(results)
     _add_unreliable_shares(study, k_draws)

@@ -194,3 +194,22 @@ def test_compare_objectives_compares_objectives_on_a_users_pair(tmp_path):
     objectives = lambda frame: set(zip(frame["objective"], frame["num_particles"],  # noqa: E731
                                        frame["gradient"]))
     assert len(objectives(dlvm)) >= 2 and objectives(mine) == objectives(dlvm)
+    # the shared settings the user's pair was not built with are marked in the report
+    html = (tmp_path / "out" / "compare_objectives-smoke" / "index.html").read_text()
+    shared = html[html.index("Settings shared by every run"):html.index('id="results"')]
+    for setting in ("prior", "hidden", "likelihood"):
+        row = shared[shared.index(f"<th>{setting}</th>"):]
+        assert "(not used by: mypairs:make_pair)" in row[:row.index("</tr>")], setting
+    latent = shared[shared.index("<th>latent_dim</th>"):]
+    assert "not used by" not in latent[:latent.index("</tr>")]  # make_pair takes latent_dim
+
+
+def test_the_settings_a_users_pair_does_not_use():
+    from pyro_lvm.studies.runner import RunConfig
+    from pyro_lvm.studies.runner.user_models import unused_settings
+
+    config = RunConfig(extra={"num_components": 3})
+    assert unused_settings(lambda data_dim, latent_dim: None, config) == [
+        "prior", "prior_warm_start_epochs", "hidden", "likelihood", "num_components"]
+    assert unused_settings(lambda data_dim, **options: None, config) == [
+        "prior", "prior_warm_start_epochs", "num_components"]

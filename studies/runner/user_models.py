@@ -94,6 +94,31 @@ def _builder(name: str, factory: Callable):
     return build
 
 
+#: The column of ``results.csv`` naming, for a user's run, the configuration settings its
+#: pair does not use (the report marks them in its table of shared settings)
+UNUSED_SETTINGS_COLUMN = "settings_not_used"
+
+#: Settings of the built-in models a user's pair never receives
+_BUILT_IN_SETTINGS = ("prior", "prior_warm_start_epochs")
+
+
+def unused_settings(factory: Callable, config: RunConfig) -> List[str]:
+    """The settings of ``config`` a user's pair built by ``factory`` does not use: the
+    built-in models' own (the prior, its warm start, the options in ``extra`` such as
+    ``num_components``) and the factory options (:data:`FACTORY_OPTIONS`) its signature does
+    not take."""
+    taken = _factory_kwargs(factory, {k: None for k in FACTORY_OPTIONS})
+    return (list(_BUILT_IN_SETTINGS) + [k for k in FACTORY_OPTIONS[1:] if k not in taken]
+            + sorted(config.extra))
+
+
+def _unused_settings_hook(factory: Callable):
+    def evaluate(pair, dataset, config, device):
+        return {UNUSED_SETTINGS_COLUMN: ",".join(unused_settings(factory, config))}, {}
+
+    return evaluate
+
+
 def register_models(models: Mapping[str, Callable]) -> List[str]:
     """Register each ``name -> factory`` as a model family (replacing an earlier
     registration of the same user name); returns the names."""
@@ -107,7 +132,9 @@ def register_models(models: Mapping[str, Callable]) -> List[str]:
         builtin = name in ("dlvm", "ppca", "fa")
         if builtin:
             raise ValueError(f"models: {name!r} is a built-in family; give your pair another name")
-        families.register_family(families.Family(name, _builder(name, factory)), replace=True)
+        families.register_family(families.Family(name, _builder(name, factory),
+                                                 evaluate=_unused_settings_hook(factory)),
+                                 replace=True)
         names.append(name)
     return names
 
