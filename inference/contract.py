@@ -334,9 +334,10 @@ def _check_site_scales(traces) -> None:
                 f"by num_data themselves, and ELBO(beta=...) weights the KL term)")
 
 
-def _check_particle_plate(model_fn, guide_fn, x, mask, num_rows: int, enumerated=()) -> None:
+def _check_particle_plate(model_fn, guide_fn, x, mask, num_rows: int, enumerated=()):
     """Every site broadcasts with a particle plate on the left of the data plate (with
-    enumerated sites, the values they enumerate on the dims further left)."""
+    enumerated sites, the values they enumerate on the dims further left). Returns the
+    two-particle run's terms."""
     try:
         terms = trace_log_terms(model_fn, guide_fn, x, num_particles=_CHECK_PARTICLES,
                                 mask=mask)
@@ -396,6 +397,12 @@ def _random_state_kept(device: torch.device):
         rewind()
 
 
+def _first_disagreement(a: torch.Tensor, b: torch.Tensor, tol: torch.Tensor):
+    """The first index at which ``a`` and ``b`` do not :func:`_agree`, or None."""
+    bad = (~_agree(a, b, tol)).nonzero()
+    return int(bad[0, 0]) if bad.numel() else None
+
+
 def _rounding_scale(*terms) -> torch.Tensor:
     """``1 + sum |term|``: the size the rounding of a sum of log-density terms scales with."""
     return 1 + sum(t.abs() for t in terms if t is not None)
@@ -441,6 +448,17 @@ def _observed_sensitivity(model_trace, num_rows: int) -> torch.Tensor:
     return total
 
 
+def _tolerance(rtol: float, terms, with_q: bool = False) -> torch.Tensor:
+    """``[K, batch]``: how far two computations of ``terms``' log densities may differ by
+    rounding: ``rtol`` of :func:`_rounding_scale` of the model's terms (and ``log_q`` with
+    ``with_q``), plus the observed sites' sensitivity to a rounding of what they are computed
+    from (:func:`_observed_sensitivity`)."""
+    parts = (terms.log_lik, terms.log_prior) + ((terms.log_q,) if with_q else ())
+    scale = rtol * _rounding_scale(*parts)
+    sensitivity = _observed_sensitivity(terms.model_trace, int(scale.shape[-1]))
+    return scale + _SENSITIVITY_FACTOR * sensitivity.to(scale)
+
+
 def _check_without_particle_plate(model_fn, guide_fn, x, mask, rewind):
     """A one-particle run without the particle plate (how a one-particle ELBO step runs the
     pair, as Pyro's ``Trace_ELBO`` does) gives the log weights of a run with a particle plate
@@ -458,12 +476,9 @@ def _check_without_particle_plate(model_fn, guide_fn, x, mask, rewind):
             f"the pair runs with a particle plate of size 1 but not without it, as a "
             f"one-particle ELBO step runs it: {type(exc).__name__}: {exc}") from exc
     with_plate, without = plated.log_weights[0], plain.log_weights[0]
-    scale = _rounding_scale(plated.log_lik, plated.log_prior, plated.log_q)[0]
-    tol = _PLATE_FREE_RTOL * scale + _SENSITIVITY_FACTOR * _observed_sensitivity(
-        plated.model_trace, int(x.shape[0])).to(scale)
-    bad = (~_agree(without, with_plate, tol)).nonzero()
-    if bad.numel():
-        row = int(bad[0, 0])
+    tol = _tolerance(_PLATE_FREE_RTOL, plated, with_q=True)[0]
+    row = _first_disagreement(without, with_plate, tol)
+    if row is not None:
         raise ContractError(
             f"row {row} has log weight {float(with_plate[row]):.6g} with a particle plate of "
             f"size 1 on the left and {float(without[row]):.6g} without it (as a one-particle "
@@ -508,14 +523,13 @@ def _check_rows_separate(model_fn, x, mask, plain) -> None:
         parts = [_model_density(model_fn, x, plain.guide_trace, rows, mask) for rows in halves]
     except Exception:  # noqa: BLE001 - a model that cannot run on fewer rows is not compared
         return
-    tol = _ROWS_RTOL * _rounding_scale(plain.log_lik, plain.log_prior)[0]
-    tol = tol + _SENSITIVITY_FACTOR * _observed_sensitivity(plain.model_trace, num_rows).to(tol)
+    tol = _tolerance(_ROWS_RTOL, plain)[0]
     if not bool(_agree(again, whole, tol).all()):
         return  # randomness outside the sample sites
     for rows, part in zip(halves, parts):
-        bad = (~_agree(part, whole[rows], tol[rows])).nonzero()
-        if bad.numel():
-            row = rows.start + int(bad[0, 0])
+        first = _first_disagreement(part, whole[rows], tol[rows])
+        if first is not None:
+            row = rows.start + first
             raise ContractError(
                 f"the model mixes rows: row {row}'s log p(x, z) is {float(whole[row]):.6g} in a "
                 f"batch of all {num_rows} rows and {float(part[row - rows.start]):.6g} in a batch "
@@ -537,9 +551,7 @@ def _check_particles_separate(model_fn, x, mask, terms) -> None:
     run on one particle's values (the other checks cover its shapes)."""
     num_particles = int(terms.log_lik.shape[0])
     whole = terms.log_lik + terms.log_prior
-    tol = _ROWS_RTOL * _rounding_scale(terms.log_lik, terms.log_prior)
-    tol = tol + _SENSITIVITY_FACTOR * _observed_sensitivity(
-        terms.model_trace, int(x.shape[0])).to(tol)
+    tol = _tolerance(_ROWS_RTOL, terms)
     try:
         again = sum(t for t in _replayed_model(model_fn, x, num_particles, mask,
                                                terms.guide_trace, True)[1] if t is not None)
@@ -551,9 +563,8 @@ def _check_particles_separate(model_fn, x, mask, terms) -> None:
         return  # values without a particle dim, or randomness outside the sample sites
     for k, (log_lik, log_prior) in enumerate(alone):
         density = sum(t[0] for t in (log_lik, log_prior) if t is not None)
-        bad = (~_agree(density, whole[k], tol[k])).nonzero()
-        if bad.numel():
-            row = int(bad[0, 0])
+        row = _first_disagreement(density, whole[k], tol[k])
+        if row is not None:
             raise ContractError(
                 f"the model mixes particles: row {row}'s log p(x, z) for particle {k} is "
                 f"{float(whole[k, row]):.6g} when {num_particles} particles run vectorized "

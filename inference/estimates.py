@@ -134,28 +134,27 @@ class LogLikelihoodEstimate(_PerRowEstimate):
             return np.zeros(len(self.per_row), dtype=bool)
         return reliability.khat_unreliable(self.khat, self.num_samples)
 
+    def _share(self, key: str) -> float:
+        """``reliability.reliability_counts``' ``key`` count as a share of the rows (NaN when
+        k-hat was not computed)."""
+        if not self.khat_checked or not len(self.per_row):
+            return math.nan
+        return reliability.reliability_counts(self.khat, self.num_samples)[key] / len(self.per_row)
+
     @property
     def fraction_unreliable(self) -> float:
         """Share of rows whose k-hat is above :attr:`khat_threshold` (NaN when unchecked)."""
-        if not self.khat_checked or not len(self.per_row):
-            return math.nan
-        return float(np.mean(self.unreliable))
+        return self._share("unreliable")
 
     @property
     def fraction_bad(self) -> float:
         """Share of rows with finite k-hat above 0.7 (only a better guide helps there)."""
-        if not self.khat_checked or not len(self.per_row):
-            return math.nan
-        k = self.khat
-        return float(np.mean(np.isfinite(k) & (k > reliability.KHAT_BAD)))
+        return self._share("bad")
 
     @property
     def fraction_undetermined(self) -> float:
         """Share of rows whose k-hat could not be fitted (``+inf`` or NaN) though K >= 25."""
-        if not self.khat_checked or not len(self.per_row):
-            return math.nan
-        k = self.khat
-        return float(np.mean(np.isnan(k) | np.isposinf(k)))
+        return self._share("undetermined")
 
     def _reliability_lines(self) -> list:
         """What the k-hat says about the estimate (one line, two with undetermined rows)."""

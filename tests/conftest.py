@@ -59,3 +59,19 @@ requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUD
 # Tiny tensors dominate the suite: a single intra-op thread avoids oversubscription on the
 # 2-core CI machine (measured 3-40x faster per step under load) and keeps runs deterministic.
 torch.set_num_threads(1)
+
+
+def synthetic_fa(seed: int = 1, n: int = 200, p: int = 8, d: int = 3):
+    """A float64 factor-analysis model with known heteroscedastic parameters and ``n`` rows
+    drawn from it (its guide can be set to the exact posterior)."""
+    from pyro_lvm.models.linear import FactorAnalysis
+
+    g = torch.Generator().manual_seed(seed)
+    fa = FactorAnalysis(p, d).to(torch.float64)
+    with torch.no_grad():
+        fa.loading = torch.randn(p, d, generator=g, dtype=torch.float64)
+        fa.mean = torch.randn(p, generator=g, dtype=torch.float64)
+        fa.noise_variance = 0.2 + torch.rand(p, generator=g, dtype=torch.float64)
+    pyro.set_rng_seed(seed)
+    X = fa.sample(n)
+    return fa, X

@@ -57,6 +57,18 @@ def _env():
     return env
 
 
+def _study_with_mypairs(tmp_path: pathlib.Path, study: str) -> pathlib.Path:
+    """Run ``python -m pyro_lvm.studies.<study> --model mypairs:make_pair --smoke`` from a
+    directory holding the user's mypairs.py; returns the study's directory."""
+    (tmp_path / "mypairs.py").write_text(MYPAIRS)
+    cmd = [sys.executable, "-m", f"pyro_lvm.studies.{study}", "--model", "mypairs:make_pair",
+           "--smoke", "--no-progress", "--out-dir", "out"]
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, env=_env(),
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return tmp_path / "out" / f"{study}-smoke"
+
+
 def _check_report(study_dir: pathlib.Path, name: str):
     results = pd.read_csv(study_dir / "results.csv")
     models = set(results["model"])
@@ -73,13 +85,7 @@ def _check_report(study_dir: pathlib.Path, name: str):
 def test_compare_models_with_a_users_pair_from_the_current_directory(tmp_path):
     # the module form here; the checkout form (python <repo>/studies/compare_models.py, which
     # drops its own folder from sys.path) runs in test_readme_walks_the_workflow_and_it_runs
-    (tmp_path / "mypairs.py").write_text(MYPAIRS)
-    cmd = [sys.executable, "-m", "pyro_lvm.studies.compare_models", "--model",
-           "mypairs:make_pair", "--smoke", "--no-progress", "--out-dir", "out"]
-    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, env=_env(),
-                          timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    _check_report(tmp_path / "out" / "compare_models-smoke", "mypairs:make_pair")
+    _check_report(_study_with_mypairs(tmp_path, "compare_models"), "mypairs:make_pair")
 
 
 def test_a_model_spec_that_cannot_be_loaded_is_named_before_any_run(tmp_path):
@@ -181,13 +187,8 @@ def test_settings_of_the_built_in_models_do_not_multiply_a_users_runs():
 
 
 def test_compare_objectives_compares_objectives_on_a_users_pair(tmp_path):
-    (tmp_path / "mypairs.py").write_text(MYPAIRS)
-    cmd = [sys.executable, "-m", "pyro_lvm.studies.compare_objectives", "--model",
-           "mypairs:make_pair", "--smoke", "--no-progress", "--out-dir", "out"]
-    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, env=_env(),
-                          timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    results = pd.read_csv(tmp_path / "out" / "compare_objectives-smoke" / "results.csv")
+    study_dir = _study_with_mypairs(tmp_path, "compare_objectives")
+    results = pd.read_csv(study_dir / "results.csv")
     assert (results["status"] == "ok").all(), results[["run_id", "status", "error"]]
     mine = results[results["model"] == "mypairs:make_pair"]
     dlvm = results[results["model"] == "dlvm"]
@@ -195,7 +196,7 @@ def test_compare_objectives_compares_objectives_on_a_users_pair(tmp_path):
                                        frame["gradient"]))
     assert len(objectives(dlvm)) >= 2 and objectives(mine) == objectives(dlvm)
     # the shared settings the user's pair was not built with are marked in the report
-    html = (tmp_path / "out" / "compare_objectives-smoke" / "index.html").read_text()
+    html = (study_dir / "index.html").read_text()
     shared = html[html.index("Settings shared by every run"):html.index('id="results"')]
     for setting in ("prior", "hidden", "likelihood"):
         row = shared[shared.index(f"<th>{setting}</th>"):]

@@ -19,7 +19,9 @@ from scipy import stats
 from pyro_lvm.inference.engine import pair_eval_width
 from pyro_lvm.inference.evaluate import elbo, evaluate, log_likelihood, reconstruction_error
 from pyro_lvm.models.dlvm import DLVM
-from pyro_lvm.models.linear import PPCA, FactorAnalysis
+from pyro_lvm.models.linear import PPCA
+
+from conftest import synthetic_fa
 
 F64 = torch.float64
 PROB_3SE = 2 * stats.norm.sf(3.0)  # two-sided P(|Z| > 3) for a normal estimate
@@ -63,19 +65,6 @@ def imperfect(model, scale: float = 1.3, shift: float = 0.0):
         model.guide_scale_tril = model.guide_scale_tril * scale
         model.guide_bias = model.guide_bias + shift
     return model
-
-
-def synthetic_fa(seed: int = 1, n: int = 200, p: int = 8, d: int = 3):
-    """A factor-analysis model with known heteroscedastic parameters and data drawn from it."""
-    g = torch.Generator().manual_seed(seed)
-    fa = FactorAnalysis(p, d).to(F64)
-    with torch.no_grad():
-        fa.loading = torch.randn(p, d, generator=g, dtype=F64)
-        fa.mean = torch.randn(p, generator=g, dtype=F64)
-        fa.noise_variance = 0.2 + torch.rand(p, generator=g, dtype=F64)
-    pyro.set_rng_seed(seed)
-    X = fa.sample(n)
-    return fa, X
 
 
 def exact_elbo(model, X):

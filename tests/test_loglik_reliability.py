@@ -14,7 +14,8 @@ import torch
 from pyro_lvm.inference import engine, reliability
 from pyro_lvm.inference.evaluate import evaluate, log_likelihood, reconstruction_error
 from pyro_lvm.models.dlvm import DLVM
-from pyro_lvm.models.linear import FactorAnalysis
+
+from conftest import synthetic_fa
 
 F64 = torch.float64
 
@@ -25,17 +26,6 @@ def _single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-
-
-def _fa(n: int = 30, p: int = 6, d: int = 2, seed: int = 1):
-    g = torch.Generator().manual_seed(seed)
-    fa = FactorAnalysis(p, d).to(F64)
-    with torch.no_grad():
-        fa.loading = torch.randn(p, d, generator=g, dtype=F64)
-        fa.mean = torch.randn(p, generator=g, dtype=F64)
-        fa.noise_variance = 0.2 + torch.rand(p, generator=g, dtype=F64)
-    pyro.set_rng_seed(seed)
-    return fa, fa.sample(n)
 
 
 def _guide(model, scale: float):
@@ -77,7 +67,7 @@ def test_psis_khat_is_arviz_khat_and_handles_edge_rows():
 def test_per_row_khat_equals_arviz_on_the_streamed_weights(monkeypatch):
     """Rows and particles both chunked: k-hat is assembled from several particle chunks per
     row chunk, and equals ArviZ's on the very log weights log_likelihood drew."""
-    model, X = _fa(n=13)
+    model, X = synthetic_fa(n=13, p=6, d=2)
     _guide(model, 0.6)
     seen = []
     real = engine.stream_log_weights
@@ -108,7 +98,7 @@ def test_per_row_khat_equals_arviz_on_the_streamed_weights(monkeypatch):
 # ----------------------------------------------------------------------------- controls
 def test_bad_proposal_is_flagged():
     """A guide far narrower than the posterior: heavy-tailed weights, k-hat > 0.7."""
-    model, X = _fa(n=30)
+    model, X = synthetic_fa(n=30, p=6, d=2)
     _guide(model, 0.25)
     ll = log_likelihood(model, X, 200, device="cpu", progress=False)
     assert np.nanmedian(ll.khat) > 0.7
@@ -124,7 +114,7 @@ def test_bad_proposal_is_flagged():
 
 
 def test_exact_and_good_proposals_are_not_flagged():
-    model, X = _fa(n=30)
+    model, X = synthetic_fa(n=30, p=6, d=2)
     exact = log_likelihood(_guide(model, 1.0), X, 200, device="cpu", progress=False)
     assert (exact.khat == -np.inf).all()  # constant weights: the guide is the posterior
     assert exact.fraction_unreliable == 0 and exact.fraction_bad == 0
@@ -139,7 +129,7 @@ def test_exact_and_good_proposals_are_not_flagged():
 
 
 def test_k_equal_one_and_too_few_draws_say_so():
-    model, X = _fa(n=20)
+    model, X = synthetic_fa(n=20, p=6, d=2)
     _guide(model, 1.3)
     one = log_likelihood(model, X, 1, device="cpu", progress=False)
     text = one.summary()
@@ -168,7 +158,7 @@ def test_k_equal_one_bits_per_dim_explains_missing_se():
 
 
 def test_evaluate_reports_the_khat_shares():
-    model, X = _fa(n=20)
+    model, X = synthetic_fa(n=20, p=6, d=2)
     _guide(model, 0.25)
     out = evaluate(model, X, 100, device="cpu", progress=False, reconstruction=False)
     ll = log_likelihood(model, X, 100, device="cpu", progress=False)
@@ -197,7 +187,7 @@ def test_reconstruction_error_accepts_progress(capsys):
 def test_khat_buffer_stays_within_the_element_budget():
     """With a small explicit chunk_size the row chunk's K log weights (kept for k-hat) are
     bounded by max_elements too; an explicit batch_size is used as given."""
-    model, X = _fa(n=40)
+    model, X = synthetic_fa(n=40, p=6, d=2)
     _guide(model, 0.6)
     ll = log_likelihood(model, X, 60, chunk_size=5, max_elements=600, device="cpu",
                         progress=False)
