@@ -8,6 +8,9 @@ rows), optimizer (Adam, lr 1e-3) and device on every side:
 * **fit (user pair)**: the same call on :class:`UserVAE`, the network written as a user writes
   a Pyro pair: an ``nn.Module`` whose ``model`` / ``guide`` call ``pyro.module`` and build
   ``dist.Normal`` / ``dist.Bernoulli`` inside ``pyro.plate("data")``;
+* **fit (user ProgramPair)**: the same network and distributions written as a
+  :class:`pyro_lvm.models.ProgramPair` (:class:`UserProgramVAE`), which ``fit`` runs without
+  Pyro's handler stack, as it runs the DLVM;
 * **Pyro SVI**: ``pyro.infer.SVI(user.model, user.guide, pyro.optim.Adam, loss)`` with
   ``Trace_ELBO()`` for the ELBO and ``RenyiELBO(alpha=0, num_particles=K,
   vectorize_particles=True)`` (the IWAE bound) for K > 1, ``svi.step(xb)`` per minibatch;
@@ -36,7 +39,7 @@ torch thread every kernel runs on the calling thread) is recorded too: on a mach
 other jobs it does not count the time spent waiting for a core, so its ratio ("CPU-time /
 hand") is the steadier measure of the work each side does per step.
 
-Before timing, ``fit``'s objective on the DLVM and on the user pair is checked to be the
+Before timing, ``fit``'s objective on the DLVM and on both user pairs is checked to be the
 *same* as the hand-written one: on one minibatch with the same seed (the same noise draws) the
 loss and every parameter gradient must agree to float32 rounding.
 
@@ -72,6 +75,7 @@ import pyro  # noqa: E402
 import pyro.distributions as dist  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from pyro_lvm.models import ProgramPair  # noqa: E402
 
 #: targets (ours / hand-written) from the project's issue 11
 TARGETS = {"fit_dlvm": 1.0, "fit_user": 0.95}
@@ -88,12 +92,13 @@ LARGE_K = 20
 # float32 network, sums over 784 pixels and B rows: the two sides differ by rounding only
 LOSS_RTOL = 1e-5
 GRAD_RTOL = 1e-3
-SIDES = ("fit_dlvm", "fit_dlvm_graph", "fit_user", "fit_user_graph", "pyro_svi", "pythae",
-         "hand", "hand_fused", "hand_graph")
+SIDES = ("fit_dlvm", "fit_dlvm_graph", "fit_user", "fit_user_graph", "fit_user_program",
+         "pyro_svi", "pythae", "hand", "hand_fused", "hand_graph")
 #: sides that replay CUDA graphs (skipped with a note on other devices)
 GRAPH_SIDES = ("fit_dlvm_graph", "fit_user_graph", "hand_graph")
 DEFAULT_SIDES = [s for s in SIDES if s not in GRAPH_SIDES]
-LABELS = {"fit_dlvm": "fit (DLVM)", "fit_user": "fit (user pair)", "pyro_svi": "Pyro SVI",
+LABELS = {"fit_dlvm": "fit (DLVM)", "fit_user": "fit (user pair)",
+          "fit_user_program": "fit (user ProgramPair)", "pyro_svi": "Pyro SVI",
           "pythae": "pythae", "hand": "hand-written", "hand_fused": "hand+fused Adam",
           "fit_dlvm_graph": "fit (DLVM), CUDA graph", "fit_user_graph": "fit (user pair), CUDA graph",
           "hand_graph": "hand-written, CUDA graph"}
@@ -166,6 +171,27 @@ class UserVAE(torch.nn.Module):
         with pyro.plate("data", x.shape[0]):
             pyro.sample("z", dist.Normal(loc, scale + self.min_encoder_scale).to_event(1))
 
+
+
+class UserProgramVAE(ProgramPair, torch.nn.Module):
+    """:class:`UserVAE` written as a :class:`pyro_lvm.models.ProgramPair` (two programs over
+    the data plate's sites, torch's / Pyro's own ``Normal`` and ``Bernoulli``): what a user
+    writes to have ``fit`` run the pair without Pyro's handler stack."""
+
+    def __init__(self, data_dim, latent_dim, hidden, activation, min_encoder_scale=1e-5):
+        super().__init__()
+        self.latent_dim, self.min_encoder_scale = latent_dim, min_encoder_scale
+        mirror = common.MirrorVAE(data_dim, latent_dim, hidden, activation)
+        self.encoder, self.decoder = mirror.encoder, mirror.decoder
+
+    def model_program(self, x, mask, sample):
+        z = sample("z", dist.Normal(x.new_zeros(self.latent_dim), 1.0).to_event(1))
+        sample("x", dist.Bernoulli(logits=self.decoder(z)).to_event(1), obs=x)
+
+    def guide_program(self, x, mask, sample):
+        out = self.encoder(x)
+        loc, scale = out[:, :self.latent_dim], F.softplus(out[:, self.latent_dim:])
+        sample("z", dist.Normal(loc, scale + self.min_encoder_scale).to_event(1))
 
 
 class _StepClock:
@@ -469,11 +495,12 @@ def _summary(outs, batch_size) -> dict:
 def _runners(name, pairs, args, device, notes) -> dict:
     """side -> ``run(rows)`` for one objective (the sides this device and install can run)."""
     spec = OBJECTIVES[name]
-    dlvm, user, mirror = pairs
+    dlvm, user, mirror, user_program = pairs
     objective = _make_objective(name)
     runners = {
         "fit_dlvm": lambda data: run_fit(dlvm, data, objective, args, device),
         "fit_user": lambda data: run_fit(user, data, objective, args, device),
+        "fit_user_program": lambda data: run_fit(user_program, data, objective, args, device),
         "hand": lambda data: run_hand(mirror, data, spec, args, device),
         "hand_fused": lambda data: run_hand(mirror, data, spec, args, device, fused=True),
     }
@@ -697,23 +724,28 @@ def main(args=None) -> dict:
     user = UserVAE(784, arch["latent_dim"], arch["hidden"], arch["activation"],
                    dlvm.min_encoder_scale)
     common.copy_dlvm_weights(dlvm, user)
+    user_program = UserProgramVAE(784, arch["latent_dim"], arch["hidden"], arch["activation"],
+                                  dlvm.min_encoder_scale)
+    common.copy_dlvm_weights(dlvm, user_program)
+    pairs = (dlvm, user, mirror, user_program)
     if args.worker is not None:
-        for model in (dlvm, user, mirror):
+        for model in pairs:
             model.to(device)
-        return dict(worker=_run_worker((dlvm, user, mirror), train, args, device))
+        return dict(worker=_run_worker(pairs, train, args, device))
     checks, profiles, notes, results = {}, {}, set(), []
     # The checks run on the CPU before any training (identical weights on every side): the
     # CPU generator gives both sides the same noise, which CUDA kernels need not do.
     for name in args.objectives:
-        for label, pair in (("DLVM", dlvm), ("user pair", user)):
+        for label, pair in (("DLVM", dlvm), ("user pair", user),
+                            ("user ProgramPair", user_program)):
             with pyro.validation_enabled(True):
                 checks[f"{label} / {name}"] = same_objective_check(
                     pair, mirror, _make_objective(name), OBJECTIVES[name],
                     train[:args.batch_size], train.shape[0], args.seed)
-    for model in (dlvm, user, mirror):
+    for model in pairs:
         model.to(device)
     for name in args.objectives:
-        results.append(_time_objective(name, (dlvm, user, mirror), train, args, device, notes))
+        results.append(_time_objective(name, pairs, train, args, device, notes))
         if args.profile:
             for label, pair in (("DLVM", dlvm), ("user pair", user)):
                 with pyro.validation_enabled(args.validation == "on"):

@@ -27,9 +27,10 @@ import contextlib
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import pyro.poutine as poutine
+from pyro.poutine.messenger import Messenger
 import pyro.util
 import torch
 from pyro.poutine.util import site_is_subsample
@@ -41,7 +42,7 @@ try:  # recent torch wraps a mixture's component support in its own constraint c
 except ImportError:  # pragma: no cover - older torch
     _WRAPPING_CONSTRAINTS = (constraints.independent,)
 
-from pyro_lvm.inference import pairs
+from pyro_lvm.inference import pairs, programs
 from pyro_lvm.inference.engine import isolated_param_store, resolve_pair
 from pyro_lvm.inference.importance_weights import (DATA_PLATE, PARTICLE_PLATE,
                                                    _replayed_model, model_terms_of_particle,
@@ -577,6 +578,44 @@ def _check_particles_separate(model_fn, x, mask, terms) -> None:
                 f"z.reshape(*z.shape[:-1], ...))")
 
 
+def _sites_of(trace: poutine.Trace) -> List[str]:
+    return [name for name, site in trace.nodes.items()
+            if site["type"] == "sample" and not site_is_subsample(site)]
+
+
+def _check_direct_run(model_fn, guide_fn, x, mask, rewind) -> None:
+    """A :class:`pyro_lvm.models.ProgramPair` is trained and evaluated by running its programs
+    directly (:mod:`pyro_lvm.inference.programs`): that run must give the sites and log
+    weights of its ``model`` / ``guide`` run through Pyro, on the same random numbers."""
+    if programs.declared_program(model_fn) is None and programs.declared_program(guide_fn) is None:
+        return
+    rewind()
+    try:
+        direct = trace_log_terms(model_fn, guide_fn, x, num_particles=_CHECK_PARTICLES, mask=mask)
+    except programs.ProgramError as exc:
+        raise ContractError(f"running the pair's ProgramPair programs directly failed: {exc}") \
+            from exc
+    rewind()
+    with Messenger():  # any active handler makes the engine run the pair through Pyro
+        traced = trace_log_terms(model_fn, guide_fn, x, num_particles=_CHECK_PARTICLES, mask=mask)
+    for role in ("guide", "model"):
+        sites = [_sites_of(getattr(t, f"{role}_trace")) for t in (direct, traced)]
+        if sites[0] != sites[1]:
+            raise ContractError(
+                f"the {role}'s program run directly has the sample sites {sites[0]}, run through "
+                f"Pyro {sites[1]}: a ProgramPair must declare every site through its program's "
+                f"`sample` argument and behave the same whatever Pyro handlers are active")
+    tol = _tolerance(_PLATE_FREE_RTOL, traced, with_q=True)
+    for k in range(_CHECK_PARTICLES):
+        row = _first_disagreement(direct.log_weights[k], traced.log_weights[k], tol[k])
+        if row is not None:
+            raise ContractError(
+                f"the pair's programs run directly give row {row}, particle {k} the log weight "
+                f"{float(direct.log_weights[k, row]):.6g}, its model/guide run through Pyro "
+                f"{float(traced.log_weights[k, row]):.6g}, on the same random numbers: a "
+                f"ProgramPair's programs must not depend on the Pyro handlers around them")
+
+
 def check_contract(pair, x, mask=None, *, guide=None, require_reparameterized: bool = True,
                    check_support: bool = True, param_state=None) -> ContractReport:
     """Run a model/guide pair on ``x`` and verify that it keeps the pyro-lvm contract.
@@ -662,6 +701,7 @@ def check_contract(pair, x, mask=None, *, guide=None, require_reparameterized: b
             plain = _check_without_particle_plate(model_fn, guide_fn, x, mask, rewind)
             _check_rows_separate(model_fn, x, mask, plain)
             _check_particles_separate(model_fn, x, mask, terms)
+            _check_direct_run(model_fn, guide_fn, x, mask, rewind)
     return ContractReport(
         latent_sites=latent_sites,
         observed_sites={n: tuple(getattr(s["fn"], "event_shape", ())) for n, s in observed.items()},

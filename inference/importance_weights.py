@@ -69,7 +69,7 @@ from pyro.poutine.subsample_messenger import _Subsample
 from pyro.poutine.util import site_is_subsample
 import torch
 
-from pyro_lvm.inference import enumeration
+from pyro_lvm.inference import enumeration, programs
 
 __all__ = [
     "PARTICLE_PLATE",
@@ -238,9 +238,14 @@ def _record(fn: Callable, x: torch.Tensor, num_particles: int, mask: Optional[to
     plate's up to floating-point rounding (one broadcast less can change a summation order or
     a matmul kernel); :func:`pyro_lvm.check_contract` refuses a pair for which they differ
     by more."""
-    recorder = _SiteRecorder(replay)
     # whether any handler was active before ours (checked before the stack grows below)
     outer = bool(_PYRO_STACK)
+    declared = None if outer else programs.declared_program(fn)
+    if declared is not None:  # a ProgramPair's model / guide: run without the handler stack
+        particle_frame = (programs.plate_frame(_particle_plate(num_particles))
+                          if particle_dim or num_particles > 1 else None)
+        return programs.record_program(*declared, x, num_particles, mask, replay, particle_frame)
+    recorder = _SiteRecorder(replay)
     enum = (poutine.enum(first_available_dim=enumeration.FIRST_ENUM_DIM) if enumerate_sites
             else contextlib.nullcontext())
     # built (the first time) outside our frames

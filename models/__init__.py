@@ -23,6 +23,7 @@ from pyro_lvm.models.likelihoods import (Bernoulli, Binomial, Categorical, Gauss
                                          NegativeBinomial, Poisson, StudentT, make_likelihood)
 from pyro_lvm.models.linear import PPCA, FactorAnalysis
 from pyro_lvm.models.poisson_pca import PoissonPCA
+from pyro_lvm.models.program import ProgramPair
 from pyro_lvm.models.cluster_dlvm import ClusterDLVM
 from pyro_lvm.models.networks import mlp
 from pyro_lvm.models.priors import MixturePrior, Prior, StandardNormalPrior, VampPrior, make_prior
@@ -36,5 +37,5 @@ __all__ = [
     "mlp", "check_data", "check_mask", "check_binary",
     "BernoulliMixture", "MADE", "RBM", "AISResult", "ExactLikelihoodPair",
     "LinearAutoencoder", "Autoencoder", "DenoisingAutoencoder",
-    "IAFGuide", "ConditionalIAF", "FlowPrior", "IAFGuidedDLVM",
+    "IAFGuide", "ConditionalIAF", "FlowPrior", "IAFGuidedDLVM", "ProgramPair",
 ]

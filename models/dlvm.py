@@ -27,7 +27,9 @@ imputation, as in Mattei & Frellsen 2019, MIWAE).
 
 Both ``model`` and ``guide`` keep the project's contract: one ``pyro.plate("data", N, dim=-1)``,
 latent site ``"z"`` with event shape ``[d]``, observed site ``"x"`` with event shape ``[p]``,
-and every tensor broadcasts over extra leading (particle) dimensions.
+and every tensor broadcasts over extra leading (particle) dimensions. They are written once, as
+the programs of a :class:`pyro_lvm.models.program.ProgramPair` (``model_program``,
+``guide_program``), from which ``model`` / ``guide`` and the engine's direct run both derive.
 
 :class:`LectureDLVM` is the fixed-decoder two-dimensional example from the lecture, a known
 DLVM to simulate data from.
@@ -50,11 +52,10 @@ from __future__ import annotations
 import math
 from typing import Optional, Sequence, Tuple, Union
 
-import pyro
 import pyro.distributions as dist
 import torch
 import torch.nn.functional as F
-from pyro.nn import PyroModule, pyro_method
+from pyro.nn import PyroModule
 
 from . import validation
 from .base import unique_module_name
@@ -63,6 +64,7 @@ from .likelihoods import (DEFAULT_DF_BOUNDS, DEFAULT_SCALE_FLOOR, LIKELIHOOD_NAM
                           make_likelihood)
 from .networks import mlp
 from .priors import PRIOR_NAMES, Prior, StandardNormalPrior, make_prior
+from .program import ProgramPair
 
 __all__ = ["DLVM", "LectureDLVM"]
 
@@ -76,9 +78,10 @@ def _hidden_tuple(hidden, what: str) -> Tuple[int, ...]:
         raise ValueError(f"{what} must be a sequence of layer widths, got {hidden!r}") from None
 
 
-class _AmortizedGaussianGuideMixin:
+class _AmortizedGaussianGuideMixin(ProgramPair):
     """Observed-data preparation, data checks and the amortized Gaussian guide, shared by the
-    DLVMs and :class:`pyro_lvm.models.poisson_pca.PoissonPCA` (which encodes ``log1p(x)``)."""
+    DLVMs and :class:`pyro_lvm.models.poisson_pca.PoissonPCA` (which encodes ``log1p(x)``).
+    The guide is a :class:`pyro_lvm.models.program.ProgramPair` program."""
 
     data_dim: int
     latent_dim: int
@@ -136,14 +139,13 @@ class _AmortizedGaussianGuideMixin:
         x, _ = self._observed(x, mask)
         return self._encode(x)
 
-    @pyro_method
-    def guide(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def guide_program(self, x: torch.Tensor, mask: Optional[torch.Tensor], sample) -> torch.Tensor:
         """:math:`q_\\phi(z_i \\mid x_i) = \\mathcal{N}(\\mu_\\phi(x_i), \\operatorname{diag}
-        \\sigma_\\phi(x_i)^2)`, site ``"z"`` (reparameterized)."""
+        \\sigma_\\phi(x_i)^2)`, site ``"z"`` (reparameterized); ``guide`` runs it in the data
+        plate (:class:`pyro_lvm.models.program.ProgramPair`)."""
         x, _ = self._observed(x, mask)
         loc, scale = self._encode(x)
-        with pyro.plate("data", x.shape[0], dim=-1):
-            return pyro.sample("z", DiagonalNormal(loc, scale).to_event(1))
+        return sample("z", DiagonalNormal(loc, scale).to_event(1))
 
 
 class DLVM(_AmortizedGaussianGuideMixin, PyroModule):
@@ -257,21 +259,20 @@ class DLVM(_AmortizedGaussianGuideMixin, PyroModule):
         )
 
     # ------------------------------------------------------------------ model / guide
-    @pyro_method
-    def model(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def model_program(self, x: torch.Tensor, mask: Optional[torch.Tensor], sample) -> torch.Tensor:
         """:math:`z_i \\sim p_\\lambda(z)`, :math:`x_i \\mid z_i \\sim \\Phi(x_i \\mid f_\\theta(z_i))`
-        on the observed entries; sites ``"z"`` and ``"x"``; returns the decoder output."""
+        on the observed entries; sites ``"z"`` and ``"x"``; returns the decoder output.
+        ``model`` runs it in the data plate (:class:`pyro_lvm.models.program.ProgramPair`)."""
         x, mask = self._observed(x, mask)
         if validation.per_call_data_checks():
             # A clear message (which value, where) before Pyro's generic support error.
             self.likelihood.check_data(x, mask)
-        with pyro.plate("data", x.shape[0], dim=-1):
-            z = pyro.sample("z", self.prior.distribution())
-            out = self.decoder(z)
-            px = self.likelihood.distribution(out)
-            if mask is not None:
-                px = px.mask(mask)
-            pyro.sample("x", px.to_event(1), obs=x)
+        z = sample("z", self.prior.distribution())
+        out = self.decoder(z)
+        px = self.likelihood.distribution(out)
+        if mask is not None:
+            px = px.mask(mask)
+        sample("x", px.to_event(1), obs=x)
         return out
 
     # ------------------------------------------------------------------ conveniences
@@ -392,17 +393,15 @@ class LectureDLVM(_AmortizedGaussianGuideMixin, PyroModule):
         """:math:`\\log p(x \\mid z)` (exact), broadcasting ``x`` ``[..., 2]`` with ``z`` ``[..., 1]``."""
         return self.decoder_distribution(z).log_prob(x)
 
-    @pyro_method
-    def model(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def model_program(self, x: torch.Tensor, mask: Optional[torch.Tensor], sample) -> torch.Tensor:
         """:math:`z_i \\sim \\mathcal{N}(0, 1)`, :math:`x_i \\mid z_i \\sim \\mathcal{N}(\\mu(z_i),
-        \\Sigma(z_i))` on the observed entries."""
+        \\Sigma(z_i))` on the observed entries (``model`` runs it in the data plate)."""
         x, mask = self._observed(x, mask)
-        with pyro.plate("data", x.shape[0], dim=-1):
-            z = pyro.sample("z", self.prior.distribution())
-            px = dist.Normal(self.decoder_mean(z), self.decoder_scale(z))
-            if mask is not None:
-                px = px.mask(mask)
-            pyro.sample("x", px.to_event(1), obs=x)
+        z = sample("z", self.prior.distribution())
+        px = dist.Normal(self.decoder_mean(z), self.decoder_scale(z))
+        if mask is not None:
+            px = px.mask(mask)
+        sample("x", px.to_event(1), obs=x)
         return z
 
     def sample(self, n: int, *, return_latent: bool = False):

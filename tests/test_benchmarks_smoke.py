@@ -21,11 +21,11 @@ HELPERS = {"common.py"}
 
 def _check_train_throughput(out, tmp_path):
     assert out["same_objective"], out["checks"]
-    assert len(out["checks"]) == 6  # DLVM and user pair x three objectives
+    assert len(out["checks"]) == 9  # DLVM, user pair, user ProgramPair x three objectives
     names = {r["objective"] for r in out["results"]}
     assert names == {"elbo", "iwae_5", "iwae_50"}
     for r in out["results"]:
-        expected = {"fit_dlvm", "fit_user", "pyro_svi", "hand", "hand_fused"}
+        expected = {"fit_dlvm", "fit_user", "fit_user_program", "pyro_svi", "hand", "hand_fused"}
         assert expected <= set(r["sides"]), r["sides"].keys()
         for side in r["sides"].values():
             assert math.isfinite(side["rows_per_s"]) and side["rows_per_s"] > 0
