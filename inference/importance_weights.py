@@ -244,7 +244,7 @@ def _record(fn: Callable, x: torch.Tensor, num_particles: int, mask: Optional[to
     if declared is not None:  # a ProgramPair's model / guide: run without the handler stack
         particle_frame = (programs.plate_frame(_particle_plate(num_particles))
                           if particle_dim or num_particles > 1 else None)
-        return programs.record_program(*declared, x, num_particles, mask, replay, particle_frame)
+        return programs.record_program(*declared, x, mask, replay, particle_frame)
     recorder = _SiteRecorder(replay)
     enum = (poutine.enum(first_available_dim=enumeration.FIRST_ENUM_DIM) if enumerate_sites
             else contextlib.nullcontext())

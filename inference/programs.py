@@ -42,6 +42,9 @@ from pyro.poutine.subsample_messenger import _Subsample
 __all__ = ["ProgramError", "declared_program", "record_program", "plate_frame",
            "PROGRAM_ATTRIBUTE"]
 
+#: The contract's data plate (``pyro_lvm.inference.importance_weights.DATA_PLATE``, which
+#: imports this module; ``pyro_lvm.models.program.DATA_PLATE``, which the derived pairs enter).
+DATA_PLATE = "data"
 #: The attribute that marks a ``ProgramPair``'s derived ``model`` / ``guide`` functions
 #: (``pyro_lvm.models.program.PROGRAM_ATTRIBUTE``).
 PROGRAM_ATTRIBUTE = "pyro_lvm_program"
@@ -135,12 +138,12 @@ class _RefuseStatements(Messenger):
             f"model/guide functions")
 
 
-def record_program(program: Callable, pair, x: torch.Tensor, num_particles: int,
-                   mask: Optional[torch.Tensor], replay: Optional[poutine.Trace],
+def record_program(program: Callable, pair, x: torch.Tensor, mask: Optional[torch.Tensor],
+                   replay: Optional[poutine.Trace],
                    particle_frame: Optional[CondIndepStackFrame]) -> poutine.Trace:
     """Run ``program(x, mask, sample)`` directly (module docstring) and return its sites as
     a Pyro trace; ``particle_frame`` is the particle plate's frame (None: no particle plate)."""
-    data_frame = CondIndepStackFrame(name="data", dim=-1, size=x.shape[0], counter=0,
+    data_frame = CondIndepStackFrame(name=DATA_PLATE, dim=-1, size=x.shape[0], counter=0,
                                      full_size=x.shape[0])
     frames = (data_frame,) if particle_frame is None else (particle_frame, data_frame)
     sites = _DirectSites(frames, replay)

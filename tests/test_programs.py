@@ -332,3 +332,12 @@ def test_derived_model_and_guide_are_plain_pyro_functions():
     assert model_trace.nodes["z"]["value"] is guide_trace.nodes["z"]["value"]
     assert [f.name for f in model_trace.nodes["x"]["cond_indep_stack"]] == ["data"]
     assert ProgramPair.model.__name__ == "model" and ProgramPair.guide.__name__ == "guide"
+
+
+def test_the_models_and_the_engine_name_the_data_plate_and_the_marker_alike():
+    from pyro_lvm.inference import importance_weights
+    from pyro_lvm.models import program
+
+    assert program.DATA_PLATE == programs.DATA_PLATE == importance_weights.DATA_PLATE
+    assert program.PROGRAM_ATTRIBUTE == programs.PROGRAM_ATTRIBUTE
+    assert getattr(ProgramPair.model, programs.PROGRAM_ATTRIBUTE) == "model_program"
