@@ -368,9 +368,10 @@ def _score(model: Callable, guide: Optional[Callable], x: torch.Tensor, num_part
     for name in _latent_site_names(guide_trace):
         term = _per_point(name, guide_trace.nodes[name], shape, "guide")
         log_q = term if log_q is None else log_q + term
-    zero = x.new_zeros(shape)
-    return LogTerms(zero if log_lik is None else log_lik, zero if log_prior is None else log_prior,
-                    zero if log_q is None else log_q, model_trace, guide_trace)
+    if log_lik is None or log_prior is None or log_q is None:
+        zero = x.new_zeros(shape)
+        log_lik, log_prior, log_q = (zero if t is None else t for t in (log_lik, log_prior, log_q))
+    return LogTerms(log_lik, log_prior, log_q, model_trace, guide_trace)
 
 
 def trace_log_terms(model: Callable, guide: Callable, x: torch.Tensor, num_particles: int = 1,

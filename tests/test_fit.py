@@ -578,3 +578,30 @@ def test_fit_refuses_a_constant_column_under_a_learned_scale_like_the_loaders(li
     y[:20, 3] = 2.5
     fit(DLVM(5, 2, likelihood=likelihood, hidden=(8,)), y, epochs=1, batch_size=20,
         progress=False)
+
+
+def test_gradient_summary_finds_every_non_finite_entry_and_no_false_alarm():
+    from pyro_lvm.inference.training.step import finite_step, gradient_summary
+
+    loss = torch.tensor(1.0)
+
+    def check(grads, clip=False):
+        summary = gradient_summary(grads, loss, norm=clip)
+        return finite_step(float(loss), float(summary), grads)
+
+    finite = [torch.randn(30, 7), torch.randn(7)]
+    assert check(finite) and check(finite, clip=True)
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        grads = [g.clone() for g in finite]
+        grads[1][3] = bad
+        assert not check(grads) and not check(grads, clip=True), bad
+    # +inf and -inf in different tensors: the sum is NaN, still caught
+    assert not check([torch.tensor([float("inf")]), torch.tensor([-float("inf")])])
+    # finite entries whose sum (and norm) overflow float32: not a failure
+    huge = [torch.full((4,), 3e38), torch.full((4,), 3e38)]
+    assert not math.isfinite(float(gradient_summary(huge, loss, norm=False)))
+    assert check(huge) and check(huge, clip=True)
+    # the norm, not the sum, when clipping needs it
+    assert float(gradient_summary([torch.tensor([3.0, -4.0])], loss, norm=True)) == 5.0
+    assert float(gradient_summary([torch.tensor([3.0, -4.0])], loss, norm=False)) == -1.0
+    assert not finite_step(float("nan"), 0.0, finite)

@@ -12,8 +12,9 @@ and Pyro's objectives.
 A step is two graphs, so that fit keeps its guarantees:
 
 1. *loss*: zero the gradients' storage, the objective's forward and backward pass, and the
-   gradient norm (static outputs ``loss`` and ``grad_norm``);
-2. the host reads ``loss`` and ``grad_norm`` (one synchronization) and hands a non-finite
+   gradient summary (``step.gradient_summary``: the norm with ``clip_norm``, else the sum;
+   static outputs ``loss`` and ``summary``);
+2. the host reads ``loss`` and ``summary`` (one synchronization) and hands a non-finite
    step to the eager forensics *before* any parameter changes, exactly as the eager step;
 3. *update*: gradient clipping (``clip_norm``) and the optimizer step.
 
@@ -38,13 +39,12 @@ optimizer's hyperparameters change.
 """
 from __future__ import annotations
 
-import math
 import sys
 from typing import Any, Optional, Tuple
 
 import torch
 
-from pyro_lvm.inference.training.step import train_step
+from pyro_lvm.inference.training.step import finite_step, gradient_summary, train_step
 
 __all__ = ["GraphedTrainStep", "cuda_graph_unavailable", "CudaGraphBackend"]
 
@@ -197,8 +197,8 @@ class GraphedTrainStep:
         state.optimizer.zero_grad(set_to_none=True)  # the capture allocates the gradients
         loss = run.adapter.train_loss(self.static_x, self.static_m)
         grads = [p.grad for p in state.params if p.grad is not None]
-        norm = torch.nn.utils.get_total_norm(grads).to(loss)
-        self.static_out = torch.stack([loss.reshape(()), norm])
+        summary = gradient_summary(grads, loss, norm=run.clip_norm is not None)
+        self.static_out = torch.stack([loss.reshape(()), summary])
 
     def _update_body(self) -> None:
         """Captured: clipping and the optimizer step, reading the loss graph's gradients."""
@@ -214,11 +214,13 @@ class GraphedTrainStep:
             self.static_m.copy_(mb)
         loss_graph, update_graph = self.graphs
         self.backend.replay(loss_graph)
-        loss_value, norm_value = self.static_out.tolist()
-        if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
+        loss_value, summary_value = self.static_out.tolist()
+        grads = [p.grad for p in state.params if p.grad is not None]
+        if not finite_step(loss_value, summary_value, grads):
             # parameters are still the last finite ones: let the eager forensics name the site
             run.non_finite(None, epoch=epoch, step=step, xb=xb, mb=mb, batch_rows=batch_rows,
-                           rng_before=None, loss_value=loss_value, grad_norm=norm_value)
+                           rng_before=None, loss_value=loss_value,
+                           grad_norm=float(torch.nn.utils.get_total_norm(grads)))
         self.backend.replay(update_graph)
         self.replays += 1
         state.global_step += 1
