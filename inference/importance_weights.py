@@ -33,7 +33,10 @@ handler (:class:`_SiteRecorder`), with no separate hand-written formula for any 
 family. When no handler is active outside the objective's own, parameter statements and
 the subsample messages of plates that do not subsample are answered at the innermost frame
 (:class:`_StoredParams`). The particle plate is one ``pyro.plate`` object per ``K``, entered
-on every run.
+on every run. The ``model`` / ``guide`` of a :class:`pyro_lvm.models.ProgramPair` (a pair
+written as two programs over the data plate's sites, the built-in DLVM among them) are run
+without any handler when none is active outside: their programs record the same trace
+themselves (:mod:`pyro_lvm.inference.programs`), so the rest of this module cannot tell.
 
 The per-point bounds are pure functions of the weights:
 
@@ -237,7 +240,11 @@ def _record(fn: Callable, x: torch.Tensor, num_particles: int, mask: Optional[to
     against, not require), and none of the plate's per-site work. The numbers equal the
     plate's up to floating-point rounding (one broadcast less can change a summation order or
     a matmul kernel); :func:`pyro_lvm.check_contract` refuses a pair for which they differ
-    by more."""
+    by more.
+
+    A :class:`pyro_lvm.models.ProgramPair`'s derived ``model`` / ``guide``, with no handler
+    active outside, runs directly (:func:`pyro_lvm.inference.programs.record_program`): the
+    same trace without Pyro's handler stack."""
     # whether any handler was active before ours (checked before the stack grows below)
     outer = bool(_PYRO_STACK)
     declared = None if outer else programs.declared_program(fn)
