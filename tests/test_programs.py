@@ -208,12 +208,14 @@ def test_a_users_program_pair_fits_and_evaluates_against_its_closed_form(direct_
     assert abs(estimate.mean - exact) < 4 * estimate.mc_se + 1e-4, (estimate.mean, exact)
 
 
-def test_fit_of_a_program_pair_equals_fit_through_pyro_bit_for_bit():
+def test_fit_of_a_program_pair_equals_fit_through_pyro_bit_for_bit(direct_runs):
     torch.manual_seed(0)
     pair = DLVM(10, 2, hidden=(6,))
-    twin = copy.deepcopy(pair)
+    twin, initial = copy.deepcopy(pair), copy.deepcopy(pair)
     x = _binary(60, 10, seed=5)
     direct = fit(pair, x, objective=IWAE(3), epochs=2, batch_size=20, seed=3, progress=False)
+    runs = len(direct_runs)
+    assert runs >= 2 * 2 * 3  # guide and model of every step ran directly
 
     # the same module, its model and guide run through Pyro: a handler around each call
     def model(x, mask=None):
@@ -226,9 +228,11 @@ def test_fit_of_a_program_pair_equals_fit_through_pyro_bit_for_bit():
 
     traced = fit(_Wrapped(twin, model, guide), x, objective=IWAE(3), epochs=2, batch_size=20,
                  seed=3, progress=False)
+    assert len(direct_runs) == runs  # the wrapped pair trained through Pyro
     assert direct.step_losses == traced.step_losses
     for (name, a), (_, b) in zip(pair.named_parameters(), twin.named_parameters()):
         assert torch.equal(a, b), name
+    assert not any(torch.equal(a, b) for a, b in zip(pair.parameters(), initial.parameters()))
 
 
 class _Wrapped(torch.nn.Module):
