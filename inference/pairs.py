@@ -27,6 +27,8 @@ import pyro.poutine as poutine
 import torch
 from pyro.poutine.util import site_is_subsample
 
+from pyro_lvm.inference import programs
+
 __all__ = ["PairError", "accepts_mask", "mask_optional", "unwrap_fit_result", "fit_result_state",
            "is_enumerated", "check_sites", "takes_no_mask", "mask_required_message",
            "evaluation_param_state", "checked_for_evaluation", "check_pair_for_evaluation",
@@ -78,14 +80,25 @@ def mask_optional(fn: Callable, role: str) -> Callable:
 
 
 def takes_no_mask(fn: Callable) -> bool:
-    """Whether ``fn`` is a model or guide wrapped by :func:`mask_optional` (takes no mask)."""
-    return getattr(fn, "_pyro_lvm_without_mask", None) is not None
+    """Whether ``fn`` is a model or guide wrapped by :func:`mask_optional`, or derived by a
+    ``ProgramPair`` from a program written without ``mask`` (takes no mask)."""
+    if getattr(fn, "_pyro_lvm_without_mask", None) is not None:
+        return True
+    declared = programs.declared_program(fn)
+    return declared is not None and not declared[1].program_takes_mask(declared[0])
 
 
 def mask_required_message(fn: Callable, role: str, mask) -> str:
     """Why a pair without a ``mask`` argument cannot take data with missing values."""
-    fn = getattr(fn, "_pyro_lvm_without_mask", fn)
     missing = int((~torch.as_tensor(mask).bool()).sum())
+    declared = programs.declared_program(fn)
+    if declared is not None:
+        name, pair = declared
+        return (f"the data have {missing} missing value(s) (mask has False entries) but the "
+                f"{role}'s program {type(pair).__name__}.{name} takes no mask: write it "
+                f"{name}(self, x, mask, sample) and score only the observed entries, e.g. "
+                f"sample('x', dist.Normal(loc, scale).mask(mask).to_event(1), obs=x)")
+    fn = getattr(fn, "_pyro_lvm_without_mask", fn)
     return (f"the data have {missing} missing value(s) (mask has False entries) but the "
             f"{role} {_describe(fn)} takes no mask: a pair must accept `mask` to be fit or "
             f"evaluated on incomplete data. Write {role}(x, mask=None) and score only the "

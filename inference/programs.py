@@ -54,14 +54,14 @@ class ProgramError(RuntimeError):
     """A ``ProgramPair`` program issued a Pyro statement that a direct run cannot record."""
 
 
-def declared_program(fn: Callable) -> Optional[Tuple[Callable, object]]:
-    """``(program, pair)`` when ``fn`` is the ``model`` or ``guide`` a ``ProgramPair`` derives
-    from its program (a bound method carrying :data:`PROGRAM_ATTRIBUTE`); None otherwise."""
+def declared_program(fn: Callable) -> Optional[Tuple[str, object]]:
+    """``(program name, pair)`` when ``fn`` is the ``model`` or ``guide`` a ``ProgramPair``
+    derives from its program (a bound method carrying :data:`PROGRAM_ATTRIBUTE`); None
+    otherwise."""
     program_name = getattr(getattr(fn, "__func__", None), PROGRAM_ATTRIBUTE, None)
     if program_name is None:
         return None
-    pair = fn.__self__
-    return getattr(pair, program_name), pair
+    return program_name, fn.__self__
 
 
 def plate_frame(plate) -> CondIndepStackFrame:
@@ -138,16 +138,17 @@ class _RefuseStatements(Messenger):
             f"model/guide functions")
 
 
-def record_program(program: Callable, pair, x: torch.Tensor, mask: Optional[torch.Tensor],
+def record_program(program_name: str, pair, x: torch.Tensor, mask: Optional[torch.Tensor],
                    replay: Optional[poutine.Trace],
                    particle_frame: Optional[CondIndepStackFrame]) -> poutine.Trace:
-    """Run ``program(x, mask, sample)`` directly (module docstring) and return its sites as
-    a Pyro trace; ``particle_frame`` is the particle plate's frame (None: no particle plate)."""
+    """Run the pair's program ``program_name`` directly (module docstring; through the pair's
+    ``run_program``, as its derived function does) and return its sites as a Pyro trace;
+    ``particle_frame`` is the particle plate's frame (None: no particle plate)."""
     data_frame = CondIndepStackFrame(name=DATA_PLATE, dim=-1, size=x.shape[0], counter=0,
                                      full_size=x.shape[0])
     frames = (data_frame,) if particle_frame is None else (particle_frame, data_frame)
     sites = _DirectSites(frames, replay)
     context = getattr(pair, "__dict__", {}).get("_pyro_context")
     with _RefuseStatements(), (contextlib.nullcontext() if context is None else context):
-        program(x, mask, sites)
+        pair.run_program(program_name, x, mask, sites)
     return sites.trace

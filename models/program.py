@@ -2,8 +2,10 @@
 
 A Pyro pair keeping the project's contract has every sample site inside one
 ``pyro.plate("data", N, dim=-1)``. :class:`ProgramPair` lets a pair say so by construction:
-it writes ``model_program(x, mask, sample)`` and ``guide_program(x, mask, sample)``, which
-declare their sites through the ``sample(name, fn, obs=None)`` they are given, and inherits
+it writes ``model_program(x, mask, sample)`` and ``guide_program(x, mask, sample)`` (or
+``(x, sample)`` for a pair that takes no mask: it then refuses data with missing entries),
+which declare their sites through the ``sample(name, fn, obs=None)`` they are given, and
+inherits
 ``model`` and ``guide``: each enters the pair's Pyro module context (for a ``PyroModule``)
 and ``pyro.plate("data", x.shape[0], dim=-1)``, then runs its program with
 ``pyro.sample``. So ``model`` and ``guide`` are ordinary Pyro functions, and everything that
@@ -39,6 +41,8 @@ Example
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 from typing import Callable, Optional
 
 import pyro
@@ -58,10 +62,22 @@ def _module_context(pair):
     return contextlib.nullcontext() if context is None else context
 
 
+@functools.lru_cache(maxsize=None)
+def _takes_mask(program) -> bool:
+    """Whether a program (a function, ``self`` first) is written ``(self, x, mask, sample)``
+    rather than ``(self, x, sample)``."""
+    positional = [p for p in inspect.signature(program).parameters.values()
+                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if len(positional) not in (3, 4):
+        raise TypeError(f"{program.__qualname__} must take (self, x, mask, sample) or (self, x, "
+                        f"sample), got ({', '.join(p.name for p in positional)})")
+    return len(positional) == 4
+
+
 def _derived(name: str, program_name: str, doc: str) -> Callable:
     def run(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None):
         with _module_context(self), pyro.plate(DATA_PLATE, x.shape[0], dim=-1):
-            return getattr(self, program_name)(x, mask, pyro.sample)
+            return self.run_program(program_name, x, mask, pyro.sample)
 
     run.__name__, run.__qualname__, run.__doc__ = name, f"ProgramPair.{name}", doc
     setattr(run, PROGRAM_ATTRIBUTE, program_name)
@@ -75,7 +91,8 @@ class ProgramPair:
     def model_program(self, x: torch.Tensor, mask: Optional[torch.Tensor],
                       sample: Callable) -> object:
         """The model's sites, each through ``sample(name, fn, obs=None)`` (returns the value),
-        for the rows ``x`` (and ``mask``, True = observed). Runs inside the data plate."""
+        for the rows ``x`` (and ``mask``, True = observed; a program written ``(self, x,
+        sample)`` takes none). Runs inside the data plate."""
         raise NotImplementedError
 
     def guide_program(self, x: torch.Tensor, mask: Optional[torch.Tensor],
@@ -83,6 +100,29 @@ class ProgramPair:
         """The guide's latent sites, each through ``sample(name, fn)``. Runs inside the data
         plate."""
         raise NotImplementedError
+
+    def program_takes_mask(self, program_name: str) -> bool:
+        """Whether the program ``program_name`` is written with a ``mask`` argument."""
+        program = getattr(type(self), program_name)
+        return _takes_mask(getattr(program, "__func__", program))
+
+    def run_program(self, program_name: str, x: torch.Tensor, mask: Optional[torch.Tensor],
+                    sample: Callable) -> object:
+        """Run one program with the ``sample`` given (the derived functions pass
+        ``pyro.sample``, the engine its direct recorder). A program written without ``mask``
+        is called without it, and refuses data with missing entries, which it would score as
+        observed."""
+        program = getattr(self, program_name)
+        if self.program_takes_mask(program_name):
+            return program(x, mask, sample)
+        if mask is not None and not bool(torch.as_tensor(mask).all()):
+            missing = int((~torch.as_tensor(mask).bool()).sum())
+            raise ValueError(
+                f"the data have {missing} missing value(s) (mask has False entries) but "
+                f"{type(self).__name__}.{program_name} takes no mask: write it "
+                f"{program_name}(self, x, mask, sample) and score only the observed entries, "
+                f"e.g. sample('x', dist.Normal(loc, scale).mask(mask).to_event(1), obs=x)")
+        return program(x, sample)
 
     model = _derived("model", "model_program",
                      "The Pyro model: :meth:`model_program` inside ``pyro.plate('data', "

@@ -27,7 +27,7 @@ def direct_runs(monkeypatch):
     original = programs.record_program
 
     def counted(*args, **kwargs):
-        calls.append(args[0].__name__)
+        calls.append(args[0])
         return original(*args, **kwargs)
 
     monkeypatch.setattr(programs, "record_program", counted)
@@ -345,3 +345,50 @@ def test_the_models_and_the_engine_name_the_data_plate_and_the_marker_alike():
     assert program.DATA_PLATE == programs.DATA_PLATE == importance_weights.DATA_PLATE
     assert program.PROGRAM_ATTRIBUTE == programs.PROGRAM_ATTRIBUTE
     assert getattr(ProgramPair.model, programs.PROGRAM_ATTRIBUTE) == "model_program"
+
+
+# ------------------------------------------------------------------ programs without a mask
+class NoMaskProgram(ProgramPair, torch.nn.Module):
+    """Written (self, x, sample): the pair takes no mask."""
+
+    def __init__(self):
+        super().__init__()
+        self.loc = torch.nn.Parameter(torch.zeros(2))
+
+    def guide_program(self, x, sample):
+        return sample("z", dist.Normal(self.loc.expand(x.shape[0], 2), 1.0).to_event(1))
+
+    def model_program(self, x, sample):
+        z = sample("z", dist.Normal(torch.zeros(2), 1.0).to_event(1))
+        sample("x", dist.Normal(z, 1.0).to_event(1), obs=x)
+
+
+def test_a_program_without_mask_runs_on_complete_data_and_refuses_missing_values(direct_runs):
+    pair = NoMaskProgram()
+    x = torch.randn(6, 2)
+    assert not pair.program_takes_mask("model_program")
+    check_contract(pair, x)
+    full = torch.ones_like(x, dtype=torch.bool)
+    IWAE(2).differentiable_loss(pair.model, pair.guide, x, mask=full)
+    assert direct_runs[-2:] == ["guide_program", "model_program"]
+    mask = full.clone()
+    mask[3, 1] = False
+    with pytest.raises(ContractError, match=r"1 missing value\(s\).*model's program "
+                                            r"NoMaskProgram.model_program takes no mask"):
+        check_contract(pair, x, mask)
+    for traced in (False, True):  # the direct run and the derived Pyro functions alike
+        with pytest.raises(ValueError, match="NoMaskProgram.guide_program takes no mask"), \
+                (Messenger() if traced else _nothing()):
+            IWAE(2).differentiable_loss(pair.model, pair.guide, x, mask=mask)
+    with pytest.raises(ValueError, match="takes no mask"):
+        log_likelihood(pair, x, mask=mask, num_samples=4)
+
+
+def test_a_program_with_a_wrong_signature_is_named():
+    class ThreeArguments(_Base):
+        def model_program(self, x, mask, sample, extra):
+            pass
+
+    with pytest.raises(TypeError, match=r"model_program must take \(self, x, mask, sample\) or "
+                                        r"\(self, x, sample\), got \(self, x, mask, sample, extra\)"):
+        ThreeArguments().model(torch.randn(3, 2))
