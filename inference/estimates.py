@@ -172,7 +172,7 @@ class LogLikelihoodEstimate(_PerRowEstimate):
             if threshold >= bad_line:
                 head = f"k̂ > {bad_line:g} for {100 * unreliable:.1f}% of rows"
             else:
-                head = (f"k̂ > {threshold:.2f} (the threshold for K = {K}) for "
+                head = (f"k̂ > {threshold:.3f} (the threshold for K = {K}) for "
                         f"{100 * unreliable:.1f}% of rows"
                         + (f", k̂ > {bad_line:g} for {100 * bad:.1f}%" if bad > 0 else ""))
             if bad > 0 and unreliable > bad:
@@ -186,7 +186,7 @@ class LogLikelihoodEstimate(_PerRowEstimate):
         else:
             finite = self.khat[np.isfinite(self.khat)]
             top = f"max k̂ {np.max(finite):.2f}" if finite.size else "constant weights"
-            lines.append(f"  Pareto k̂ <= {threshold:.2f} (the threshold for K = {K}) for every "
+            lines.append(f"  Pareto k̂ <= {threshold:.3f} (the threshold for K = {K}) for every "
                          f"fitted row ({top})")
         undetermined = self.fraction_undetermined
         if undetermined > 0:

@@ -28,6 +28,7 @@ import torch
 from pyro.poutine.util import site_is_subsample
 
 from pyro_lvm.inference import programs
+from pyro_lvm.models.program import mask_use
 
 __all__ = ["PairError", "accepts_mask", "mask_optional", "unwrap_fit_result", "fit_result_state",
            "is_enumerated", "check_sites", "takes_no_mask", "mask_required_message",
@@ -96,8 +97,7 @@ def mask_required_message(fn: Callable, role: str, mask) -> str:
         name, pair = declared
         return (f"the data have {missing} missing value(s) (mask has False entries) but the "
                 f"{role}'s program {type(pair).__name__}.{name} takes no mask: write it "
-                f"{name}(self, x, mask, sample) and score only the observed entries, e.g. "
-                f"sample('x', dist.Normal(loc, scale).mask(mask).to_event(1), obs=x)")
+                f"{name}(self, x, mask, sample) and {mask_use(name)}")
     fn = getattr(fn, "_pyro_lvm_without_mask", fn)
     return (f"the data have {missing} missing value(s) (mask has False entries) but the "
             f"{role} {_describe(fn)} takes no mask: a pair must accept `mask` to be fit or "

@@ -18,13 +18,15 @@ gives the program a ``sample`` that does, at each site, what those handlers do:
 The densities are then computed from that trace by the same code as from a Pyro trace, with the
 distributions the program built: the same numbers, draws and random-number stream as the Pyro
 run, so nothing downstream (objectives, analytic KL, evaluation) knows which run made the
-trace. :func:`pyro_lvm.check_contract` runs both and refuses a pair for which they differ.
+trace. :func:`pyro_lvm.check_contract` runs both and refuses a pair for which they differ by
+more than rounding.
 
 A direct run happens only where nothing could tell the difference: when no Pyro handler is
 active around the objective (a user's ``poutine.scale`` or ``trace``, Pyro's ``SVI``), and for
 the derived ``model`` / ``guide`` themselves (a subclass overriding one is run through Pyro).
-A ``pyro.sample`` or ``pyro.plate`` statement issued during a direct run (inside the program,
-or by a ``PyroSample`` attribute) would bypass the recording; a sentinel handler refuses it
+A ``pyro.sample``, ``pyro.plate``, ``pyro.factor`` or ``pyro.deterministic`` statement issued
+during a direct run (inside the program, or by a ``PyroSample`` attribute) would bypass the
+recording; a sentinel handler refuses it
 with :class:`ProgramError` instead of returning an unrecorded draw.
 """
 from __future__ import annotations
@@ -58,10 +60,11 @@ def declared_program(fn: Callable) -> Optional[Tuple[str, object]]:
     """``(program name, pair)`` when ``fn`` is the ``model`` or ``guide`` a ``ProgramPair``
     derives from its program (a bound method carrying :data:`PROGRAM_ATTRIBUTE`); None
     otherwise."""
-    program_name = getattr(getattr(fn, "__func__", None), PROGRAM_ATTRIBUTE, None)
-    if program_name is None:
-        return None
-    return program_name, fn.__self__
+    function = getattr(fn, "__func__", None)
+    marker = getattr(function, PROGRAM_ATTRIBUTE, None)
+    if not (isinstance(marker, tuple) and len(marker) == 2 and marker[1] is function):
+        return None  # not derived, or a wrapper that copied the derived function's attributes
+    return marker[0], fn.__self__
 
 
 def plate_frame(plate) -> CondIndepStackFrame:
@@ -130,12 +133,22 @@ class _RefuseStatements(Messenger):
     direct run would not record; parameter statements pass to the store as usual."""
 
     def _pyro_sample(self, msg) -> None:
-        what = "a pyro.plate" if isinstance(msg["fn"], _Subsample) else "a pyro.sample statement"
         raise ProgramError(
-            f"{what} ({msg['name']!r}) was issued while a ProgramPair's program ran: declare "
-            f"every site through the program's `sample` argument (the data plate is entered "
-            f"for it), read no PyroSample attribute, or write the pair as plain Pyro "
-            f"model/guide functions")
+            f"{_statement(msg)} ({msg['name']!r}) was issued while a ProgramPair's program ran "
+            f"directly, where it would not be recorded: declare every site through the "
+            f"program's `sample` argument (the data plate is entered for it), read no "
+            f"PyroSample attribute, or write the pair as plain Pyro model/guide functions")
+
+
+def _statement(msg) -> str:
+    """Which Pyro statement sent a sample message."""
+    if isinstance(msg["fn"], _Subsample):
+        return "a pyro.plate"
+    if msg["infer"].get("_deterministic"):
+        return "a pyro.deterministic statement"
+    if msg["is_observed"] and type(msg["fn"]).__name__ == "Unit":
+        return "a pyro.factor statement"
+    return "a pyro.sample statement (or a PyroSample attribute)"
 
 
 def record_program(program_name: str, pair, x: torch.Tensor, mask: Optional[torch.Tensor],

@@ -9,7 +9,9 @@ inherits
 ``model`` and ``guide``: each enters the pair's Pyro module context (for a ``PyroModule``)
 and ``pyro.plate("data", x.shape[0], dim=-1)``, then runs its program with
 ``pyro.sample``. So ``model`` and ``guide`` are ordinary Pyro functions, and everything that
-takes a Pyro pair (``pyro.infer.SVI``, ``poutine.trace``, :func:`pyro_lvm.fit`) takes them.
+takes a Pyro pair (``pyro.infer.SVI``, ``poutine.trace``, :func:`pyro_lvm.fit`) takes them
+(Pyro's ``SVI`` trains the parameters it sees: a ``PyroModule``'s, or those registered with
+``pyro.module`` / ``pyro.param`` in the programs).
 
 What the declaration adds: pyro-lvm's engine may run the programs *directly*, with a
 ``sample`` that does what the data plate, a particle plate and the trace do at each site
@@ -19,9 +21,9 @@ Pyro's per-statement handler stack (:mod:`pyro_lvm.inference.programs`). The dis
 are the ones the programs build, so the densities, draws and random numbers are those of the
 Pyro run, and :func:`pyro_lvm.check_contract` verifies that both runs agree.
 
-A program must declare every random choice through ``sample`` (a ``pyro.sample`` or
-``pyro.plate`` statement inside it, or a ``PyroSample`` attribute it reads, is refused by the
-direct run), and ``sample`` takes no ``infer`` argument: a pair with enumerated discrete
+A program must declare every random choice through ``sample`` (a ``pyro.sample``,
+``pyro.plate``, ``pyro.factor`` or ``pyro.deterministic`` statement inside it, or a
+``PyroSample`` attribute it reads, is refused by the direct run), and ``sample`` takes no ``infer`` argument: a pair with enumerated discrete
 latents is written as a plain Pyro pair. A subclass that overrides ``model`` or ``guide``
 itself is run through Pyro as any other pair.
 
@@ -48,11 +50,12 @@ from typing import Callable, Optional
 import pyro
 import torch
 
-__all__ = ["ProgramPair", "PROGRAM_ATTRIBUTE", "DATA_PLATE"]
+__all__ = ["ProgramPair", "PROGRAM_ATTRIBUTE", "DATA_PLATE", "mask_use"]
 
 #: The contract's data plate (``pyro_lvm.inference.importance_weights.DATA_PLATE``).
 DATA_PLATE = "data"
-#: Set on the derived ``model`` / ``guide`` functions: the name of the program each runs.
+#: Set on the derived ``model`` / ``guide`` functions: ``(name of the program it runs, the
+#: function)``.
 PROGRAM_ATTRIBUTE = "pyro_lvm_program"
 
 
@@ -66,12 +69,22 @@ def _module_context(pair):
 def _takes_mask(program) -> bool:
     """Whether a program (a function, ``self`` first) is written ``(self, x, mask, sample)``
     rather than ``(self, x, sample)``."""
-    positional = [p for p in inspect.signature(program).parameters.values()
-                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    parameters = inspect.signature(program).parameters.values()
+    if any(p.kind is p.VAR_POSITIONAL for p in parameters):  # a wrapper: the documented form
+        return True
+    positional = [p for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
     if len(positional) not in (3, 4):
         raise TypeError(f"{program.__qualname__} must take (self, x, mask, sample) or (self, x, "
                         f"sample), got ({', '.join(p.name for p in positional)})")
     return len(positional) == 4
+
+
+def mask_use(program_name: str) -> str:
+    """What a program does with ``mask`` (for the messages that ask for one)."""
+    if program_name == "guide_program":
+        return "use only the observed entries (e.g. encode x with the missing ones set to 0)"
+    return ("score only the observed entries, e.g. sample('x', dist.Normal(loc, scale)"
+            ".mask(mask).to_event(1), obs=x)")
 
 
 def _derived(name: str, program_name: str, doc: str) -> Callable:
@@ -80,7 +93,9 @@ def _derived(name: str, program_name: str, doc: str) -> Callable:
             return self.run_program(program_name, x, mask, pyro.sample)
 
     run.__name__, run.__qualname__, run.__doc__ = name, f"ProgramPair.{name}", doc
-    setattr(run, PROGRAM_ATTRIBUTE, program_name)
+    # (program, the function itself): a wrapper made with functools.wraps copies the
+    # attribute but is not the function it names, so it is not taken for the derived one
+    setattr(run, PROGRAM_ATTRIBUTE, (program_name, run))
     return run
 
 
@@ -120,8 +135,7 @@ class ProgramPair:
             raise ValueError(
                 f"the data have {missing} missing value(s) (mask has False entries) but "
                 f"{type(self).__name__}.{program_name} takes no mask: write it "
-                f"{program_name}(self, x, mask, sample) and score only the observed entries, "
-                f"e.g. sample('x', dist.Normal(loc, scale).mask(mask).to_event(1), obs=x)")
+                f"{program_name}(self, x, mask, sample) and {mask_use(program_name)}")
         return program(x, sample)
 
     model = _derived("model", "model_program",

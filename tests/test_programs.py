@@ -281,6 +281,37 @@ class HandlerDependent(_Base):
         sample("x", dist.Normal(z + shift, 1.0).to_event(1), obs=x)
 
 
+class SlightlyHandlerDependent(_Base):
+    """Differs between the runs by 1e-5 of the observation scale only."""
+
+    def model_program(self, x, mask, sample):
+        z = sample("z", dist.Normal(torch.zeros(2), 1.0).to_event(1))
+        scale = 1.0 + (1e-5 if len(_PYRO_STACK) > 2 else 0.0)
+        sample("x", dist.Normal(z, scale).to_event(1), obs=x)
+
+
+class Deterministic(_Base):
+    def model_program(self, x, mask, sample):
+        z = sample("z", dist.Normal(torch.zeros(2), 1.0).to_event(1))
+        pyro.deterministic("mean", z.sum(-1))
+        sample("x", dist.Normal(z, 1.0).to_event(1), obs=x)
+
+
+class Factor(_Base):
+    def model_program(self, x, mask, sample):
+        z = sample("z", dist.Normal(torch.zeros(2), 1.0).to_event(1))
+        pyro.factor("penalty", -z.pow(2).sum(-1))
+        sample("x", dist.Normal(z, 1.0).to_event(1), obs=x)
+
+
+class InnerPlate(_Base):
+    def model_program(self, x, mask, sample):
+        z = sample("z", dist.Normal(torch.zeros(2), 1.0).to_event(1))
+        with pyro.plate("cols", 2, dim=-2):
+            pass
+        sample("x", dist.Normal(z, 1.0).to_event(1), obs=x)
+
+
 class WithPyroSample(ProgramPair, PyroModule):
     def __init__(self):
         super().__init__()
@@ -296,10 +327,16 @@ class WithPyroSample(ProgramPair, PyroModule):
 
 
 @pytest.mark.parametrize("cls, message", [
-    (DirectSample, r"a pyro.sample statement \('w'\)"),
+    (DirectSample, r"programs directly failed: a pyro.sample statement \(or a PyroSample "
+                   r"attribute\) \('w'\)"),
     (InferArgument, r"sample takes \(name, fn, obs=None\), got infer"),
     (HandlerDependent, r"must not depend on the Pyro handlers"),
-    (WithPyroSample, r"a pyro.sample statement \('bias'\)"),
+    (SlightlyHandlerDependent, r"must not depend on the Pyro handlers"),
+    (Deterministic, r"programs directly failed: a pyro.deterministic statement \('mean'\)"),
+    (Factor, r"programs directly failed: a pyro.factor statement \('penalty'\)"),
+    (InnerPlate, r"programs directly failed: a pyro.plate \('cols'\)"),
+    (WithPyroSample, r"programs directly failed: a pyro.sample statement \(or a PyroSample "
+                     r"attribute\) \('bias'\)"),
 ])
 def test_check_contract_refuses_programs_that_a_direct_run_cannot_reproduce(cls, message):
     x = torch.randn(6, 2)
@@ -344,7 +381,8 @@ def test_the_models_and_the_engine_name_the_data_plate_and_the_marker_alike():
 
     assert program.DATA_PLATE == programs.DATA_PLATE == importance_weights.DATA_PLATE
     assert program.PROGRAM_ATTRIBUTE == programs.PROGRAM_ATTRIBUTE
-    assert getattr(ProgramPair.model, programs.PROGRAM_ATTRIBUTE) == "model_program"
+    assert getattr(ProgramPair.model, programs.PROGRAM_ATTRIBUTE) == ("model_program",
+                                                                     ProgramPair.model)
 
 
 # ------------------------------------------------------------------ programs without a mask
@@ -392,3 +430,41 @@ def test_a_program_with_a_wrong_signature_is_named():
     with pytest.raises(TypeError, match=r"model_program must take \(self, x, mask, sample\) or "
                                         r"\(self, x, sample\), got \(self, x, mask, sample, extra\)"):
         ThreeArguments().model(torch.randn(3, 2))
+
+
+def test_an_override_made_with_functools_wraps_is_not_taken_for_the_derived_model(direct_runs):
+    import functools
+
+    class Flipped(_Base):
+        @functools.wraps(_Base.model)
+        def model(self, x, mask=None):
+            return ProgramPair.model(self, x.flip(-1), mask)
+
+    pair = Flipped()
+    x = torch.randn(5, 2)
+    assert programs.declared_program(pair.model) is None
+    assert programs.declared_program(pair.guide) == ("guide_program", pair)
+    direct = _loss_and_grads(pair, IWAE(3), x)
+    assert direct_runs == ["guide_program"]
+    traced = _loss_and_grads(pair, IWAE(3), x, traced=True)
+    assert torch.equal(direct[0], traced[0])
+
+
+def test_missing_values_through_nan_name_the_program_without_mask():
+    x = torch.randn(6, 2)
+    x[2, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"model's program NoMaskProgram.model_program takes no "
+                                         r"mask.*model_program\(self, x, mask, sample\)"):
+        log_likelihood(NoMaskProgram(), x, num_samples=4, allow_missing=True)
+
+
+def test_the_advice_for_a_guide_program_without_mask_is_about_the_guide():
+    class GuideWithoutMask(_Base):
+        def guide_program(self, x, sample):
+            return sample("z", dist.Normal(self.loc.expand(x.shape[0], 2), 1.0).to_event(1))
+
+    mask = torch.ones(4, 2, dtype=torch.bool)
+    mask[0, 0] = False
+    with pytest.raises(ContractError, match=r"GuideWithoutMask.guide_program takes no mask.*"
+                                            r"encode x with the missing ones set to 0"):
+        check_contract(GuideWithoutMask(), torch.randn(4, 2), mask)
