@@ -26,8 +26,8 @@ active around the objective (a user's ``poutine.scale`` or ``trace``, Pyro's ``S
 the derived ``model`` / ``guide`` themselves (a subclass overriding one is run through Pyro).
 A ``pyro.sample``, ``pyro.plate``, ``pyro.factor`` or ``pyro.deterministic`` statement issued
 during a direct run (inside the program, or by a ``PyroSample`` attribute) would bypass the
-recording; a sentinel handler refuses it
-with :class:`ProgramError` instead of returning an unrecorded draw.
+recording; a sentinel handler refuses it with :class:`ProgramError` instead of returning an
+unrecorded draw.
 """
 from __future__ import annotations
 
