@@ -27,7 +27,7 @@ import contextlib
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import pyro.poutine as poutine
 from pyro.poutine.messenger import Messenger
@@ -44,7 +44,7 @@ except ImportError:  # pragma: no cover - older torch
 
 from pyro_lvm.inference import pairs, programs
 from pyro_lvm.inference.engine import isolated_param_store, resolve_pair
-from pyro_lvm.inference.importance_weights import (DATA_PLATE, PARTICLE_PLATE,
+from pyro_lvm.inference.importance_weights import (DATA_PLATE, PARTICLE_PLATE, LogTerms,
                                                    _replayed_model, model_terms_of_particle,
                                                    model_terms_on_rows, trace_log_terms)
 
@@ -386,12 +386,9 @@ def _agree(a: torch.Tensor, b: torch.Tensor, tol: torch.Tensor) -> torch.Tensor:
     return (a == b) | ((a - b).abs() <= tol) | (a.isnan() & b.isnan())
 
 
-@contextlib.contextmanager
-def _random_state_kept(device: torch.device):
-    """Yields a function that puts the random generators (torch's, on ``device`` too, Python's
-    and NumPy's, as :func:`pyro.util.get_rng_state` covers them) back where they were on
-    entry; on leaving they are put back too, so the checks draw nothing from the caller's
-    generators."""
+def _rewinder(device: torch.device):
+    """A function that puts the random generators (torch's, on ``device`` too, Python's and
+    NumPy's, as :func:`pyro.util.get_rng_state` covers them) back where they are now."""
     state = pyro.util.get_rng_state()
     cuda = [(d, torch.cuda.get_rng_state(d)) for d in ([device] if device.type == "cuda" else [])]
 
@@ -399,6 +396,14 @@ def _random_state_kept(device: torch.device):
         pyro.util.set_rng_state(state)
         for d, cuda_state in cuda:
             torch.cuda.set_rng_state(cuda_state, d)
+    return rewind
+
+
+@contextlib.contextmanager
+def _random_state_kept(device: torch.device):
+    """Yields a :func:`_rewinder` to the state on entry; on leaving the generators are put
+    back there too, so the checks draw nothing from the caller's generators."""
+    rewind = _rewinder(device)
     try:
         yield rewind
     finally:
@@ -585,28 +590,19 @@ def _check_particles_separate(model_fn, x, mask, terms) -> None:
                 f"z.reshape(*z.shape[:-1], ...))")
 
 
-def _sites_of(trace: poutine.Trace) -> List[str]:
-    return [name for name, site in trace.nodes.items()
-            if site["type"] == "sample" and not site_is_subsample(site)]
-
-
-def _check_direct_run(model_fn, guide_fn, x, mask, rewind) -> None:
+def _check_direct_run(model_fn, guide_fn, x, mask, direct: LogTerms, rewind) -> None:
     """A :class:`pyro_lvm.models.ProgramPair` is trained and evaluated by running its programs
-    directly (:mod:`pyro_lvm.inference.programs`): that run must give the sites and log
-    weights of its ``model`` / ``guide`` run through Pyro, on the same random numbers."""
+    directly (:mod:`pyro_lvm.inference.programs`): that run (``direct``, the particle check's,
+    which ``rewind`` goes back before) must give the sites and log weights of its ``model`` /
+    ``guide`` run through Pyro on the same random numbers."""
     if programs.declared_program(model_fn) is None and programs.declared_program(guide_fn) is None:
         return
-    rewind()
-    try:
-        direct = trace_log_terms(model_fn, guide_fn, x, num_particles=_CHECK_PARTICLES, mask=mask)
-    except programs.ProgramError as exc:
-        raise ContractError(f"running the pair's ProgramPair programs directly failed: {exc}") \
-            from exc
     rewind()
     with Messenger():  # any active handler makes the engine run the pair through Pyro
         traced = trace_log_terms(model_fn, guide_fn, x, num_particles=_CHECK_PARTICLES, mask=mask)
     for role in ("guide", "model"):
-        sites = [_sites_of(getattr(t, f"{role}_trace")) for t in (direct, traced)]
+        sites = [[name for name, _ in _sample_sites(getattr(t, f"{role}_trace"))]
+                 for t in (direct, traced)]
         if sites[0] != sites[1]:
             raise ContractError(
                 f"the {role}'s program run directly has the sample sites {sites[0]}, run through "
@@ -614,13 +610,14 @@ def _check_direct_run(model_fn, guide_fn, x, mask, rewind) -> None:
                 f"`sample` argument and behave the same whatever Pyro handlers are active")
     # the two runs compute the same operations on the same tensors: bit-identical on the
     # CPU; the tolerance only leaves room for nondeterministic GPU kernels
+    direct_lw = direct.log_weights.detach()
     tol = _DIRECT_RUN_RTOL * _rounding_scale(traced.log_lik, traced.log_prior, traced.log_q)
     for k in range(_CHECK_PARTICLES):
-        row = _first_disagreement(direct.log_weights[k], traced.log_weights[k], tol[k])
+        row = _first_disagreement(direct_lw[k], traced.log_weights[k], tol[k])
         if row is not None:
             raise ContractError(
                 f"the pair's programs run directly give row {row}, particle {k} the log weight "
-                f"{float(direct.log_weights[k, row]):.6g}, its model/guide run through Pyro "
+                f"{float(direct_lw[k, row]):.6g}, its model/guide run through Pyro "
                 f"{float(traced.log_weights[k, row]):.6g}, on the same random numbers: a "
                 f"ProgramPair's programs must not depend on the Pyro handlers around them")
 
@@ -705,12 +702,13 @@ def check_contract(pair, x, mask=None, *, guide=None, require_reparameterized: b
             require_reparameterized=require_reparameterized, check_support=check_support)
         _check_batch_shapes(traces, num_rows, enumerated)
         _check_site_scales(traces)
+        rewind_to_particles = _rewinder(x.device)
         terms = _check_particle_plate(model_fn, guide_fn, x, mask, num_rows, enumerated)
         with _random_state_kept(x.device) as rewind, torch.no_grad():
             plain = _check_without_particle_plate(model_fn, guide_fn, x, mask, rewind)
             _check_rows_separate(model_fn, x, mask, plain)
             _check_particles_separate(model_fn, x, mask, terms)
-            _check_direct_run(model_fn, guide_fn, x, mask, rewind)
+            _check_direct_run(model_fn, guide_fn, x, mask, terms, rewind_to_particles)
     return ContractReport(
         latent_sites=latent_sites,
         observed_sites={n: tuple(getattr(s["fn"], "event_shape", ())) for n, s in observed.items()},

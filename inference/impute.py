@@ -87,10 +87,9 @@ from tqdm.auto import tqdm
 from pyro_lvm.inference.engine import (check_int, default_max_elements, pair_eval_width,
                                        plan_chunks, resolve_pair, session)
 from pyro_lvm.inference.evaluate import _accepts_mask, _probe, _raise_if_invalid, _show_progress
-from pyro_lvm.inference import programs
+from pyro_lvm.inference import pairs
 from pyro_lvm.inference.importance_weights import trace_log_terms
 from pyro_lvm.models import check_mask
-from pyro_lvm.models.program import mask_use
 
 __all__ = ["Imputation", "ConditionalLogLikelihood", "impute", "conditional_log_likelihood",
            "missing_mask", "imputation_error", "interval_coverage"]
@@ -187,13 +186,10 @@ def _restore_type(values: np.ndarray, like):
 def require_mask_argument(model_fn, guide_fn) -> None:
     """Raise ValueError unless both functions accept a ``mask`` keyword."""
     for fn, role in ((model_fn, "model"), (guide_fn, "guide")):
-        declared = programs.declared_program(fn)
-        if declared is not None and not declared[1].program_takes_mask(declared[0]):
-            name, pair = declared
-            raise ValueError(
-                f"the {role}'s program {type(pair).__name__}.{name} takes no mask, so it cannot "
-                f"leave missing entries out of the likelihood: write it {name}(self, x, mask, "
-                f"sample) and {mask_use(name)}")
+        advice = pairs.maskless_program_advice(fn, role)
+        if advice is not None:
+            raise ValueError(f"{advice} (without one it cannot leave missing entries out of "
+                             f"the likelihood)")
         if not _accepts_mask(fn):
             name = getattr(fn, "__qualname__", type(fn).__name__)
             raise ValueError(

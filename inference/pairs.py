@@ -32,6 +32,7 @@ from pyro_lvm.models.program import mask_use
 
 __all__ = ["PairError", "accepts_mask", "mask_optional", "unwrap_fit_result", "fit_result_state",
            "is_enumerated", "check_sites", "takes_no_mask", "mask_required_message",
+           "maskless_program_advice",
            "evaluation_param_state", "checked_for_evaluation", "check_pair_for_evaluation",
            "owning_module"]
 
@@ -80,24 +81,39 @@ def mask_optional(fn: Callable, role: str) -> Callable:
     return call
 
 
+def _maskless_program(fn: Callable) -> Optional[Tuple[str, object]]:
+    """``(program name, pair)`` when ``fn`` is derived by a ``ProgramPair`` from a program
+    written without ``mask``; None otherwise."""
+    declared = programs.declared_program(fn)
+    if declared is None or declared[1].program_takes_mask(declared[0]):
+        return None
+    return declared
+
+
+def maskless_program_advice(fn: Callable, role: str) -> Optional[str]:
+    """What to write when ``fn``, the ``role`` (model or guide) of a ``ProgramPair``, comes
+    from a program without ``mask``; None for any other function."""
+    found = _maskless_program(fn)
+    if found is None:
+        return None
+    name, pair = found
+    return (f"the {role}'s program {type(pair).__name__}.{name} takes no mask: write it "
+            f"{name}(self, x, mask, sample) and {mask_use(name)}")
+
+
 def takes_no_mask(fn: Callable) -> bool:
     """Whether ``fn`` is a model or guide wrapped by :func:`mask_optional`, or derived by a
     ``ProgramPair`` from a program written without ``mask`` (takes no mask)."""
-    if getattr(fn, "_pyro_lvm_without_mask", None) is not None:
-        return True
-    declared = programs.declared_program(fn)
-    return declared is not None and not declared[1].program_takes_mask(declared[0])
+    return (getattr(fn, "_pyro_lvm_without_mask", None) is not None
+            or _maskless_program(fn) is not None)
 
 
 def mask_required_message(fn: Callable, role: str, mask) -> str:
     """Why a pair without a ``mask`` argument cannot take data with missing values."""
     missing = int((~torch.as_tensor(mask).bool()).sum())
-    declared = programs.declared_program(fn)
-    if declared is not None:
-        name, pair = declared
-        return (f"the data have {missing} missing value(s) (mask has False entries) but the "
-                f"{role}'s program {type(pair).__name__}.{name} takes no mask: write it "
-                f"{name}(self, x, mask, sample) and {mask_use(name)}")
+    advice = maskless_program_advice(fn, role)
+    if advice is not None:
+        return f"the data have {missing} missing value(s) (mask has False entries) but {advice}"
     fn = getattr(fn, "_pyro_lvm_without_mask", fn)
     return (f"the data have {missing} missing value(s) (mask has False entries) but the "
             f"{role} {_describe(fn)} takes no mask: a pair must accept `mask` to be fit or "

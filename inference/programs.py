@@ -31,7 +31,6 @@ unrecorded draw.
 """
 from __future__ import annotations
 
-import contextlib
 from typing import Callable, List, Optional, Tuple
 
 import pyro.poutine as poutine
@@ -161,7 +160,6 @@ def record_program(program_name: str, pair, x: torch.Tensor, mask: Optional[torc
                                      full_size=x.shape[0])
     frames = (data_frame,) if particle_frame is None else (particle_frame, data_frame)
     sites = _DirectSites(frames, replay)
-    context = getattr(pair, "__dict__", {}).get("_pyro_context")
-    with _RefuseStatements(), (contextlib.nullcontext() if context is None else context):
+    with _RefuseStatements():
         pair.run_program(program_name, x, mask, sites)
     return sites.trace

@@ -89,7 +89,7 @@ def mask_use(program_name: str) -> str:
 
 def _derived(name: str, program_name: str, doc: str) -> Callable:
     def run(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None):
-        with _module_context(self), pyro.plate(DATA_PLATE, x.shape[0], dim=-1):
+        with pyro.plate(DATA_PLATE, x.shape[0], dim=-1):
             return self.run_program(program_name, x, mask, pyro.sample)
 
     run.__name__, run.__qualname__, run.__doc__ = name, f"ProgramPair.{name}", doc
@@ -123,20 +123,22 @@ class ProgramPair:
 
     def run_program(self, program_name: str, x: torch.Tensor, mask: Optional[torch.Tensor],
                     sample: Callable) -> object:
-        """Run one program with the ``sample`` given (the derived functions pass
+        """Run one program, in the pair's Pyro module context (for a ``PyroModule``, what
+        ``pyro_method`` enters), with the ``sample`` given (the derived functions pass
         ``pyro.sample``, the engine its direct recorder). A program written without ``mask``
         is called without it, and refuses data with missing entries, which it would score as
         observed."""
         program = getattr(self, program_name)
-        if self.program_takes_mask(program_name):
-            return program(x, mask, sample)
-        if mask is not None and not bool(torch.as_tensor(mask).all()):
-            missing = int((~torch.as_tensor(mask).bool()).sum())
-            raise ValueError(
-                f"the data have {missing} missing value(s) (mask has False entries) but "
-                f"{type(self).__name__}.{program_name} takes no mask: write it "
-                f"{program_name}(self, x, mask, sample) and {mask_use(program_name)}")
-        return program(x, sample)
+        with _module_context(self):
+            if self.program_takes_mask(program_name):
+                return program(x, mask, sample)
+            if mask is not None and not bool(torch.as_tensor(mask).all()):
+                missing = int((~torch.as_tensor(mask).bool()).sum())
+                raise ValueError(
+                    f"the data have {missing} missing value(s) (mask has False entries) but "
+                    f"{type(self).__name__}.{program_name} takes no mask: write it "
+                    f"{program_name}(self, x, mask, sample) and {mask_use(program_name)}")
+            return program(x, sample)
 
     model = _derived("model", "model_program",
                      "The Pyro model: :meth:`model_program` inside ``pyro.plate('data', "

@@ -61,6 +61,15 @@ requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUD
 torch.set_num_threads(1)
 
 
+@pytest.fixture(autouse=True)
+def _one_intra_op_thread():
+    """One intra-op thread in every test, whatever an earlier test left (restored after)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def synthetic_fa(seed: int = 1, n: int = 200, p: int = 8, d: int = 3):
     """A float64 factor-analysis model with known heteroscedastic parameters and ``n`` rows
     drawn from it (its guide can be set to the exact posterior)."""

@@ -16,15 +16,6 @@ from pyro_lvm.models.dlvm import DLVM
 from pyro_lvm.models.linear import PPCA
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny tensors: with several test processes on 2 cores, intra-op threads only thrash.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def _linear_gaussian_data(n, p, q, seed, noise=0.5, dtype=torch.float64):
     g = torch.Generator().manual_seed(seed)
     W = torch.randn(p, q, generator=g, dtype=dtype)

@@ -26,15 +26,6 @@ PRIORS = ["normal", "mixture", "vamp"]
 LIKELIHOODS = ["bernoulli", "gaussian", "studentt"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Small networks: one thread is as fast, and avoids oversubscribing shared CI cores.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _small(prior="normal", likelihood="bernoulli", p=6, d=2, **kw):
     kw.setdefault("hidden", (8,))
     return DLVM(p, d, prior=prior, likelihood=likelihood, num_components=3,

@@ -34,16 +34,6 @@ def allowed_exceedances(n: int, p: float = PROB_3SE, tail: float = 1e-4) -> int:
 
 
 # ----------------------------------------------------------------------------- fixtures
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """These tests run many small vectorized passes, for which one intra-op thread is
-    faster than several competing for a shared CPU (restored after the module)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def ppca_digits():
     """PPCA (d = 5) fit in closed form (float64) to 300 standardized digits rows."""

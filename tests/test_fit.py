@@ -17,16 +17,6 @@ from pyro_lvm.inference.importance_weights import log_weights
 N, P, D = 40, 3, 2
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These problems are tiny: one intra-op thread is faster than two contending ones (and
-    CI shares its cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class TinyPair(PyroModule):
     """A user-written linear-Gaussian pair (not one of the library's models). ``poison``
     plants a NaN in the likelihood's location of the batch's 4th row."""

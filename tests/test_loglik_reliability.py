@@ -20,14 +20,6 @@ from conftest import synthetic_fa
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _guide(model, scale: float):
     """The exact posterior as guide (scale 1), or a wider / narrower version of it."""
     model.set_guide_to_posterior()

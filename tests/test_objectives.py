@@ -26,16 +26,6 @@ F64 = torch.float64
 Z_TOL = 4.0  # standard errors
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """These tests run many tiny tensor ops; on a loaded machine intra-op threads spin-wait
-    (a 2x2 ``tril`` took milliseconds with 2 threads, a microsecond with 1)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 # ----------------------------------------------------------------------------------------
 # model/guide pairs written as a user would write them
 # ----------------------------------------------------------------------------------------

@@ -18,14 +18,6 @@ N, P, D = 24, 6, 2
 FAST = dict(progress=False, device="cpu")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def binary_data(n=N, seed=1):
     g = torch.Generator().manual_seed(seed)
     return (torch.rand(n, P, generator=g) < 0.4).float()
